@@ -1,0 +1,61 @@
+"""The application factory and the dev server (DESIGN §2, §11).
+
+`python app.py` runs everything in one process: the web server, SQLite, the
+SQLite queue with consumer threads, the in-memory event bus.
+Production: `gunicorn -c gunicorn.conf.py "app:create_app()"` plus
+`huey_consumer tasks.huey -w N`.
+"""
+import argparse
+
+from flask import Flask
+
+import models
+import tasks
+from ingest import api, cli, config, errors, events, logs
+from ingest.service import IngestService
+
+
+def create_app(test_config=None):
+    """Build the app. ``test_config`` overrides settings read from the environment.
+
+    The queue and the event bus come from the environment only (tasks.py reads
+    it at import), so that web and consumer processes always agree.
+    """
+    settings = config.load(overrides=test_config)
+    app = Flask(__name__, instance_path=config.INSTANCE_PATH)
+    app.config.update(settings)
+    logs.configure(settings["LOG_LEVEL"])
+    models.bind(settings["DATABASE_URL"])
+
+    logs.init_app(app)
+    models.init_app(app)
+    errors.register(app)
+    bus = events.bus_for(tasks.settings["EVENTS_URL"])
+    app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
+                                             settings["MAX_BATCH_ITEMS"])
+    app.extensions["queue_size"] = tasks.huey.pending_count
+    app.register_blueprint(api.api)
+    app.register_blueprint(api.health)
+    cli.init_app(app)
+    return app
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run the ingest service (dev, embedded).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+
+    app = create_app()
+    with app.app_context():
+        models.migrate()
+        cli.greet_first_start("http://%s:%d" % (args.host, args.port))
+    consumer = tasks.start_embedded_consumer()
+    try:
+        app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
+    finally:
+        consumer.stop(graceful=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Interaction ingest service: validation, storage, analysis and live feed."""

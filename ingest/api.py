@@ -1,0 +1,84 @@
+"""HTTP endpoints (DESIGN §5): thin views over the service.
+
+Each view authenticates, reads the JSON body, calls the service, dumps the
+result. Errors are raised and shaped by ingest.errors.
+"""
+from flask import Blueprint, current_app, g, request
+
+from ingest.auth import require
+from ingest.body import read_json
+from ingest.schemas import customer_out, interaction_out
+from models import db
+
+api = Blueprint("api", __name__, url_prefix="/api")
+health = Blueprint("health", __name__)
+
+
+def service():
+    return current_app.extensions["ingest"]
+
+
+@api.post("/customers")
+@require("ingest")
+def create_customer():
+    customer, created = service().create_customer(g.organization_id, read_json())
+    return customer_out.dump(customer), 201 if created else 200
+
+
+@api.get("/customers/<customer_id>")
+@require("read")
+def get_customer(customer_id):
+    return customer_out.dump(service().get_customer(g.organization_id, customer_id))
+
+
+@api.get("/customers")
+@require("read")
+def find_customers():
+    customers = service().find_customers(g.organization_id, request.args.to_dict())
+    return {"items": customer_out.dump(customers, many=True)}
+
+
+@api.post("/data/ingest")
+@require("ingest")
+def ingest():
+    interaction_id, duplicate = service().ingest(g.organization_id, read_json())
+    return {"id": str(interaction_id), "duplicate": duplicate}, 200 if duplicate else 201
+
+
+@api.post("/data/ingest/batch")
+@require("ingest")
+def ingest_batch():
+    result = service().ingest_batch(g.organization_id, read_json())
+    return {
+        "total": result.total, "successful": result.successful, "failed": result.failed,
+        "duplicates": result.duplicates,
+        "ids": [None if i is None else str(i) for i in result.ids],
+        "errors": result.errors,
+    }
+
+
+@api.get("/interactions/<interaction_id>")
+@require("read")
+def get_interaction(interaction_id):
+    return interaction_out.dump(service().get_interaction(g.organization_id, interaction_id))
+
+
+@health.get("/healthz")
+def healthz():
+    return {"status": "ok"}
+
+
+@health.get("/readyz")
+def readyz():
+    checks = {"database": _check(lambda: db.execute_sql("SELECT 1")),
+              "queue": _check(current_app.extensions["queue_size"])}
+    ready = all(value == "ok" for value in checks.values())
+    return {"status": "ready" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+
+
+def _check(probe):
+    try:
+        probe()
+    except Exception as error:  # any failure means not ready; say which
+        return "error: %s" % type(error).__name__
+    return "ok"

@@ -1,0 +1,51 @@
+"""Reading a JSON request body: content type, gzip, size limits, strict JSON.
+
+MAX_CONTENT_LENGTH bounds the body as sent (Werkzeug enforces it) and, here,
+the body once decompressed, without ever inflating more than that limit, so
+a decompression bomb costs at most MAX_CONTENT_LENGTH of memory.
+"""
+import json
+import zlib
+
+from flask import current_app, request
+
+from ingest.errors import ApiError
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def read_json():
+    """The request's JSON document, or an ApiError (400, 413, 415)."""
+    mimetype = request.mimetype
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type",
+                       "Send JSON with Content-Type: application/json.")
+    raw = _decoded_body(request.get_data(cache=False), current_app.config["MAX_CONTENT_LENGTH"])
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "The body is not UTF-8.") from None
+    except (ValueError, RecursionError) as error:
+        raise ApiError(400, "invalid_json", "The body is not valid JSON: %s" % error) from None
+
+
+def _decoded_body(data, limit):
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding not in ("gzip", "x-gzip"):
+        raise ApiError(415, "unsupported_media_type",
+                       "Content-Encoding must be gzip or absent, not %r." % encoding)
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        raise ApiError(400, "invalid_gzip", "The body is not valid gzip.") from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise ApiError(413, "payload_too_large",
+                       "The decompressed body is larger than %d bytes." % limit)
+    if not inflater.eof:
+        raise ApiError(400, "invalid_gzip", "The gzip body is truncated.")
+    return body

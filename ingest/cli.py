@@ -1,0 +1,136 @@
+"""Command line (DESIGN §10): `flask --app app <command>`."""
+import json
+import uuid
+
+import click
+
+import models
+import tasks
+from ingest import auth
+from models import Customer, Interaction, Organization, db
+
+
+def init_app(app):
+    for command in (init_db, create_org, create_key, revoke_key, demo, analysis):
+        app.cli.add_command(command)
+
+
+def _emit(as_json, payload, text):
+    click.echo(json.dumps(payload) if as_json else text)
+
+
+@click.command("init-db")
+def init_db():
+    """Create or upgrade the schema (idempotent)."""
+    applied = models.migrate()
+    click.echo("applied: %s" % ", ".join(applied) if applied else "schema is up to date")
+
+
+def new_organization(name):
+    """An organization with an ingest key and a read key; keys are returned once."""
+    with db.atomic():
+        org = Organization.create(name=name)
+        ingest_key, _ = auth.create_key(org.id, ["ingest"])
+        read_key, _ = auth.create_key(org.id, ["read"])
+    return {"organizationId": str(org.id), "ingestKey": ingest_key, "readKey": read_key}
+
+
+@click.command("create-org")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def create_org(name, as_json):
+    """Create an organization with an ingest key and a read key."""
+    created = new_organization(name)
+    _emit(as_json, created, "organization %(organizationId)s\ningest key: %(ingestKey)s\n"
+                            "read key:   %(readKey)s\n(the keys are shown only now)" % created)
+
+
+@click.command("create-key")
+@click.argument("organization_id")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(auth.SCOPES), help="ingest and/or read (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def create_key(organization_id, scopes, as_json):
+    """Create an API key for an organization."""
+    org = Organization.get_or_none(Organization.id == _uuid(organization_id))
+    if org is None:
+        raise click.ClickException("no organization %s" % organization_id)
+    key, row = auth.create_key(org.id, scopes)
+    _emit(as_json, {"organizationId": str(org.id), "key": key, "prefix": row.prefix,
+                    "scopes": sorted(scopes)},
+          "key: %s\nprefix: %s (to revoke it)\n(the key is shown only now)" % (key, row.prefix))
+
+
+@click.command("revoke-key")
+@click.argument("prefix")
+def revoke_key(prefix):
+    """Revoke the key with this prefix (its first 12 characters)."""
+    count = auth.revoke_key(prefix)
+    if not count:
+        raise click.ClickException("no live key with prefix %s" % prefix[:auth.PREFIX_LENGTH])
+    click.echo("revoked %d key(s)" % count)
+
+
+def _uuid(value):
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise click.ClickException("not an id: %s" % value) from None
+
+
+DEMO_CUSTOMERS = (("ada", "Ada Lovelace"), ("grace", "Grace Hopper"), ("alan", "Alan Turing"))
+
+
+def create_demo(base_url):
+    """A demo organization with customers and keys; returns what to print."""
+    created = new_organization("Demo")
+    customers = [Customer.create(organization=created["organizationId"], external_id=ext, name=name)
+                 for ext, name in DEMO_CUSTOMERS]
+    created["customerIds"] = [str(c.id) for c in customers]
+    created["curl"] = (
+        "curl -s %s/api/data/ingest -H 'Authorization: Bearer %s' "
+        "-H 'Content-Type: application/json' -d '{\"customerId\": \"%s\", "
+        "\"timestamp\": \"2026-01-01T12:00:00Z\", \"channel\": \"chat\", "
+        "\"eventType\": \"message\", \"content\": \"I love this product!\"}'"
+        % (base_url, created["ingestKey"], customers[0].id))
+    created["feedUrl"] = "%s/feed#key=%s" % (base_url, created["readKey"])
+    return created
+
+
+def _demo_text(created):
+    return ("demo organization %(organizationId)s\n"
+            "ingest key: %(ingestKey)s\nread key:   %(readKey)s\n"
+            "try:\n  %(curl)s\nlive feed: %(feedUrl)s" % created)
+
+
+@click.command("demo")
+@click.option("--base-url", default="http://127.0.0.1:5000", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def demo(base_url, as_json):
+    """Create a demo organization with customers and keys, and show how to try it."""
+    created = create_demo(base_url)
+    _emit(as_json, created, _demo_text(created))
+
+
+def greet_first_start(base_url):
+    """On the first start with an empty database, create the demo and print it."""
+    if Organization.select().exists():
+        return
+    click.echo(_demo_text(create_demo(base_url)))
+
+
+@click.group("analysis")
+def analysis():
+    """Sentiment analysis maintenance."""
+
+
+@analysis.command("retry")
+def analysis_retry():
+    """Re-queue the interactions whose analysis failed."""
+    ids = [row[0] for row in Interaction.select(Interaction.id)
+           .where(Interaction.analysis_status == "failed").tuples()]
+    (Interaction.update(analysis_status="pending", analysis_error=None)
+     .where(Interaction.id.in_(ids)).execute())
+    for start in range(0, len(ids), 100):
+        tasks.enqueue_analysis(ids[start:start + 100], high_priority=False)
+    click.echo("re-queued %d interaction(s)" % len(ids))

@@ -1,0 +1,36 @@
+"""Configuration, read from the environment in this one place (DESIGN §3).
+
+The web processes and the queue consumers call ``load()`` alike, so both see
+the same database, queue and event bus.
+"""
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTANCE_PATH = os.environ.get("INSTANCE_PATH") or os.path.join(ROOT, "instance")
+
+DEFAULTS = {
+    "DATABASE_URL": "sqlite:///" + os.path.join(INSTANCE_PATH, "ingest.db"),
+    "QUEUE_URL": "sqlite:///" + os.path.join(INSTANCE_PATH, "queue.db"),
+    "EVENTS_URL": "memory://",
+    "MAX_CONTENT_LENGTH": 1024 * 1024,
+    "MAX_BATCH_ITEMS": 1000,
+    # Seconds an interaction may stay `pending` before the sweep re-queues it.
+    "ANALYSIS_SWEEP_AFTER": 120,
+    "LOG_LEVEL": "INFO",
+}
+INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "ANALYSIS_SWEEP_AFTER")
+
+
+def load(environ=None, overrides=None):
+    """Return the settings: defaults, then the environment, then ``overrides``."""
+    environ = os.environ if environ is None else environ
+    settings = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if environ.get(key):
+            settings[key] = environ[key]
+    settings.update(overrides or {})
+    for key in INTEGER_KEYS:
+        settings[key] = int(settings[key])
+    if settings["DATABASE_URL"].startswith("sqlite:///") or settings["QUEUE_URL"].startswith("sqlite:///"):
+        os.makedirs(INSTANCE_PATH, exist_ok=True)
+    return settings

@@ -1,0 +1,61 @@
+"""One JSON error shape for every failure: {"error", "message", "details"}.
+
+Views raise ApiError (or the service raises ServiceError); the handlers here
+turn those, Werkzeug's HTTP errors and anything unexpected into that shape.
+"""
+import logging
+
+from flask import jsonify
+from werkzeug.exceptions import HTTPException
+
+from ingest.service import ServiceError
+
+log = logging.getLogger(__name__)
+
+# ServiceError codes -> HTTP status.
+SERVICE_STATUS = {
+    "validation_error": 400,
+    "customer_not_found": 404,
+    "interaction_not_found": 404,
+    "storage_error": 503,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status, code, message, details=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+
+def error_response(status, code, message, details=None, headers=None):
+    response = jsonify({"error": code, "message": message, "details": details or {}})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def register(app):
+    @app.errorhandler(ApiError)
+    def _api_error(error):
+        return error_response(error.status, error.code, error.message, error.details,
+                              error.headers)
+
+    @app.errorhandler(ServiceError)
+    def _service_error(error):
+        status = SERVICE_STATUS.get(error.code, 500)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return error_response(status, error.code, error.message, error.details, headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error):
+        code = (error.name or "error").lower().replace(" ", "_")
+        return error_response(error.code, code, error.description)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "An unexpected error occurred.")

@@ -1,0 +1,165 @@
+"""Wire schemas (marshmallow 4): camelCase outside, snake_case inside.
+
+The field rules of DESIGN §5 live here and nowhere else. Every string and
+JSON value that loads must also store on PostgreSQL exactly as on SQLite, so
+the custom fields below refuse what one of them cannot keep (NUL, lone
+surrogates, non-finite numbers).
+"""
+import datetime
+import json
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+CHANNELS = ("web", "mobile", "email", "chat", "phone", "social", "in_store", "api", "other")
+MAX_FUTURE = datetime.timedelta(hours=24)
+MAX_JSON_BYTES = 16 * 1024
+MAX_JSON_DEPTH = 32
+UTC = datetime.timezone.utc
+
+
+def check_text(value):
+    """Raise ValidationError for text that PostgreSQL or UTF-8 cannot hold."""
+    if "\x00" in value:
+        raise ValidationError("Must not contain NUL characters.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Must be valid Unicode text (no lone surrogates).") from None
+
+
+class Text(fields.String):
+    """A string that stores identically on SQLite and PostgreSQL."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        check_text(value)
+        return value
+
+
+class UtcDateTime(fields.AwareDateTime):
+    """ISO 8601 with an offset on the wire; naive UTC inside (how it is stored)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(format="iso", **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        aware = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return aware.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            raise ValidationError("Out of range once converted to UTC.") from None
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else value.replace(tzinfo=UTC).isoformat()
+
+
+def _check_json(value, depth=0):
+    if depth > MAX_JSON_DEPTH:
+        raise ValidationError("Nested deeper than %d levels." % MAX_JSON_DEPTH)
+    if isinstance(value, str):
+        check_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key)
+            _check_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, depth + 1)
+
+
+class JsonObject(fields.Dict):
+    """A JSON object of at most 16 KiB serialised, storable on every database."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        _check_json(value)
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        if size > MAX_JSON_BYTES:
+            raise ValidationError("Larger than %d bytes serialised." % MAX_JSON_BYTES)
+        return value
+
+
+def not_far_future(value):
+    now = datetime.datetime.now(UTC).replace(tzinfo=None)
+    if value > now + MAX_FUTURE:
+        raise ValidationError("Must not be more than 24 hours in the future.")
+
+
+def printable(value):
+    if not value.isprintable():
+        raise ValidationError("Must contain printable characters only.")
+
+
+class InteractionIn(Schema):
+    """One interaction as a client sends it (POST /api/data/ingest, batch items)."""
+    customer_id = fields.UUID(required=True, data_key="customerId")
+    timestamp = UtcDateTime(required=True, validate=not_far_future)
+    channel = fields.String(required=True, validate=validate.OneOf(CHANNELS))
+    event_type = Text(required=True, data_key="eventType",
+                      validate=[validate.Length(1, 100), printable])
+    content = Text(load_default=None, allow_none=True, validate=validate.Length(max=10_000))
+    metadata = JsonObject(load_default=dict)
+    message_id = Text(load_default=None, allow_none=True, data_key="messageId",
+                      validate=validate.Length(1, 128))
+
+
+class BatchIn(Schema):
+    """The batch envelope; its items are validated one by one by the service."""
+    interactions = fields.List(fields.Raw(), required=True)
+
+
+class CustomerIn(Schema):
+    external_id = Text(load_default=None, allow_none=True, data_key="externalId",
+                       validate=validate.Length(1, 255))
+    name = Text(load_default=None, allow_none=True, validate=validate.Length(max=255))
+    email = fields.Email(load_default=None, allow_none=True, validate=validate.Length(max=320))
+    traits = JsonObject(load_default=dict)
+
+
+class CustomerQuery(Schema):
+    external_id = Text(required=True, data_key="externalId", validate=validate.Length(1, 255))
+
+
+class CustomerOut(Schema):
+    id = fields.UUID()
+    external_id = fields.String(data_key="externalId", allow_none=True)
+    name = fields.String(allow_none=True)
+    email = fields.String(allow_none=True)
+    traits = fields.Dict()
+    created_at = UtcDateTime(data_key="createdAt")
+    last_seen_at = UtcDateTime(data_key="lastSeenAt", allow_none=True)
+    interaction_count = fields.Integer(data_key="interactionCount")
+
+
+class SentimentOut(Schema):
+    label = fields.String()
+    score = fields.Float()
+
+
+class InteractionOut(Schema):
+    id = fields.UUID()
+    customer_id = fields.UUID(data_key="customerId")
+    message_id = fields.String(data_key="messageId", allow_none=True)
+    timestamp = UtcDateTime()
+    received_at = UtcDateTime(data_key="receivedAt")
+    channel = fields.String()
+    event_type = fields.String(data_key="eventType")
+    content = fields.String(allow_none=True)
+    metadata = fields.Dict()
+    analysis_status = fields.String(data_key="analysisStatus")
+    sentiment = fields.Method("get_sentiment", allow_none=True)
+    analysis_error = fields.String(data_key="analysisError", allow_none=True)
+    analyzed_at = UtcDateTime(data_key="analyzedAt", allow_none=True)
+
+    def get_sentiment(self, obj):
+        if obj.sentiment_label is None:
+            return None
+        return {"label": obj.sentiment_label, "score": obj.sentiment_score}
+
+
+interaction_in = InteractionIn()
+batch_in = BatchIn(unknown=EXCLUDE)
+customer_in = CustomerIn()
+customer_query = CustomerQuery(unknown=EXCLUDE)
+customer_out = CustomerOut()
+interaction_out = InteractionOut()

@@ -1,0 +1,166 @@
+"""The database: a proxy bound at start-up, the models, connection handling.
+
+One code path for SQLite and PostgreSQL. Timestamps are stored as naive UTC;
+JSON documents (traits, metadata) as text we serialise ourselves, so a value
+reads back byte for byte the same on both databases.
+"""
+import datetime
+import json
+import os
+import uuid
+from urllib.parse import urlparse
+
+from peewee import (
+    BooleanField, CharField, DatabaseProxy, DateTimeField, FloatField,
+    ForeignKeyField, IntegerField, Model, SqliteDatabase, TextField, UUIDField,
+)
+from playhouse.db_url import parse as parse_db_url
+from playhouse.migrations import Runner
+from playhouse.pool import PooledPostgresqlDatabase
+
+db = DatabaseProxy()
+
+ANALYSIS_STATUSES = ("pending", "done", "skipped", "failed")
+
+
+def utcnow():
+    """The current time as naive UTC, the form every timestamp is stored in."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def make_database(url):
+    """Build the peewee database for a DATABASE_URL (sqlite:/// or postgresql://)."""
+    scheme = urlparse(url).scheme
+    if scheme == "sqlite":
+        return SqliteDatabase(
+            parse_db_url(url)["database"],
+            # WAL lets readers run beside the writer; IMMEDIATE takes the write
+            # lock at BEGIN so a transaction never fails half-way on upgrade;
+            # the 30 s busy timeout lets writers of other processes queue.
+            pragmas={"journal_mode": "wal", "synchronous": "normal", "foreign_keys": 1},
+            lock_type="IMMEDIATE",
+            timeout=30,
+            returning_clause=True,
+        )
+    if scheme in ("postgres", "postgresql"):
+        params = parse_db_url(url)
+        return PooledPostgresqlDatabase(params.pop("database"), max_connections=64,
+                                        stale_timeout=300, timeout=10, **params)
+    raise ValueError("DATABASE_URL must be sqlite:/// or postgresql://, not %r" % url)
+
+
+def bind(url):
+    """Point the proxy at the database of ``url``; returns that database."""
+    database = make_database(url)
+    db.initialize(database)
+    return database
+
+
+def is_postgres():
+    return isinstance(db.obj, PooledPostgresqlDatabase)
+
+
+def init_app(app):
+    """Open a connection per request and give it back after, as playhouse.flask_utils does."""
+    @app.before_request
+    def _connect():
+        db.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _close(exc):
+        if not db.is_closed():
+            db.close()
+
+
+class JSONTextField(TextField):
+    """A JSON document kept as our own serialisation, identical on every database."""
+
+    def db_value(self, value):
+        if value is None:
+            return None
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class Organization(BaseModel):
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    name = CharField(max_length=200)
+    created_at = DateTimeField(default=utcnow)
+
+
+class ApiKey(BaseModel):
+    """An API key; only its SHA-256 is kept. ``prefix`` identifies it to humans."""
+    organization = ForeignKeyField(Organization, backref="api_keys", on_delete="CASCADE")
+    prefix = CharField(max_length=32, index=True)
+    key_hash = CharField(max_length=64, unique=True)
+    scopes = CharField(max_length=64)
+    created_at = DateTimeField(default=utcnow)
+    revoked = BooleanField(default=False)
+
+    @property
+    def scope_set(self):
+        return set(self.scopes.split(","))
+
+
+class Customer(BaseModel):
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    organization = ForeignKeyField(Organization, backref="customers", on_delete="CASCADE")
+    external_id = CharField(max_length=255, null=True)
+    name = CharField(max_length=255, null=True)
+    email = CharField(max_length=320, null=True)
+    traits = JSONTextField(default=dict)
+    created_at = DateTimeField(default=utcnow)
+    last_seen_at = DateTimeField(null=True)
+    interaction_count = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("organization", "external_id"), True),)
+
+
+class Interaction(BaseModel):
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    organization = ForeignKeyField(Organization, on_delete="CASCADE")
+    customer = ForeignKeyField(Customer, backref="interactions", on_delete="CASCADE")
+    message_id = CharField(max_length=128, null=True)
+    timestamp = DateTimeField()
+    received_at = DateTimeField(default=utcnow)
+    channel = CharField(max_length=16)
+    event_type = CharField(max_length=100)
+    content = TextField(null=True)
+    metadata = JSONTextField(default=dict)
+    analysis_status = CharField(max_length=8, default="pending")
+    sentiment_label = CharField(max_length=8, null=True)
+    sentiment_score = FloatField(null=True)
+    analysis_error = TextField(null=True)
+    analyzed_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            (("organization", "message_id"), True),
+            # GET /api/interactions: newest first, keyset on (timestamp, id).
+            (("organization", "timestamp", "id"), False),
+            (("customer", "timestamp", "id"), False),
+            # The analysis sweep and `analysis retry`.
+            (("analysis_status", "received_at"), False),
+        )
+
+
+MODELS = (Organization, ApiKey, Customer, Interaction)
+
+
+def migrate():
+    """Create or upgrade the schema with the scripts in migrations/ (idempotent).
+
+    Returns the names of the migrations applied now.
+    """
+    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+    with db.connection_context():
+        return Runner(db.obj, directory).up()

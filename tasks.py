@@ -1,0 +1,75 @@
+"""The Huey instance, built from QUEUE_URL, and the analysis task (DESIGN §7).
+
+`huey_consumer tasks.huey -w N` imports this one module and finds every task;
+the web processes import it to enqueue. Both read the same environment.
+"""
+import signal
+from urllib.parse import urlparse
+
+from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey
+
+import models
+from ingest import analysis, config
+from ingest.events import bus_for
+
+settings = config.load()
+
+HIGH_PRIORITY = 10  # a single ingest: analysed before batch backlogs
+LOW_PRIORITY = 0
+
+
+def make_huey(url):
+    scheme = urlparse(url).scheme
+    if scheme == "sqlite":
+        return SqliteHuey("ingest", filename=urlparse(url).path)
+    if scheme in ("redis", "rediss"):
+        return PriorityRedisHuey("ingest", url=url)
+    if scheme in ("postgres", "postgresql"):
+        return PostgresHuey("ingest", dsn=url)
+    raise ValueError("QUEUE_URL must be sqlite:///, redis:// or postgresql://, not %r" % url)
+
+
+huey = make_huey(settings["QUEUE_URL"])
+
+
+@huey.on_startup()
+def bind_database():
+    """A consumer process opens the database the web processes write to."""
+    if models.db.obj is None:
+        models.bind(settings["DATABASE_URL"])
+
+
+@huey.task(retries=3, retry_delay=2, retry_backoff=2, context=True)
+def analyze(ids, task=None):
+    with models.db.connection_context():
+        try:
+            results = analysis.analyze(ids)
+        except Exception as error:
+            if task is None or task.retries == 0:
+                analysis.mark_failed(ids, error)
+            raise
+    bus = bus_for(settings["EVENTS_URL"])
+    for result in results:
+        bus.publish(result["organization_id"], {"type": "interaction.analyzed", "data": {
+            "id": str(result["id"]), "analysisStatus": result["analysis_status"],
+            "sentiment": result["sentiment"]}})
+
+
+def enqueue_analysis(ids, high_priority):
+    priority = HIGH_PRIORITY if high_priority else LOW_PRIORITY
+    huey.enqueue(analyze.s([str(i) for i in ids], priority=priority))
+
+
+def start_embedded_consumer(workers=2):
+    """Run consumer threads inside this process (the dev server, DESIGN §11).
+
+    Huey's consumer installs its own signal handlers; the host process keeps
+    its own, so Ctrl-C still stops the web server.
+    """
+    consumer = huey.create_consumer(workers=workers, worker_type="thread")
+    saved = {signum: signal.getsignal(signum)
+             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    consumer.start()
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+    return consumer

@@ -1,0 +1,85 @@
+"""Fixtures: a fresh database per test run (SQLite by default, PostgreSQL when
+DATABASE_URL says so), emptied before each test; `app`, `client`, `runner` as in
+Flask's tutorial; an organization with keys; injected storage faults.
+
+The environment is set here, before the app and tasks modules are imported,
+because the web app and the queue consumers read their configuration from it.
+"""
+import os
+import tempfile
+
+import pytest
+
+from tests import dbs
+
+RUN_DIR = tempfile.mkdtemp(prefix="ingest-tests-")
+os.environ["INSTANCE_PATH"] = RUN_DIR
+os.environ["DATABASE_URL"] = dbs.create_scratch_database(os.environ.get("DATABASE_URL"), RUN_DIR)
+os.environ.setdefault("QUEUE_URL", "sqlite:///" + os.path.join(RUN_DIR, "queue.db"))
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+
+import models  # noqa: E402  (after the environment is set)
+from app import create_app  # noqa: E402
+from ingest.cli import new_organization  # noqa: E402
+from models import Customer  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    models.bind(os.environ["DATABASE_URL"])
+    models.migrate()
+
+
+def pytest_sessionfinish(session):
+    dbs.drop_scratch_database(os.environ["DATABASE_URL"])
+
+
+def pytest_report_header(config):
+    return "database: %s" % os.environ["DATABASE_URL"]
+
+
+@pytest.fixture
+def app():
+    app = create_app({"TESTING": True})
+    dbs.empty_tables()
+    yield app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def service(app):
+    with app.app_context():
+        yield app.extensions["ingest"]
+
+
+@pytest.fixture
+def org(app):
+    """An organization with an ingest key and a read key."""
+    with app.app_context():
+        return new_organization("Acme")
+
+
+@pytest.fixture
+def customer_id(app, org):
+    with app.app_context():
+        return str(Customer.create(organization=org["organizationId"], external_id="c-1").id)
+
+@pytest.fixture
+def storage_faults(app):
+    """Database-level faults (real triggers, no mocks), removed after the test.
+
+    An interaction whose content is FAIL_INSERT fails its INSERT; a customer
+    named FAIL_UPDATE fails the counter UPDATE, after its chunk's rows were
+    inserted in the same transaction.
+    """
+    dbs.install_faults()
+    yield dbs
+    dbs.remove_faults()

@@ -1,0 +1,79 @@
+"""Test databases: a scratch database per run, emptying it, injected faults."""
+import os
+import uuid
+from urllib.parse import urlparse, urlunparse
+
+import psycopg
+
+from models import db, is_postgres
+
+FAIL_INSERT = "__fail_insert__"
+FAIL_UPDATE = "__fail_update__"
+
+
+def is_postgres_url(url):
+    return urlparse(url).scheme in ("postgres", "postgresql")
+
+
+def create_scratch_database(server_url, run_dir):
+    """A fresh database for this run: on the server of ``server_url`` if it is
+    PostgreSQL (which must then be reachable), else a SQLite file in ``run_dir``."""
+    if not server_url or not is_postgres_url(server_url):
+        return "sqlite:///" + os.path.join(run_dir, "ingest.db")
+    name = "ingest_test_%s" % uuid.uuid4().hex[:12]
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "%s"' % name)
+    return urlunparse(urlparse(server_url)._replace(path="/" + name))
+
+
+def drop_scratch_database(url):
+    if not is_postgres_url(url):
+        return
+    db.close_all()
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/")
+    with psycopg.connect(urlunparse(parsed._replace(path="/postgres")), autocommit=True) as conn:
+        conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+
+
+TABLES = ("interaction", "customer", "api_key", "organization")
+
+
+def empty_tables():
+    with db.connection_context():
+        if is_postgres():
+            db.execute_sql("TRUNCATE %s" % ", ".join(TABLES))
+        else:
+            for table in TABLES:
+                db.execute_sql("DELETE FROM %s" % table)
+
+
+SQLITE_FAULTS = (
+    "CREATE TRIGGER fail_insert BEFORE INSERT ON interaction WHEN NEW.content = '%s' "
+    "BEGIN SELECT RAISE(ABORT, 'injected insert fault'); END" % FAIL_INSERT,
+    "CREATE TRIGGER fail_update BEFORE UPDATE ON customer WHEN NEW.name = '%s' "
+    "BEGIN SELECT RAISE(ABORT, 'injected update fault'); END" % FAIL_UPDATE,
+)
+POSTGRES_FAULTS = (
+    "CREATE FUNCTION injected_fault() RETURNS trigger AS $$ BEGIN "
+    "RAISE EXCEPTION 'injected fault'; END $$ LANGUAGE plpgsql",
+    "CREATE TRIGGER fail_insert BEFORE INSERT ON interaction FOR EACH ROW "
+    "WHEN (NEW.content = '%s') EXECUTE FUNCTION injected_fault()" % FAIL_INSERT,
+    "CREATE TRIGGER fail_update BEFORE UPDATE ON customer FOR EACH ROW "
+    "WHEN (NEW.name = '%s') EXECUTE FUNCTION injected_fault()" % FAIL_UPDATE,
+)
+
+
+def install_faults():
+    with db.connection_context():
+        for statement in (POSTGRES_FAULTS if is_postgres() else SQLITE_FAULTS):
+            db.execute_sql(statement)
+
+
+def remove_faults():
+    with db.connection_context():
+        if is_postgres():
+            db.execute_sql("DROP FUNCTION injected_fault() CASCADE")
+        else:
+            db.execute_sql("DROP TRIGGER fail_insert")
+            db.execute_sql("DROP TRIGGER fail_update")
