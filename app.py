@@ -24,6 +24,7 @@ def create_app(test_config=None):
     settings = config.load(overrides=test_config)
     app = Flask(__name__, instance_path=config.INSTANCE_PATH)
     app.config.update(settings)
+    app.json.sort_keys = False  # metadata and traits read back in the order they were sent
     logs.configure(settings["LOG_LEVEL"])
     models.bind(settings["DATABASE_URL"])
 

@@ -179,7 +179,8 @@ class IngestService:
 
     @staticmethod
     def _prepare(organization_id, data):
-        return NewInteraction(organization_id=organization_id, **data)
+        """Enrich validated data with its organization."""
+        return NewInteraction(organization_id=uuid.UUID(str(organization_id)), **data)
 
     @staticmethod
     def _known_customers(organization_id, customer_ids):

@@ -77,3 +77,17 @@ def remove_faults():
         else:
             db.execute_sql("DROP TRIGGER fail_insert")
             db.execute_sql("DROP TRIGGER fail_update")
+
+
+INVARIANT_VIOLATIONS = """
+SELECT c.id, c.interaction_count, c.last_seen_at FROM customer c
+WHERE c.interaction_count <> (SELECT COUNT(*) FROM interaction i WHERE i.customer_id = c.id)
+   OR c.last_seen_at IS DISTINCT FROM
+      (SELECT MAX(i.timestamp) FROM interaction i WHERE i.customer_id = c.id)
+"""
+
+
+def invariant_violations():
+    """Customers breaking DESIGN §4's invariant, read in one statement (one snapshot)."""
+    with db.connection_context():
+        return db.execute_sql(INVARIANT_VIOLATIONS).fetchall()

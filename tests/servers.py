@@ -1,0 +1,69 @@
+"""Real processes for end-to-end tests: gunicorn serving the app over HTTP."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout=20.0, interval=0.05, message="condition"):
+    """Poll ``condition`` until it returns a truthy value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting for " + message)
+
+
+class Gunicorn:
+    """`gunicorn -c gunicorn.conf.py "app:create_app()"` on a free port."""
+
+    def __init__(self, log_path, workers=2, env=None):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py",
+             "--bind", "127.0.0.1:%d" % self.port, "--workers", str(workers), "app:create_app()"],
+            cwd=ROOT, env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+        wait_until(self._healthy, message="gunicorn to serve /healthz")
+
+    def _healthy(self):
+        if self.process.poll() is not None:
+            raise AssertionError("gunicorn exited: " + open(self.log_path).read()[-3000:])
+        try:
+            return requests.get(self.url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    def log_lines(self):
+        lines = []
+        for line in open(self.log_path):
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue  # gunicorn's own start-up lines
+        return lines
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,41 @@
+"""Logs are JSON lines carrying the ids of what happened, and never a key."""
+import io
+import json
+import logging
+
+import pytest
+
+from ingest.logs import JsonFormatter
+from tests.helpers import bearer, interaction
+
+
+@pytest.fixture
+def log_lines():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_ingest_logs_ids_and_never_the_key(client, org, customer_id, log_lines):
+    response = client.post("/api/data/ingest", json=interaction(customer_id),
+                           headers={**bearer(org["ingestKey"]), "X-Request-ID": "req-1"})
+    interaction_id = response.get_json()["id"]
+    client.post("/api/data/ingest", json=interaction(customer_id),
+                headers=bearer(org["ingestKey"] + "x"))
+    lines = log_lines()
+    ingested = next(line for line in lines if line["message"] == "interaction ingested")
+    assert ingested["organization_id"] == org["organizationId"]
+    assert ingested["customer_id"] == customer_id
+    assert ingested["interaction_id"] == interaction_id
+    assert ingested["request_id"] == "req-1"
+    access = [line for line in lines if line["logger"] == "ingest.access"]
+    assert [line["status"] for line in access] == [201, 401]
+    everything = json.dumps(lines)
+    assert org["ingestKey"] not in everything and org["ingestKey"][3:] not in everything
