@@ -11,7 +11,7 @@ import uuid
 from urllib.parse import urlparse
 
 from peewee import (
-    BooleanField, CharField, DatabaseProxy, DateTimeField, FloatField,
+    BooleanField, CharField, DatabaseProxy, DateTimeField, DoubleField,
     ForeignKeyField, IntegerField, Model, SqliteDatabase, TextField, UUIDField,
 )
 from playhouse.db_url import parse as parse_db_url
@@ -138,7 +138,7 @@ class Interaction(BaseModel):
     metadata = JSONTextField(default=dict)
     analysis_status = CharField(max_length=8, default="pending")
     sentiment_label = CharField(max_length=8, null=True)
-    sentiment_score = FloatField(null=True)
+    sentiment_score = DoubleField(null=True)
     analysis_error = TextField(null=True)
     analyzed_at = DateTimeField(null=True)
 

@@ -3,19 +3,22 @@
 `huey_consumer tasks.huey -w N` imports this one module and finds every task;
 the web processes import it to enqueue. Both read the same environment.
 """
+import logging
 import signal
 from urllib.parse import urlparse
 
-from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey
+from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
 
 import models
 from ingest import analysis, config
 from ingest.events import bus_for
 
 settings = config.load()
+log = logging.getLogger(__name__)
 
 HIGH_PRIORITY = 10  # a single ingest: analysed before batch backlogs
 LOW_PRIORITY = 0
+CHUNK = 100
 
 
 def make_huey(url):
@@ -55,9 +58,24 @@ def analyze(ids, task=None):
             "sentiment": result["sentiment"]}})
 
 
+@huey.periodic_task(crontab(minute="*"))
+def sweep():
+    """Re-queue interactions pending for too long: a lost job, a queue outage or a
+    killed consumer loses nothing. The scheduler also runs it when a consumer
+    starts. Start consumers after the first with -n so only one sweeps."""
+    with models.db.connection_context():
+        ids = analysis.stale_pending(settings["ANALYSIS_SWEEP_AFTER"])
+    if ids:
+        enqueue_analysis(ids, high_priority=False)
+        log.info("sweep re-queued pending interactions", extra={"count": len(ids)})
+
+
 def enqueue_analysis(ids, high_priority):
+    """Queue analyses of ``ids``, in tasks of at most CHUNK ids."""
     priority = HIGH_PRIORITY if high_priority else LOW_PRIORITY
-    huey.enqueue(analyze.s([str(i) for i in ids], priority=priority))
+    ids = [str(i) for i in ids]
+    for start in range(0, len(ids), CHUNK):
+        huey.enqueue(analyze.s(ids[start:start + CHUNK], priority=priority))
 
 
 def start_embedded_consumer(workers=2):

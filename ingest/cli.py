@@ -7,7 +7,8 @@ import click
 import models
 import tasks
 from ingest import auth
-from models import Customer, Interaction, Organization, db
+from ingest.analysis import requeue_failed
+from models import Customer, Organization, db
 
 
 def init_app(app):
@@ -127,10 +128,6 @@ def analysis():
 @analysis.command("retry")
 def analysis_retry():
     """Re-queue the interactions whose analysis failed."""
-    ids = [row[0] for row in Interaction.select(Interaction.id)
-           .where(Interaction.analysis_status == "failed").tuples()]
-    (Interaction.update(analysis_status="pending", analysis_error=None)
-     .where(Interaction.id.in_(ids)).execute())
-    for start in range(0, len(ids), 100):
-        tasks.enqueue_analysis(ids[start:start + 100], high_priority=False)
+    ids = requeue_failed()
+    tasks.enqueue_analysis(ids, high_priority=False)
     click.echo("re-queued %d interaction(s)" % len(ids))

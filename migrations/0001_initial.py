@@ -4,7 +4,7 @@ A frozen copy of the models as they were (playhouse.migrations' convention):
 later changes to models.py come as new numbered migrations, never edits here.
 """
 from peewee import (
-    BooleanField, CharField, DateTimeField, FloatField, ForeignKeyField,
+    BooleanField, CharField, DateTimeField, DoubleField, ForeignKeyField,
     IntegerField, Model, TextField, UUIDField,
 )
 
@@ -55,7 +55,7 @@ def tables(db):
         metadata = TextField()
         analysis_status = CharField(max_length=8, default="pending")
         sentiment_label = CharField(null=True, max_length=8)
-        sentiment_score = FloatField(null=True)
+        sentiment_score = DoubleField(null=True)
         analysis_error = TextField(null=True)
         analyzed_at = DateTimeField(null=True)
 

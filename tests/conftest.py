@@ -83,3 +83,18 @@ def storage_faults(app):
     dbs.install_faults()
     yield dbs
     dbs.remove_faults()
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def require_redis():
+    """Redis for the tests that need it: skipped on a laptop without it, a failure in CI."""
+    import redis
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as error:
+        if os.environ.get("CI"):
+            pytest.fail("Redis is required in CI and is not reachable at %s: %s" % (REDIS_URL, error))
+        pytest.skip("Redis not reachable at %s" % REDIS_URL)
+    return REDIS_URL

@@ -67,3 +67,29 @@ class Gunicorn:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class Consumer:
+    """`huey_consumer tasks.huey -w N` (or a module of ours that wraps it)."""
+
+    def __init__(self, log_path, env=None, workers=2, module=None, args=()):
+        command = ([sys.executable, "-m", module] if module else
+                   [os.path.join(BIN, "huey_consumer"), "tasks.huey"])
+        self.process = subprocess.Popen(
+            command + ["-w", str(workers), "-k", "thread", *args],
+            cwd=ROOT, env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+        self.log_path = log_path
+
+    def kill(self):
+        """SIGKILL: no shutdown, whatever it was doing is lost."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
