@@ -1,0 +1,111 @@
+"""The analysis itself (DESIGN §7), in process: labels, idempotency, sweep, events;
+and the dev server's embedded consumer, as `python app.py` runs it."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import requests
+
+import tasks
+from ingest import analysis
+from ingest.events import bus_for
+from models import Interaction
+from tests.helpers import bearer, interaction
+from tests.servers import ROOT, free_port, wait_until
+
+
+@pytest.mark.parametrize("compound, label", [
+    (0.05, "positive"), (0.0499, "neutral"), (0.0, "neutral"), (-0.0499, "neutral"),
+    (-0.05, "negative"), (0.9, "positive"), (-0.9, "negative")])
+def test_label_thresholds(compound, label):
+    assert analysis.label_for(compound) == label
+
+
+def stored(service, org, customer_id, content):
+    interaction_id, _ = service.ingest(org["organizationId"], interaction(customer_id, content=content))
+    return interaction_id
+
+
+def test_analyze_is_idempotent_and_skips_empty_content(service, org, customer_id):
+    happy = stored(service, org, customer_id, "Great service, I am very happy")
+    blank = stored(service, org, customer_id, "   ")
+    results = analysis.analyze([happy, blank])
+    assert {r["id"]: r["analysis_status"] for r in results} == {happy: "done", blank: "skipped"}
+    before = {row.id: (row.analysis_status, row.sentiment_score, row.analyzed_at)
+              for row in Interaction.select()}
+    assert analysis.analyze([happy, blank]) == []
+    after = {row.id: (row.analysis_status, row.sentiment_score, row.analyzed_at)
+             for row in Interaction.select()}
+    assert after == before
+    assert before[happy][0] == "done" and before[happy][1] > 0.05
+    assert before[blank][:2] == ("skipped", None)
+
+
+def test_task_publishes_interaction_analyzed(service, org, customer_id):
+    events = []
+    bus_for(tasks.settings["EVENTS_URL"]).subscribe(lambda org_id, event: events.append((org_id, event)))
+    sad = stored(service, org, customer_id, "This is awful, I am so disappointed")
+    tasks.analyze.call_local([str(sad)])
+    analyzed = [(o, e) for o, e in events if e["type"] == "interaction.analyzed"]
+    assert len(analyzed) == 1
+    org_id, event = analyzed[0]
+    assert org_id == org["organizationId"]
+    assert event["data"]["id"] == str(sad)
+    assert event["data"]["analysisStatus"] == "done"
+    assert event["data"]["sentiment"]["label"] == "negative"
+
+
+def test_failure_keeps_the_error_and_retry_requeues(service, org, customer_id):
+    broken = stored(service, org, customer_id, "anything")
+    assert analysis.mark_failed([broken], RuntimeError("vader exploded")) == 1
+    row = Interaction.get_by_id(broken)
+    assert (row.analysis_status, row.analysis_error) == ("failed", "vader exploded")
+    assert analysis.requeue_failed() == [row.id]
+    assert Interaction.get_by_id(broken).analysis_status == "pending"
+
+
+def test_sweep_finds_only_old_pending(service, org, customer_id):
+    fresh = stored(service, org, customer_id, "hello")
+    assert analysis.stale_pending(60) == []
+    assert analysis.stale_pending(-1) == [fresh]
+
+
+def test_dev_server_runs_everything_embedded(tmp_path):
+    """`python app.py` on an empty instance: demo printed, ingest analysed in-process."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "QUEUE_URL")}
+    env.update(INSTANCE_PATH=str(tmp_path), LOG_LEVEL="INFO")
+    log = open(tmp_path / "dev.log", "w+")
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = "http://127.0.0.1:%d" % port
+
+        def printed():
+            text = open(tmp_path / "dev.log").read()
+            return "live feed:" in text and re.search(r"ingest key: (\S+)\s+read key:\s+(\S+)", text)
+        keys = wait_until(printed, message="the demo to be printed")
+        ingest_key, read_key = keys.group(1), keys.group(2)
+        assert base + "/feed#key=" + read_key in open(tmp_path / "dev.log").read()
+        wait_until(lambda: _up(base), message="the dev server")
+        customer = requests.post(base + "/api/customers", json={"externalId": "dev"},
+                                 headers=bearer(ingest_key)).json()["id"]
+        response = requests.post(base + "/api/data/ingest", headers=bearer(ingest_key),
+                                 json=interaction(customer, content="I love it"))
+        assert response.status_code == 201
+        url = base + "/api/interactions/" + response.json()["id"]
+        done = wait_until(lambda: requests.get(url, headers=bearer(read_key)).json()["sentiment"],
+                          message="the embedded consumer's analysis")
+        assert done["label"] == "positive"
+    finally:
+        process.terminate()
+        assert process.wait(timeout=15) is not None
+
+
+def _up(base):
+    try:
+        return requests.get(base + "/healthz", timeout=1).ok
+    except requests.ConnectionError:
+        return False
