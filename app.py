@@ -11,7 +11,7 @@ from flask import Flask
 
 import models
 import tasks
-from ingest import api, cli, config, errors, events, logs
+from ingest import api, cli, config, errors, events, feed, logs
 from ingest.service import IngestService
 
 
@@ -25,6 +25,7 @@ def create_app(test_config=None):
     app = Flask(__name__, instance_path=config.INSTANCE_PATH)
     app.config.update(settings)
     app.json.sort_keys = False  # metadata and traits read back in the order they were sent
+    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": 64 * 1024}
     logs.configure(settings["LOG_LEVEL"])
     models.bind(settings["DATABASE_URL"])
 
@@ -32,11 +33,14 @@ def create_app(test_config=None):
     models.init_app(app)
     errors.register(app)
     bus = events.bus_for(tasks.settings["EVENTS_URL"])
+    app.extensions["bus"] = bus
     app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
                                              settings["MAX_BATCH_ITEMS"])
     app.extensions["queue_size"] = tasks.huey.pending_count
     app.register_blueprint(api.api)
     app.register_blueprint(api.health)
+    feed.sock.init_app(app)
+    app.register_blueprint(feed.feed)
     cli.init_app(app)
     return app
 

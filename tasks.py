@@ -5,6 +5,7 @@ the web processes import it to enqueue. Both read the same environment.
 """
 import logging
 import signal
+from collections import defaultdict
 from urllib.parse import urlparse
 
 from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
@@ -51,11 +52,15 @@ def analyze(ids, task=None):
             if task is None or task.retries == 0:
                 analysis.mark_failed(ids, error)
             raise
-    bus = bus_for(settings["EVENTS_URL"])
+    by_organization = defaultdict(list)
     for result in results:
-        bus.publish(result["organization_id"], {"type": "interaction.analyzed", "data": {
-            "id": str(result["id"]), "analysisStatus": result["analysis_status"],
-            "sentiment": result["sentiment"]}})
+        by_organization[result["organization_id"]].append({
+            "type": "interaction.analyzed", "data": {
+                "id": str(result["id"]), "analysisStatus": result["analysis_status"],
+                "sentiment": result["sentiment"]}})
+    bus = bus_for(settings["EVENTS_URL"])
+    for organization_id, events in by_organization.items():
+        bus.publish(organization_id, events)
 
 
 @huey.periodic_task(crontab(minute="*"))

@@ -61,7 +61,7 @@ class IngestService:
     """The workflow, wired to the analysis queue and the live-event bus.
 
     ``enqueue_analysis(ids, high_priority)`` and ``publish(organization_id,
-    event)`` are called only after commit, and their failure never fails an
+    events)`` are called only after commit, and their failure never fails an
     ingest that is already stored.
     """
 
@@ -193,7 +193,8 @@ class IngestService:
         return {row[0] for row in query}
 
     def _after_commit(self, items, high_priority):
-        """Hand committed interactions to analysis and the live feed; never raises."""
+        """Hand committed interactions (of one organization) to analysis and the
+        live feed; never raises."""
         if not items:
             return
         ids = [item.id for item in items]
@@ -203,9 +204,9 @@ class IngestService:
             log.warning("analysis enqueue failed; the sweep will pick these up",
                         exc_info=True, extra={"interaction_ids": ids})
         try:
-            for item in items:
-                self.publish(item.organization_id, {
-                    "type": "interaction.created", "data": schemas.interaction_out.dump(item)})
+            self.publish(items[0].organization_id, [
+                {"type": "interaction.created", "data": schemas.interaction_out.dump(item)}
+                for item in items])
         except Exception:
             log.warning("publish failed", exc_info=True, extra={"interaction_ids": ids})
 

@@ -1,6 +1,7 @@
 """Real processes for end-to-end tests: gunicorn serving the app over HTTP."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ class Gunicorn:
             [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py",
              "--bind", "127.0.0.1:%d" % self.port, "--workers", str(workers), "app:create_app()"],
             cwd=ROOT, env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
         wait_until(self._healthy, message="gunicorn to serve /healthz")
 
     def _healthy(self):
@@ -61,12 +62,7 @@ class Gunicorn:
         return lines
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_group(self.process)
 
 
 class Consumer:
@@ -78,7 +74,7 @@ class Consumer:
         self.process = subprocess.Popen(
             command + ["-w", str(workers), "-k", "thread", *args],
             cwd=ROOT, env={**os.environ, **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
         self.log_path = log_path
 
     def kill(self):
@@ -87,9 +83,19 @@ class Consumer:
         self.process.wait()
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_group(self.process)
+
+
+def stop_group(process, grace=10):
+    """SIGTERM the process, SIGKILL its whole group if it has not exited in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers: workers of a killed master
+    except ProcessLookupError:
+        pass
+    process.wait()

@@ -1,5 +1,6 @@
 """The analysis itself (DESIGN §7), in process: labels, idempotency, sweep, events;
 and the dev server's embedded consumer, as `python app.py` runs it."""
+import json
 import os
 import re
 import subprocess
@@ -44,17 +45,15 @@ def test_analyze_is_idempotent_and_skips_empty_content(service, org, customer_id
 
 
 def test_task_publishes_interaction_analyzed(service, org, customer_id):
-    events = []
-    bus_for(tasks.settings["EVENTS_URL"]).subscribe(lambda org_id, event: events.append((org_id, event)))
+    subscription = bus_for(tasks.settings["EVENTS_URL"]).subscribe(org["organizationId"])
     sad = stored(service, org, customer_id, "This is awful, I am so disappointed")
     tasks.analyze.call_local([str(sad)])
-    analyzed = [(o, e) for o, e in events if e["type"] == "interaction.analyzed"]
-    assert len(analyzed) == 1
-    org_id, event = analyzed[0]
-    assert org_id == org["organizationId"]
-    assert event["data"]["id"] == str(sad)
-    assert event["data"]["analysisStatus"] == "done"
-    assert event["data"]["sentiment"]["label"] == "negative"
+    events = [json.loads(message) for message in subscription.take(timeout=0)]
+    assert [e["type"] for e in events] == ["interaction.created", "interaction.analyzed"]
+    data = events[1]["data"]
+    assert data["id"] == str(sad)
+    assert data["analysisStatus"] == "done"
+    assert data["sentiment"]["label"] == "negative"
 
 
 def test_failure_keeps_the_error_and_retry_requeues(service, org, customer_id):

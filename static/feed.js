@@ -1,0 +1,216 @@
+// The live feed page (DESIGN §8). Plain JS, no build step. The key is read from
+// the URL fragment (never sent to the server in a URL) or the form, and sent as
+// the socket's first message. Incoming events are queued and applied once per
+// animation frame, and at most MAX_ROWS rows are kept, so thousands of events a
+// second leave the page responsive. Content is always inserted as text.
+"use strict";
+
+const MAX_ROWS = 500;
+const MAX_BACKOFF_MS = 30000;
+const CHART_SECONDS = 60;
+
+const $ = (id) => document.getElementById(id);
+const feed = {
+  socket: null, key: null, backoff: 500, retryTimer: null,
+  paused: false, held: [], queue: [], scheduled: false,
+  rows: new Map(), sentiments: new Map(),
+  perSecond: new Array(CHART_SECONDS).fill(0), currentSecond: 0, currentCount: 0,
+};
+
+function setState(name, text) {
+  const el = $("state");
+  el.className = "state state-" + name;
+  el.textContent = text;
+}
+
+function socketUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return scheme + "//" + location.host + "/api/feed/ws";
+}
+
+function connect(key) {
+  feed.key = key;
+  clearTimeout(feed.retryTimer);
+  if (feed.socket) { feed.socket.onclose = null; feed.socket.close(); }
+  setState(feed.backoff > 500 ? "reconnecting" : "connecting", "connecting…");
+  const socket = new WebSocket(socketUrl());
+  feed.socket = socket;
+  socket.onopen = () => socket.send(JSON.stringify({ type: "auth", token: key }));
+  socket.onmessage = (message) => receive(JSON.parse(message.data));
+  socket.onclose = (event) => {
+    if (event.code === 4401 || event.code === 4403) {
+      setState("error", event.code === 4401 ? "invalid key" : "key lacks read scope");
+      return;  // retrying cannot help
+    }
+    setState("reconnecting", "disconnected, retrying in " + Math.round(feed.backoff / 1000) + " s");
+    feed.retryTimer = setTimeout(() => connect(feed.key), feed.backoff);
+    feed.backoff = Math.min(feed.backoff * 2, MAX_BACKOFF_MS);
+  };
+}
+
+function receive(message) {
+  if (message.type === "ready") {
+    feed.backoff = 500;
+    setState("open", "live");
+    return;
+  }
+  if (message.type === "dropped") {
+    showNotice(message.count + " events skipped (this page fell behind)");
+    return;
+  }
+  if (message.type === "interaction.created") countEvent();
+  if (feed.paused && message.type === "interaction.created") {
+    feed.held.push(message);
+    if (feed.held.length > MAX_ROWS) feed.held.shift();
+    return;
+  }
+  enqueue(message);
+}
+
+function enqueue(message) {
+  feed.queue.push(message);
+  if (!feed.scheduled) {
+    feed.scheduled = true;
+    requestAnimationFrame(flush);
+  }
+}
+
+function flush() {
+  feed.scheduled = false;
+  const batch = feed.queue.splice(0);
+  const fragment = document.createDocumentFragment();
+  for (const message of batch) {
+    if (message.type === "interaction.created") {
+      fragment.prepend(makeRow(message.data));
+    } else if (message.type === "interaction.analyzed") {
+      applySentiment(message.data);
+    }
+  }
+  const tbody = $("rows");
+  tbody.prepend(fragment);
+  while (tbody.rows.length > MAX_ROWS) {
+    const last = tbody.lastElementChild;
+    feed.rows.delete(last.dataset.id);
+    last.remove();
+  }
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text == null ? "" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+function makeRow(data) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = data.id;
+  tr.dataset.channel = data.channel;
+  tr.hidden = !matchesFilter(data.channel);
+  const time = new Date(data.timestamp);
+  tr.append(
+    cell(isNaN(time) ? data.timestamp : time.toLocaleTimeString()),
+    cell(data.customerId),
+    cell(data.channel),
+    cell(data.eventType),
+    cell((data.content || "").slice(0, 200)),
+  );
+  const sentiment = document.createElement("td");
+  const badge = document.createElement("span");
+  badge.className = "badge";
+  badge.textContent = "…";
+  sentiment.append(badge);
+  tr.append(sentiment);
+  tr.title = data.content || "";
+  feed.rows.set(data.id, badge);
+  const early = feed.sentiments.get(data.id);
+  if (early) { feed.sentiments.delete(data.id); setBadge(badge, early); }
+  return tr;
+}
+
+function applySentiment(data) {
+  const badge = feed.rows.get(data.id);
+  if (badge) { setBadge(badge, data); return; }
+  feed.sentiments.set(data.id, data);  // analysis landed before its row was drawn
+  if (feed.sentiments.size > MAX_ROWS) feed.sentiments.delete(feed.sentiments.keys().next().value);
+}
+
+function setBadge(badge, data) {
+  const label = data.sentiment ? data.sentiment.label : data.analysisStatus;
+  badge.textContent = data.sentiment ? label + " " + data.sentiment.score.toFixed(2) : label;
+  badge.className = "badge badge-" + label;
+}
+
+function matchesFilter(channel) {
+  const wanted = $("channel-filter").value;
+  return !wanted || wanted === channel;
+}
+
+function applyFilter() {
+  for (const tr of $("rows").rows) tr.hidden = !matchesFilter(tr.dataset.channel);
+}
+
+function togglePause() {
+  feed.paused = !feed.paused;
+  const button = $("pause");
+  button.textContent = feed.paused ? "Resume" : "Pause";
+  button.setAttribute("aria-pressed", String(feed.paused));
+  if (!feed.paused) feed.held.splice(0).forEach(enqueue);
+}
+
+function showNotice(text) {
+  const notice = $("notice");
+  notice.textContent = text;
+  notice.hidden = false;
+}
+
+function countEvent() {
+  const second = Math.floor(Date.now() / 1000);
+  if (second !== feed.currentSecond) tick(second);
+  feed.currentCount += 1;
+}
+
+function tick(second) {
+  const elapsed = feed.currentSecond ? Math.min(second - feed.currentSecond, CHART_SECONDS) : 1;
+  feed.perSecond.push(feed.currentCount);
+  for (let i = 1; i < elapsed; i++) feed.perSecond.push(0);
+  feed.perSecond.splice(0, feed.perSecond.length - CHART_SECONDS);
+  feed.currentSecond = second;
+  feed.currentCount = 0;
+  $("rate").textContent = String(feed.perSecond[feed.perSecond.length - 1]);
+  drawChart();
+}
+
+function drawChart() {
+  const canvas = $("chart");
+  const context = canvas.getContext("2d");
+  const peak = Math.max(1, ...feed.perSecond);
+  const width = canvas.width / CHART_SECONDS;
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  context.fillStyle = "#4a78d0";
+  feed.perSecond.forEach((count, i) => {
+    const height = (count / peak) * (canvas.height - 2);
+    context.fillRect(i * width, canvas.height - height, Math.max(width - 1, 1), height);
+  });
+}
+
+function keyFromFragment() {
+  const match = /(?:^#|&)key=([^&]+)/.exec(location.hash);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("connect-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("read-key").value.trim();
+    if (key) { feed.backoff = 500; connect(key); }
+  });
+  $("channel-filter").addEventListener("change", applyFilter);
+  $("pause").addEventListener("click", togglePause);
+  setInterval(() => tick(Math.floor(Date.now() / 1000)), 1000);
+  const key = keyFromFragment();
+  if (key) {
+    $("read-key").value = key;
+    connect(key);
+  }
+});

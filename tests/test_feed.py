@@ -1,0 +1,151 @@
+"""The live feed's WebSocket (DESIGN §8) against gunicorn with 2 workers, a
+`huey_consumer` process and Redis as the event bus: events from either worker
+and from the consumer reach sockets on both workers; organizations are
+isolated; the close codes; a socket that stops reading never slows ingest."""
+import socket
+import time
+
+import pytest
+import requests
+import simple_websocket
+import wsproto
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+from ingest.cli import new_organization
+from models import Customer
+from tests.conftest import require_redis
+from tests.feed_client import FeedClient
+from tests.helpers import bearer, interaction
+from tests.servers import Consumer, Gunicorn, wait_until
+
+
+@pytest.fixture
+def stack(app, tmp_path):
+    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")}
+    web = Gunicorn(tmp_path / "web.log", workers=2, env=env)
+    consumer = Consumer(tmp_path / "consumer.log", env=env)
+    yield web
+    consumer.stop()
+    web.stop()
+
+
+def sockets_on_both_workers(web, key, org_id):
+    """Connect sockets until the server log shows them on two worker processes."""
+    clients = []
+    for _ in range(40):
+        client = FeedClient(web.url, key)
+        assert client.next()["type"] == "ready"
+        clients.append(client)
+        pids = {line["pid"] for line in web.log_lines()
+                if line.get("message") == "feed socket connected"
+                and line.get("organization_id") == org_id}
+        if len(pids) >= 2 and len(clients) >= 4:
+            return clients
+    raise AssertionError("sockets never landed on two workers")
+
+
+def test_events_reach_every_socket_on_every_worker(stack, org, customer_id):
+    clients = sockets_on_both_workers(stack, org["readKey"], org["organizationId"])
+    ids = []
+    for n in range(6):  # a fresh connection each: spread over both workers
+        response = requests.post(stack.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
+                                 json=interaction(customer_id, content="I love number %d" % n))
+        ids.append(response.json()["id"])
+    for client in clients:
+        created, analyzed = set(), set()
+
+        def complete(message):
+            kind = message["type"]
+            (created if kind == "interaction.created" else analyzed).add(message["data"]["id"])
+            return created >= set(ids) and analyzed >= set(ids)
+        messages = client.until(complete, timeout=20)
+        first = next(m for m in messages if m["type"] == "interaction.created")
+        assert first["data"]["customerId"] == customer_id and first["data"]["channel"] == "chat"
+        sentiment = next(m for m in messages if m["type"] == "interaction.analyzed")["data"]
+        assert sentiment["analysisStatus"] == "done" and sentiment["sentiment"]["label"] == "positive"
+        client.close()
+
+
+def test_a_socket_sees_only_its_organization(stack, app, org, customer_id):
+    with app.app_context():
+        other = new_organization("Other")
+        other_customer = str(Customer.create(organization=other["organizationId"]).id)
+    watcher = FeedClient(stack.url, other["readKey"])
+    assert watcher.next() == {"type": "ready", "organizationId": other["organizationId"]}
+    requests.post(stack.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
+                  json=interaction(customer_id, content="secret of Acme"))
+    marker = requests.post(stack.url + "/api/data/ingest", headers=bearer(other["ingestKey"]),
+                           json=interaction(other_customer, content="ours")).json()["id"]
+    messages = watcher.until(lambda m: m["type"] == "interaction.created")
+    assert [m["data"]["id"] for m in messages] == [marker]
+    watcher.close()
+
+
+def test_close_codes(stack, org):
+    assert FeedClient(stack.url, "ik_not_a_key").close_code()[0] == 4401
+    assert FeedClient(stack.url, org["ingestKey"]).close_code()[0] == 4403
+    garbled = FeedClient(stack.url)
+    garbled.ws.send("not json")
+    assert garbled.close_code()[0] == 4401
+
+
+def test_a_socket_that_authenticates_late_or_never_is_closed(stack, org):
+    silent, late = FeedClient(stack.url), FeedClient(stack.url)
+    started = time.monotonic()
+    code, reason = silent.close_code(timeout=15)
+    assert code == 4401 and "timed out" in reason
+    assert 9 <= time.monotonic() - started <= 14
+    assert late.close_code(timeout=5)[0] == 4401
+    with pytest.raises(simple_websocket.ConnectionClosed):
+        late.send({"type": "auth", "token": org["readKey"]})  # too late: already closed
+
+
+class StalledSocket:
+    """A raw WebSocket client that authenticates and then stops reading."""
+
+    def __init__(self, base_url, key):
+        host, port = base_url.split("//")[1].split(":")
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect((host, int(port)))
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=host, target="/api/feed/ws")))
+        self.pending = []
+        self._read_until(lambda e: isinstance(e, AcceptConnection))
+        self.sock.sendall(self.ws.send(TextMessage(data='{"type": "auth", "token": "%s"}' % key)))
+        self._read_until(lambda e: isinstance(e, TextMessage) and '"ready"' in e.data)
+
+    def _read_until(self, predicate, timeout=30):
+        self.sock.settimeout(timeout)
+        while True:
+            for event in self.ws.events():
+                if predicate(event):
+                    return event
+            self.ws.receive_data(self.sock.recv(65536))
+
+    def resume_until_dropped(self):
+        event = self._read_until(lambda e: isinstance(e, TextMessage) and '"dropped"' in e.data)
+        return event.data
+
+
+def timed_batches(url, key, customer_id, batches):
+    started = time.monotonic()
+    for _ in range(batches):
+        response = requests.post(url + "/api/data/ingest/batch", headers=bearer(key),
+                                 json={"interactions": [interaction(customer_id) for _ in range(500)]})
+        assert response.status_code == 200 and response.json()["successful"] == 500
+    return time.monotonic() - started
+
+
+def test_a_socket_that_stops_reading_never_slows_ingest(stack, org, customer_id):
+    baseline = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
+    stalled = StalledSocket(stack.url, org["readKey"])
+    with_stalled = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
+    print("\ningest of 5,000 events: %.2f s alone, %.2f s with a stalled socket" % (
+        baseline, with_stalled))
+    assert with_stalled < baseline * 3 + 1
+    live = FeedClient(stack.url, org["readKey"])  # a healthy socket is still served
+    assert live.next()["type"] == "ready"
+    live.close()
+    assert '"count"' in stalled.resume_until_dropped()
+    stalled.sock.close()
