@@ -6,7 +6,7 @@ import click
 
 import models
 import tasks
-from ingest import auth
+from ingest import auth, simulate
 from ingest.analysis import requeue_failed
 from models import Customer, Organization, db
 
@@ -101,16 +101,23 @@ def create_demo(base_url):
 def _demo_text(created):
     return ("demo organization %(organizationId)s\n"
             "ingest key: %(ingestKey)s\nread key:   %(readKey)s\n"
-            "try:\n  %(curl)s\nlive feed: %(feedUrl)s" % created)
+            "try:\n  %(curl)s\nlive feed: %(feedUrl)s\n"
+            "simulated traffic: flask --app app demo --stream" % created)
 
 
 @click.command("demo")
 @click.option("--base-url", default="http://127.0.0.1:5000", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def demo(base_url, as_json):
+@click.option("--stream", is_flag=True,
+              help="Then post simulated interactions to the server at --base-url.")
+@click.option("--rate", default=5.0, show_default=True, help="Interactions a second, with --stream.")
+@click.option("--count", default=0, help="Stop after this many (default: until Ctrl-C).")
+def demo(base_url, as_json, stream, rate, count):
     """Create a demo organization with customers and keys, and show how to try it."""
     created = create_demo(base_url)
     _emit(as_json, created, _demo_text(created))
+    if stream:
+        simulate.stream(base_url, created["ingestKey"], created["customerIds"], rate, count)
 
 
 def greet_first_start(base_url):

@@ -165,12 +165,13 @@ function showNotice(text) {
 }
 
 function countEvent() {
-  const second = Math.floor(Date.now() / 1000);
-  if (second !== feed.currentSecond) tick(second);
+  tick(Math.floor(Date.now() / 1000));
   feed.currentCount += 1;
 }
 
+// Close the counting second(s) once the clock has moved past them.
 function tick(second) {
+  if (second === feed.currentSecond) return;
   const elapsed = feed.currentSecond ? Math.min(second - feed.currentSecond, CHART_SECONDS) : 1;
   feed.perSecond.push(feed.currentCount);
   for (let i = 1; i < elapsed; i++) feed.perSecond.push(0);

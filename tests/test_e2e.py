@@ -59,6 +59,15 @@ def test_ingest_and_read_back_over_http(server, org):
     assert requests.get(server.url + "/readyz").status_code == 200
 
 
+def test_demo_stream_posts_to_a_running_server(app, runner, server):
+    result = runner.invoke(args=["demo", "--json", "--stream", "--count", "5", "--rate", "50",
+                                 "--base-url", server.url])
+    assert result.exit_code == 0, result.output
+    assert "sent 5 interactions" in result.output
+    with app.app_context():
+        assert Interaction.select().count() == 5
+
+
 WRITERS = 8
 OPERATIONS = 30
 SHARED_MESSAGE_IDS = 150

@@ -1,0 +1,129 @@
+"""The /feed page in headless Chromium (Debian's, driven by Playwright): it
+connects from #key= and from the form, shows events as they arrive and their
+sentiment when it lands, filters and pauses, renders content as text, and
+raises no JavaScript error."""
+import os
+import shutil
+import time
+
+import pytest
+import requests
+
+from tests.conftest import require_redis
+from tests.helpers import bearer, interaction
+from tests.servers import Consumer, Gunicorn
+
+CHROMIUM = "/usr/bin/chromium"
+# Chromium flags for a sandbox with no network but loopback (see the machine notes).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is required in CI (apt-get install chromium)")
+        pytest.skip("no Chromium at " + CHROMIUM)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def stack(app, tmp_path):
+    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")}
+    web = Gunicorn(tmp_path / "web.log", workers=2, env=env)
+    consumer = Consumer(tmp_path / "consumer.log", env=env)
+    yield web
+    consumer.stop()
+    web.stop()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    page.urls = []
+    page.on("request", lambda request: page.urls.append(request.url))
+    page.on("websocket", lambda socket: page.urls.append(socket.url))
+    yield page
+    context.close()
+    assert page.errors == [], "JavaScript errors: %s" % page.errors
+
+
+def ingest(stack, org, customer_id, **fields):
+    response = requests.post(stack.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
+                             json=interaction(customer_id, **fields))
+    assert response.status_code == 201
+    return response.json()["id"]
+
+
+def row(page, interaction_id):
+    return page.locator('#rows tr[data-id="%s"]' % interaction_id)
+
+
+def test_connects_from_fragment_and_shows_events_live(stack, page, org, customer_id):
+    page.goto(stack.url + "/feed#key=" + org["readKey"])
+    page.wait_for_selector("#state.state-open")
+    interaction_id = ingest(stack, org, customer_id, content="Absolutely wonderful support!")
+    ingested = time.monotonic()
+    row(page, interaction_id).wait_for(timeout=1000)
+    print("\nrow visible %.0f ms after the ingest response" % ((time.monotonic() - ingested) * 1000))
+    cells = row(page, interaction_id).locator("td").all_inner_texts()
+    assert cells[1:5] == [customer_id, "chat", "message", "Absolutely wonderful support!"]
+    badge = row(page, interaction_id).locator(".badge")
+    badge.locator("text=positive").wait_for(timeout=15000)
+    assert "badge-positive" in badge.get_attribute("class")
+    assert not any(org["readKey"] in url for url in page.urls), "the key went into a URL"
+
+
+def test_form_connect_filter_and_pause(stack, page, org, customer_id):
+    page.goto(stack.url + "/feed")
+    page.get_by_label("Read key").fill(org["readKey"])
+    page.get_by_role("button", name="Connect").click()
+    page.wait_for_selector("#state.state-open")
+    chat = ingest(stack, org, customer_id, channel="chat")
+    email = ingest(stack, org, customer_id, channel="email")
+    row(page, chat).wait_for()
+    row(page, email).wait_for()
+
+    page.get_by_label("Channel").select_option("email")
+    assert row(page, email).is_visible() and not row(page, chat).is_visible()
+    page.get_by_label("Channel").select_option("")
+    assert row(page, chat).is_visible()
+
+    page.get_by_role("button", name="Pause").click()
+    held = ingest(stack, org, customer_id, content="arrives while paused")
+    page.wait_for_function("() => feed.held.length === 1")  # it arrived, and was held back
+    assert row(page, held).count() == 0
+    page.get_by_role("button", name="Resume").click()
+    row(page, held).wait_for(timeout=2000)
+
+
+def test_content_is_text_never_html(stack, page, org, customer_id):
+    page.goto(stack.url + "/feed#key=" + org["readKey"])
+    page.wait_for_selector("#state.state-open")
+    payload = '<img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script>'
+    interaction_id = ingest(stack, org, customer_id, content=payload)
+    row(page, interaction_id).wait_for()
+    assert row(page, interaction_id).locator("td").nth(4).inner_text() == payload
+    assert page.locator("#rows img, #rows script").count() == 0
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_bad_key_shows_state_and_does_not_retry(stack, page, org):
+    page.goto(stack.url + "/feed#key=ik_wrong")
+    page.wait_for_selector("#state.state-error")
+    assert page.locator("#state").inner_text() == "invalid key"
+
+
+def test_page_sends_a_csp_forbidding_inline_scripts(stack):
+    response = requests.get(stack.url + "/feed")
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
