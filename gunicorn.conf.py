@@ -20,3 +20,10 @@ worker_connections = threads + 100
 keepalive = 5
 # Logs go to stderr as JSON lines from the app; gunicorn's own access log is off.
 accesslog = None
+
+
+def post_fork(server, worker):
+    # Many threads per worker wait on sockets; a shorter GIL switch interval
+    # (default 5 ms) keeps a CPU-bound request from delaying each of them in turn.
+    import sys
+    sys.setswitchinterval(0.001)

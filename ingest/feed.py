@@ -18,7 +18,7 @@ from models import db
 log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10
-SEND_POLL = 1.0  # seconds between checks that the client is still there
+SEND_POLL = 25.0  # seconds between checks that a quiet client is still there
 # A client that reads nothing for this long is disconnected (its browser page
 # reconnects), so a dead peer never holds a thread for the TCP timeout.
 SEND_TIMEOUT = 20

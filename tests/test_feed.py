@@ -2,19 +2,16 @@
 `huey_consumer` process and Redis as the event bus: events from either worker
 and from the consumer reach sockets on both workers; organizations are
 isolated; the close codes; a socket that stops reading never slows ingest."""
-import socket
 import time
 
 import pytest
 import requests
 import simple_websocket
-import wsproto
-from wsproto.events import AcceptConnection, Request, TextMessage
 
 from ingest.cli import new_organization
 from models import Customer
 from tests.conftest import require_redis
-from tests.feed_client import FeedClient
+from tests.feed_client import FeedClient, RawSocket
 from tests.helpers import bearer, interaction
 from tests.servers import Consumer, Gunicorn, wait_until
 
@@ -100,34 +97,6 @@ def test_a_socket_that_authenticates_late_or_never_is_closed(stack, org):
         late.send({"type": "auth", "token": org["readKey"]})  # too late: already closed
 
 
-class StalledSocket:
-    """A raw WebSocket client that authenticates and then stops reading."""
-
-    def __init__(self, base_url, key):
-        host, port = base_url.split("//")[1].split(":")
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect((host, int(port)))
-        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host=host, target="/api/feed/ws")))
-        self.pending = []
-        self._read_until(lambda e: isinstance(e, AcceptConnection))
-        self.sock.sendall(self.ws.send(TextMessage(data='{"type": "auth", "token": "%s"}' % key)))
-        self._read_until(lambda e: isinstance(e, TextMessage) and '"ready"' in e.data)
-
-    def _read_until(self, predicate, timeout=30):
-        self.sock.settimeout(timeout)
-        while True:
-            for event in self.ws.events():
-                if predicate(event):
-                    return event
-            self.ws.receive_data(self.sock.recv(65536))
-
-    def resume_until_dropped(self):
-        event = self._read_until(lambda e: isinstance(e, TextMessage) and '"dropped"' in e.data)
-        return event.data
-
-
 def timed_batches(url, key, customer_id, batches):
     started = time.monotonic()
     for _ in range(batches):
@@ -139,7 +108,7 @@ def timed_batches(url, key, customer_id, batches):
 
 def test_a_socket_that_stops_reading_never_slows_ingest(stack, org, customer_id):
     baseline = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
-    stalled = StalledSocket(stack.url, org["readKey"])
+    stalled = RawSocket(stack.url, org["readKey"])
     with_stalled = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
     print("\ningest of 5,000 events: %.2f s alone, %.2f s with a stalled socket" % (
         baseline, with_stalled))
