@@ -38,6 +38,7 @@ def create_app(test_config=None):
                                              settings["MAX_BATCH_ITEMS"])
     app.extensions["queue_size"] = tasks.huey.pending_count
     app.register_blueprint(api.api)
+    app.register_blueprint(api.segment_api)
     app.register_blueprint(api.health)
     feed.sock.init_app(app)
     app.register_blueprint(feed.feed)

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
 
 import models
-from ingest import analysis, config
+from ingest import analysis, config, logs
 from ingest.events import bus_for
 
 settings = config.load()
@@ -37,8 +37,10 @@ huey = make_huey(settings["QUEUE_URL"])
 
 
 @huey.on_startup()
-def bind_database():
-    """A consumer process opens the database the web processes write to."""
+def start_consumer():
+    """A consumer process logs JSON lines and opens the database the web processes
+    write to (in the dev server, the app has bound it already)."""
+    logs.configure(settings["LOG_LEVEL"])
     if models.db.obj is None:
         models.bind(settings["DATABASE_URL"])
 
@@ -52,6 +54,7 @@ def analyze(ids, task=None):
             if task is None or task.retries == 0:
                 analysis.mark_failed(ids, error)
             raise
+    log.info("analysed", extra={"analysed": len(results), "interaction_ids": ids})
     by_organization = defaultdict(list)
     for result in results:
         by_organization[result["organization_id"]].append({

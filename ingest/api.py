@@ -5,12 +5,15 @@ result. Errors are raised and shaped by ingest.errors.
 """
 from flask import Blueprint, current_app, g, request
 
-from ingest.auth import require
+from ingest.auth import authenticate, key_from_request, require
 from ingest.body import read_json
+from ingest.errors import ApiError
+from ingest import openapi as openapi_spec
 from ingest.schemas import customer_out, interaction_out
 from models import db
 
 api = Blueprint("api", __name__, url_prefix="/api")
+segment_api = Blueprint("segment", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
 
 
@@ -57,10 +60,40 @@ def ingest_batch():
     }
 
 
+@api.get("/interactions")
+@require("read")
+def list_interactions():
+    items, next_cursor = service().list_interactions(g.organization_id, request.args.to_dict())
+    return {"items": interaction_out.dump(items, many=True), "nextCursor": next_cursor}
+
+
 @api.get("/interactions/<interaction_id>")
 @require("read")
 def get_interaction(interaction_id):
     return interaction_out.dump(service().get_interaction(g.organization_id, interaction_id))
+
+
+@segment_api.post("/batch")
+@segment_api.post("/<any(track, identify, page):kind>")
+def segment_events(kind=None):
+    """Segment's HTTP tracking API: exactly 200 {"success": true} unless the client
+    should act (400 bad envelope, 401/403 key, 503 retry)."""
+    key = key_from_request()
+    if key:
+        authenticate("ingest", key)
+    payload = read_json()
+    if not key:
+        authenticate("ingest", payload.get("writeKey") if isinstance(payload, dict) else None)
+    problems, retry = service().ingest_segment(g.organization_id, payload, kind)
+    if retry:
+        raise ApiError(503, "storage_error", "Storing failed; retry the batch.",
+                       {"errors": problems}, headers={"Retry-After": "1"})
+    return ({"success": True, "errors": problems} if problems else {"success": True}), 200
+
+
+@api.get("/openapi.json")
+def openapi():
+    return openapi_spec.spec_dict()
 
 
 @health.get("/healthz")

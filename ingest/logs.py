@@ -43,13 +43,21 @@ JsonFormatter.converter = time.gmtime
 
 
 def configure(level="INFO"):
-    """Send every logger's records to stderr as JSON lines (idempotent)."""
+    """Send every logger's records to stderr as JSON lines (idempotent).
+
+    huey_consumer gives the "huey" logger a plain-text handler of its own;
+    it is removed so that those records, too, reach the JSON handler.
+    """
     root = logging.getLogger()
     if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
     root.setLevel(level)
+    huey_logger = logging.getLogger("huey")
+    for handler in list(huey_logger.handlers):
+        huey_logger.removeHandler(handler)
+    huey_logger.propagate = True
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 

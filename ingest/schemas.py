@@ -5,10 +5,13 @@ JSON value that loads must also store on PostgreSQL exactly as on SQLite, so
 the custom fields below refuse what one of them cannot keep (NUL, lone
 surrogates, non-finite numbers).
 """
+import base64
+import binascii
 import datetime
 import json
+import uuid
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
 
 CHANNELS = ("web", "mobile", "email", "chat", "phone", "social", "in_store", "api", "other")
 MAX_FUTURE = datetime.timedelta(hours=24)
@@ -120,6 +123,34 @@ class CustomerQuery(Schema):
     external_id = Text(required=True, data_key="externalId", validate=validate.Length(1, 255))
 
 
+class Cursor(fields.String):
+    """An opaque keyset position: base64url of [timestamp, id] of the last item seen."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            stamp, id_ = json.loads(base64.urlsafe_b64decode(text.encode() + b"==="))
+            return datetime.datetime.fromisoformat(stamp), uuid.UUID(id_)
+        except (ValueError, TypeError, binascii.Error):
+            raise ValidationError("Not a cursor this API returned.") from None
+
+
+def encode_cursor(timestamp, id_):
+    raw = json.dumps([timestamp.isoformat(), str(id_)]).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class InteractionQuery(Schema):
+    """GET /api/interactions: filters, newest first, keyset pagination."""
+    customer_id = fields.UUID(load_default=None, data_key="customerId")
+    channel = fields.String(load_default=None, validate=validate.OneOf(CHANNELS))
+    event_type = Text(load_default=None, data_key="eventType", validate=validate.Length(1, 100))
+    since = UtcDateTime(load_default=None)
+    until = UtcDateTime(load_default=None)
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 500))
+    cursor = Cursor(load_default=None)
+
+
 class CustomerOut(Schema):
     id = fields.UUID()
     external_id = fields.String(data_key="externalId", allow_none=True)
@@ -157,9 +188,81 @@ class InteractionOut(Schema):
         return {"label": obj.sentiment_label, "score": obj.sentiment_score}
 
 
+class Error(Schema):
+    error = fields.String(required=True, metadata={"description": "A stable code, e.g. validation_error."})
+    message = fields.String(required=True)
+    details = fields.Dict(required=True, metadata={"description": "Per-field messages, when any."})
+
+
+class IngestResult(Schema):
+    id = fields.UUID(required=True)
+    duplicate = fields.Boolean(required=True)
+
+
+class ItemError(Error):
+    index = fields.Integer(required=True)
+
+
+class BatchResult(Schema):
+    total = fields.Integer(required=True)
+    successful = fields.Integer(required=True)
+    failed = fields.Integer(required=True)
+    duplicates = fields.Integer(required=True)
+    ids = fields.List(fields.UUID(allow_none=True), required=True)
+    errors = fields.List(fields.Nested(ItemError), required=True)
+
+
+class CustomerList(Schema):
+    items = fields.List(fields.Nested(CustomerOut), required=True)
+
+
+class InteractionPage(Schema):
+    items = fields.List(fields.Nested(InteractionOut), required=True)
+    next_cursor = fields.String(data_key="nextCursor", allow_none=True, required=True)
+
+
+class SegmentProblem(ItemError):
+    message_id = fields.String(data_key="messageId", allow_none=True)
+
+
+class SegmentResult(Schema):
+    success = fields.Boolean(required=True)
+    errors = fields.List(fields.Nested(SegmentProblem))
+
+
+class SegmentBatch(Schema):
+    """Segment's batch envelope; each event is checked on its own."""
+    batch = fields.List(fields.Dict(), required=True)
+    sent_at = fields.String(data_key="sentAt")
+    write_key = fields.String(data_key="writeKey")
+    context = fields.Dict()
+
+
+class SegmentEvent(Schema):
+    """A Segment track/identify/page call; see Segment's HTTP Tracking API."""
+    class Meta:
+        unknown = INCLUDE
+
+    user_id = fields.String(data_key="userId")
+    anonymous_id = fields.String(data_key="anonymousId")
+    event = fields.String()
+    properties = fields.Dict()
+    traits = fields.Dict()
+    context = fields.Dict()
+    timestamp = fields.String()
+    message_id = fields.String(data_key="messageId")
+    write_key = fields.String(data_key="writeKey")
+
+
+class Health(Schema):
+    status = fields.String(required=True)
+    checks = fields.Dict(keys=fields.String(), values=fields.String())
+
+
 interaction_in = InteractionIn()
 batch_in = BatchIn(unknown=EXCLUDE)
 customer_in = CustomerIn()
 customer_query = CustomerQuery(unknown=EXCLUDE)
+interaction_query = InteractionQuery()
 customer_out = CustomerOut()
 interaction_out = InteractionOut()

@@ -8,16 +8,18 @@ Failures are raised as ``ServiceError`` with a stable code; the web layer maps
 codes to HTTP statuses.
 """
 import logging
+import operator
 import uuid
 from dataclasses import dataclass, field
+from functools import reduce
 
 from marshmallow import ValidationError
-from peewee import IntegrityError
+from peewee import IntegrityError, Tuple
 
-from ingest import schemas
+from ingest import schemas, segment
 from ingest.committer import GroupCommitter, StorageFailure
 from ingest.store import CREATED, NewInteraction, write_group
-from models import Customer, Interaction, db
+from models import Customer, Interaction, db, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,10 @@ class IngestService:
 
     def ingest_batch(self, organization_id, payload):
         """Validate item by item, store valid ones in chunks; returns a BatchResult."""
-        raw_items = self._batch_items(payload)
+        return self.ingest_items(organization_id, self._batch_items(payload))
+
+    def ingest_items(self, organization_id, raw_items):
+        """The batch workflow for a list of interaction payloads."""
         result = BatchResult(total=len(raw_items), ids=[None] * len(raw_items))
         valid = []  # (index, NewInteraction)
         for index, raw in enumerate(raw_items):
@@ -167,6 +172,47 @@ class IngestService:
             else:
                 result.duplicates += 1
         self._after_commit(created, high_priority=False)
+
+    def ingest_segment(self, organization_id, payload, kind=None):
+        """Segment's /v1/batch (or, with ``kind``, /v1/track etc.; DESIGN §9).
+
+        Returns ``(problems, retry)``: per-event problems, which never fail the
+        other events, and whether storing failed so that the client should
+        retry (safe: messageIds make it idempotent).
+        """
+        try:
+            events = segment.events_of(payload, kind)
+        except segment.EnvelopeError as error:
+            raise validation_error({"batch": [str(error)]}) from None
+        if len(events) > self.max_batch_items:
+            raise validation_error({"batch": ["At most %d events per batch." % self.max_batch_items]})
+        received_at, problems, users = utcnow(), [], {}
+        for index, event in enumerate(events):
+            try:
+                if not isinstance(event, dict) or event.get("type") not in segment.SUPPORTED:
+                    raise ValidationError({"type": ["Must be one of: %s." % ", ".join(segment.SUPPORTED)]})
+                users[index] = segment.user_of(event)
+            except ValidationError as error:
+                problems.append(_segment_problem(index, event, error))
+        customers = segment.resolve_customers(organization_id, users.values())
+        items, positions = [], []
+        for index, user in users.items():
+            event = events[index]
+            try:
+                if event["type"] == "identify":
+                    segment.identify(customers[user], event.get("traits") or {})
+                    continue
+                when = segment.event_time(event, payload.get("sentAt"), received_at)
+                items.append(segment.interaction_of(event, customers[user], when))
+                positions.append(index)
+            except ValidationError as error:
+                problems.append(_segment_problem(index, event, error))
+        result = self.ingest_items(organization_id, items)
+        for error in result.errors:
+            index = positions[error["index"]]
+            problems.append({**error, "index": index, "messageId": _message_id(events[index])})
+        problems.sort(key=lambda problem: problem["index"])
+        return problems, any(e["error"] == "storage_error" for e in result.errors)
 
     def _batch_items(self, payload):
         items = _load(schemas.batch_in, payload)["interactions"]
@@ -212,6 +258,36 @@ class IngestService:
 
     # Reads ------------------------------------------------------------------
 
+    def list_interactions(self, organization_id, query):
+        """A page of interactions, newest first; returns (items, next_cursor or None).
+
+        Keyset pagination on (timestamp, id): a walk through the pages sees
+        every interaction that existed when it began exactly once, whatever is
+        inserted meanwhile.
+        """
+        data = _load(schemas.interaction_query, query)
+        conditions = [Interaction.organization == organization_id]
+        for field, column in (("customer_id", Interaction.customer), ("channel", Interaction.channel),
+                              ("event_type", Interaction.event_type)):
+            if data[field] is not None:
+                conditions.append(column == data[field])
+        if data["since"] is not None:
+            conditions.append(Interaction.timestamp >= data["since"])
+        if data["until"] is not None:
+            conditions.append(Interaction.timestamp < data["until"])
+        if data["cursor"] is not None:
+            stamp, last_id = data["cursor"]
+            conditions.append(Tuple(Interaction.timestamp, Interaction.id)
+                              < Tuple(Interaction.timestamp.to_value(stamp),
+                                      Interaction.id.to_value(last_id)))
+        rows = list(Interaction.select()
+                    .where(reduce(operator.and_, conditions))
+                    .order_by(Interaction.timestamp.desc(), Interaction.id.desc())
+                    .limit(data["limit"] + 1))
+        items = rows[:data["limit"]]
+        more = len(rows) > data["limit"]
+        return items, schemas.encode_cursor(items[-1].timestamp, items[-1].id) if more else None
+
     def get_interaction(self, organization_id, interaction_id):
         interaction = _get_or_none(Interaction, organization_id, interaction_id)
         if interaction is None:
@@ -237,6 +313,18 @@ def _get_or_none(model, organization_id, object_id):
     return (model.select()
             .where((model.id == object_id) & (model.organization == organization_id))
             .first())
+
+
+def _segment_problem(index, event, error):
+    messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+    return {"index": index, "error": "validation_error", "message": "The event is invalid.",
+            "details": messages, "messageId": _message_id(event)}
+
+
+def _message_id(event):
+    """The event's messageId, to name it in a problem report, when it is a string."""
+    message_id = event.get("messageId") if isinstance(event, dict) else None
+    return message_id if isinstance(message_id, str) else None
 
 
 def _item_error(index, error):

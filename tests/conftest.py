@@ -9,8 +9,10 @@ import os
 import tempfile
 
 import pytest
+from flask.testing import FlaskClient
 
 from tests import dbs
+from tests.openapi_check import check_response
 
 RUN_DIR = tempfile.mkdtemp(prefix="ingest-tests-")
 os.environ["INSTANCE_PATH"] = RUN_DIR
@@ -44,8 +46,20 @@ def app():
     yield app
 
 
+class SpecCheckedClient(FlaskClient):
+    """A test client that checks every JSON response against the published spec."""
+
+    def open(self, *args, **kwargs):
+        response = super().open(*args, **kwargs)
+        if response.is_json and response.status_code != 405:
+            request = response.request
+            check_response(request.method, request.path, response.status_code, response.get_json())
+        return response
+
+
 @pytest.fixture
 def client(app):
+    app.test_client_class = SpecCheckedClient
     return app.test_client()
 
 

@@ -1,0 +1,135 @@
+"""The OpenAPI 3 description of the API, generated from the marshmallow schemas
+(apispec with its marshmallow plugin) and served at GET /api/openapi.json."""
+import functools
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+
+from ingest import schemas
+
+JSON = "application/json"
+ERRORS = {
+    400: "Invalid request: `details` names each wrong field or parameter.",
+    401: "Missing, invalid or revoked API key.",
+    403: "The key lacks the scope.",
+    404: "No such resource in the key's organization.",
+    413: "Body larger than MAX_CONTENT_LENGTH (also once decompressed).",
+    415: "Not JSON, or an unsupported Content-Encoding.",
+    503: "Storing failed and was rolled back; retry (see Retry-After).",
+}
+
+
+def _response(schema, description):
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*codes):
+    return {str(code): _response("Error", ERRORS[code]) for code in codes}
+
+
+def _body(schema, description=""):
+    return {"required": True, "description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _operation(summary, scope, responses, errors, body=None, parameters=None):
+    operation = {"summary": summary, "responses": {**responses, **_errors(*errors)}}
+    if scope:
+        operation["security"] = [{"bearer": []}, {"basic": []}]
+        operation["description"] = "Needs a key with the `%s` scope." % scope
+    if body:
+        operation["requestBody"] = body
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+def _id(name):
+    return {"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
+
+
+PATHS = {
+    "/api/customers": {
+        "post": _operation("Create a customer (an existing externalId returns it)", "ingest", {
+            "201": _response("CustomerOut", "Created."),
+            "200": _response("CustomerOut", "A customer with this externalId already existed.")},
+            (400, 401, 403, 413, 415), body=_body("CustomerIn")),
+        "get": _operation("Find customers by external id", "read", {
+            "200": _response("CustomerList", "Matching customers (zero or one).")},
+            (400, 401, 403), parameters=[{"in": "query", "schema": "CustomerQuery"}]),
+    },
+    "/api/customers/{customer_id}": {
+        "get": _operation("Get a customer with its counters", "read", {
+            "200": _response("CustomerOut", "The customer.")}, (401, 403, 404),
+            parameters=[_id("customer_id")]),
+    },
+    "/api/data/ingest": {
+        "post": _operation("Ingest one interaction", "ingest", {
+            "201": _response("IngestResult", "Stored."),
+            "200": _response("IngestResult", "A duplicate messageId: the original's id.")},
+            (400, 401, 403, 404, 413, 415, 503), body=_body("InteractionIn")),
+    },
+    "/api/data/ingest/batch": {
+        "post": _operation("Ingest a batch of interactions", "ingest", {
+            "200": _response("BatchResult", "Per-item outcome: ids and errors by index.")},
+            (400, 401, 403, 413, 415), body=_body({
+                "type": "object", "required": ["interactions"], "additionalProperties": False,
+                "properties": {"interactions": {"type": "array", "minItems": 1,
+                                                "items": {"$ref": "#/components/schemas/InteractionIn"}}}})),
+    },
+    "/api/interactions": {
+        "get": _operation("List interactions, newest first (keyset pagination)", "read", {
+            "200": _response("InteractionPage", "A page; follow nextCursor for the next.")},
+            (400, 401, 403), parameters=[{"in": "query", "schema": "InteractionQuery"}]),
+    },
+    "/api/interactions/{interaction_id}": {
+        "get": _operation("Get an interaction with its analysis", "read", {
+            "200": _response("InteractionOut", "The interaction.")}, (401, 403, 404),
+            parameters=[_id("interaction_id")]),
+    },
+    "/v1/batch": {
+        "post": _operation("Segment-compatible batch (write key as Basic user or writeKey)",
+                           "ingest", {"200": _response("SegmentResult", "Accepted; per-event problems.")},
+                           (400, 401, 403, 413, 415, 503), body=_body("SegmentBatch")),
+    },
+    **{"/v1/%s" % kind: {
+        "post": _operation("Segment-compatible %s call" % kind, "ingest", {
+            "200": _response("SegmentResult", "Accepted; per-event problems.")},
+            (400, 401, 403, 413, 415, 503), body=_body("SegmentEvent"))}
+       for kind in ("track", "identify", "page")},
+    "/healthz": {"get": _operation("The process is up", None, {
+        "200": _response("Health", "Up.")}, ())},
+    "/readyz": {"get": _operation("Database and queue reachable", None, {
+        "200": _response("Health", "Ready."), "503": _response("Health", "Not ready.")}, ())},
+}
+
+SCHEMAS = ("Error", "IngestResult", "BatchResult", "CustomerIn", "CustomerOut", "CustomerList",
+           "CustomerQuery", "InteractionIn", "InteractionOut", "InteractionPage",
+           "InteractionQuery", "SegmentBatch", "SegmentEvent", "SegmentResult", "Health")
+
+
+@functools.lru_cache(maxsize=None)
+def spec_dict():
+    spec = APISpec(title="Interaction ingest API", version="1.0.0", openapi_version="3.0.3",
+                   plugins=[MarshmallowPlugin()])
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer",
+                                               "description": "Authorization: Bearer KEY"})
+    spec.components.security_scheme("basic", {"type": "http", "scheme": "basic",
+                                              "description": "The key as user name, no password."})
+    for name in SCHEMAS:
+        if name not in ("CustomerQuery", "InteractionQuery"):
+            spec.components.schema(name, schema=getattr(schemas, name))
+    for path, operations in PATHS.items():
+        spec.path(path=path, operations=_resolve(operations))
+    return spec.to_dict()
+
+
+def _resolve(operations):
+    """Give the plugin schema classes where the table names them."""
+    def fix(value):
+        if isinstance(value, dict):
+            return {k: (getattr(schemas, v) if k == "schema" and isinstance(v, str) else fix(v))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+    return fix(operations)

@@ -1,0 +1,135 @@
+"""Segment compatibility (DESIGN §9): Segment's events mapped onto ours.
+
+`track` and `page` become interactions of the customer whose external id is
+the event's userId (or anonymousId), created when new; `identify` upserts that
+customer and merges its traits. Timestamps are corrected for the sender's
+clock: timestamp = receivedAt - (sentAt - timestamp). messageId is our
+idempotency key, so a client that retries a whole batch stores nothing twice.
+Problems with one event are reported and never fail the others.
+"""
+import datetime
+
+from marshmallow import ValidationError
+
+from ingest.schemas import UTC, JsonObject, check_text
+from models import Customer, db
+
+CHANNELS = {"browser": "web", "mobile": "mobile", "server": "api"}
+CONTENT_KEYS = ("content", "text", "message", "body")
+SUPPORTED = ("track", "page", "identify")
+
+
+class EnvelopeError(ValueError):
+    """The request as a whole is not a Segment batch (400)."""
+
+
+def events_of(payload, kind=None):
+    """The events of a /v1/batch body, or the one event of /v1/track etc."""
+    if not isinstance(payload, dict):
+        raise EnvelopeError("The body must be a JSON object.")
+    if kind is not None:
+        return [{**payload, "type": kind}]
+    batch = payload.get("batch")
+    if not isinstance(batch, list) or not batch:
+        raise EnvelopeError("'batch' must be a non-empty list of events.")
+    return batch
+
+
+def _parse_time(value, name):
+    """An ISO 8601 time as naive UTC; Segment's libraries send offsets, naive means UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC).replace(tzinfo=None)
+    except (ValueError, OverflowError):
+        raise ValidationError({name: ["Not a valid ISO 8601 time."]}) from None
+
+
+def event_time(event, sent_at, received_at):
+    """timestamp corrected for the sender's clock skew (DESIGN §9)."""
+    stamp = _parse_time(event.get("timestamp") or event.get("originalTimestamp"), "timestamp")
+    sent = _parse_time(event.get("sentAt") or sent_at, "sentAt")
+    if stamp is None:
+        return received_at
+    if sent is None:
+        return stamp
+    return received_at - (sent - stamp)
+
+
+def user_of(event):
+    user = event.get("userId") or event.get("anonymousId")
+    if user is None or isinstance(user, (dict, list, bool)):
+        raise ValidationError({"userId": ["userId or anonymousId is required."]})
+    user = str(user)
+    check_text(user)
+    if not 1 <= len(user) <= 255:
+        raise ValidationError({"userId": ["Length must be between 1 and 255."]})
+    return user
+
+
+def interaction_of(event, customer_id, when):
+    """Our interaction payload (wire format) for a track or page event."""
+    properties = event.get("properties") or {}
+    if not isinstance(properties, dict):
+        raise ValidationError({"properties": ["Not a valid object."]})
+    context = event.get("context") if isinstance(event.get("context"), dict) else {}
+    page = event["type"] == "page"
+    sent_channel = context.get("channel")
+    if sent_channel is None:
+        channel = "web" if page else "api"
+    else:
+        channel = CHANNELS.get(sent_channel, "other") if isinstance(sent_channel, str) else "other"
+    content = next((properties[k] for k in CONTENT_KEYS if isinstance(properties.get(k), str)), None)
+    item = {
+        "customerId": str(customer_id),
+        "timestamp": when.replace(tzinfo=UTC).isoformat(),
+        "channel": channel,
+        "eventType": "page_view" if page else event.get("event"),
+        "content": content if content is not None else (properties.get("title") if page else None),
+        "metadata": properties,
+    }
+    if event.get("messageId") is not None:
+        item["messageId"] = str(event["messageId"])
+    return item
+
+
+def resolve_customers(organization_id, external_ids):
+    """Map external ids to customer ids, creating the missing customers (race-safe)."""
+    external_ids = set(external_ids)
+    if not external_ids:
+        return {}
+
+    def existing():
+        return dict(Customer.select(Customer.external_id, Customer.id)
+                    .where((Customer.organization == organization_id)
+                           & Customer.external_id.in_(list(external_ids))).tuples())
+
+    found = existing()
+    missing = external_ids - set(found)
+    if missing:
+        with db.atomic():
+            (Customer.insert_many([{"organization": organization_id, "external_id": ext,
+                                    "traits": {}} for ext in sorted(missing)])
+             .on_conflict(conflict_target=[Customer.organization, Customer.external_id],
+                          action="nothing")
+             .execute())
+        found = existing()
+    return found
+
+
+def identify(customer_id, traits):
+    """Merge ``traits`` into the customer's; name and email fill their own fields."""
+    if not isinstance(traits, dict):
+        raise ValidationError({"traits": ["Not a valid object."]})
+    values = {}
+    for key in ("name", "email"):
+        if isinstance(traits.get(key), str):
+            check_text(traits[key])
+            values[key] = traits[key][:255]
+    with db.atomic():
+        customer = Customer.get_by_id(customer_id)
+        merged = JsonObject().deserialize({**customer.traits, **traits})
+        Customer.update(traits=merged, **values).where(Customer.id == customer_id).execute()
