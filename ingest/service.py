@@ -267,10 +267,10 @@ class IngestService:
         """
         data = _load(schemas.interaction_query, query)
         conditions = [Interaction.organization == organization_id]
-        for field, column in (("customer_id", Interaction.customer), ("channel", Interaction.channel),
-                              ("event_type", Interaction.event_type)):
-            if data[field] is not None:
-                conditions.append(column == data[field])
+        for name, column in (("customer_id", Interaction.customer), ("channel", Interaction.channel),
+                             ("event_type", Interaction.event_type)):
+            if data[name] is not None:
+                conditions.append(column == data[name])
         if data["since"] is not None:
             conditions.append(Interaction.timestamp >= data["since"])
         if data["until"] is not None:

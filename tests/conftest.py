@@ -112,3 +112,17 @@ def require_redis():
             pytest.fail("Redis is required in CI and is not reachable at %s: %s" % (REDIS_URL, error))
         pytest.skip("Redis not reachable at %s" % REDIS_URL)
     return REDIS_URL
+
+
+@pytest.fixture
+def stack(app, tmp_path):
+    """Production shape for the live feed: gunicorn with 2 workers, a huey_consumer
+    process, Redis as the event bus. Yields the web server."""
+    from tests.servers import Consumer, Gunicorn
+
+    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")}
+    web = Gunicorn(tmp_path / "web.log", workers=2, env=env)
+    consumer = Consumer(tmp_path / "consumer.log", env=env)
+    yield web
+    consumer.stop()
+    web.stop()

@@ -117,7 +117,7 @@ def test_concurrent_writers_keep_every_count_exact(app, server, org):
     assert set(statuses) <= {200, 201}
     assert violations == [], "invariant broken as seen from outside: %s" % violations[:3]
 
-    created, reported_ids, by_message = 0, set(), {}
+    created, reported_ids = 0, set()
     for status, text in responses:
         body = json.loads(text)
         if "total" in body:

@@ -10,20 +10,8 @@ import simple_websocket
 
 from ingest.cli import new_organization
 from models import Customer
-from tests.conftest import require_redis
 from tests.feed_client import FeedClient, RawSocket
 from tests.helpers import bearer, interaction
-from tests.servers import Consumer, Gunicorn, wait_until
-
-
-@pytest.fixture
-def stack(app, tmp_path):
-    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")}
-    web = Gunicorn(tmp_path / "web.log", workers=2, env=env)
-    consumer = Consumer(tmp_path / "consumer.log", env=env)
-    yield web
-    consumer.stop()
-    web.stop()
 
 
 def sockets_on_both_workers(web, key, org_id):

@@ -4,7 +4,6 @@ response outside the spec. (Every response of the Flask-client tests is also
 checked against the spec, by the `client` fixture.)"""
 import os
 import subprocess
-import sys
 
 from openapi_spec_validator import validate
 

@@ -9,9 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import require_redis
 from tests.helpers import bearer, interaction
-from tests.servers import Consumer, Gunicorn
 
 CHROMIUM = "/usr/bin/chromium"
 # Chromium flags for a sandbox with no network but loopback (see the machine notes).
@@ -30,16 +28,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-@pytest.fixture
-def stack(app, tmp_path):
-    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")}
-    web = Gunicorn(tmp_path / "web.log", workers=2, env=env)
-    consumer = Consumer(tmp_path / "consumer.log", env=env)
-    yield web
-    consumer.stop()
-    web.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ interactions reported stored exist.
 import datetime
 import json
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 

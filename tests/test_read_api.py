@@ -7,7 +7,6 @@ import uuid
 import pytest
 
 from ingest.cli import new_organization
-from models import Customer
 from tests.helpers import bearer, interaction
 
 BASE = datetime.datetime(2026, 3, 1, 12, 0, tzinfo=datetime.timezone.utc)
