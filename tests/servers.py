@@ -99,3 +99,29 @@ def stop_group(process, grace=10):
     except ProcessLookupError:
         pass
     process.wait()
+
+
+class RedisServer:
+    """A private redis-server on ``port``, to take away and bring back in a test."""
+
+    def __init__(self, port):
+        self.port = port
+        self.url = "redis://127.0.0.1:%d/0" % port
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._up, message="redis-server on port %d" % self.port)
+        return self
+
+    def _up(self):
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self):
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+            self.process = None

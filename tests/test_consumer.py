@@ -17,7 +17,7 @@ from tests import dbs
 from tests.conftest import require_redis
 from tests.faulty_consumer import BROKEN, FLAKY
 from tests.helpers import bearer, interaction
-from tests.servers import ROOT, Consumer, Gunicorn, free_port, wait_until
+from tests.servers import ROOT, Consumer, Gunicorn, RedisServer, free_port, wait_until
 
 HEAVY = ("I really love how quickly the support team answered, but the delivery was late "
          "and the box was damaged. ") * 15
@@ -138,15 +138,13 @@ def test_killed_consumer_loses_nothing(make_stack, org, customer, tmp_path):
 
 
 def test_queue_down_during_ingest_then_back(make_stack, org, customer, tmp_path):
-    port = free_port()
-    stack = make_stack("redis://127.0.0.1:%d/0" % port)
+    queue = RedisServer(free_port())
+    stack = make_stack(queue.url)
     interaction_id = ingest(stack, org, customer, content="What a great day")
     assert requests.get(stack.web.url + "/readyz").status_code == 503
     assert status_counts() == {"pending": 1}
 
-    redis_server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    queue.start()
     try:
         wait_until(lambda: requests.get(stack.web.url + "/readyz").status_code == 200,
                    message="the queue to be back")
@@ -154,8 +152,7 @@ def test_queue_down_during_ingest_then_back(make_stack, org, customer, tmp_path)
         row = wait_until(lambda: analysed(interaction_id), message="analysis after the outage")
         assert row.analysis_status == "done" and row.sentiment_label == "positive"
     finally:
-        redis_server.terminate()
-        redis_server.wait()
+        queue.stop()
 
 
 def test_retries_then_failed_then_analysis_retry(make_stack, org, customer, tmp_path):

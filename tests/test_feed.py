@@ -12,6 +12,7 @@ from ingest.cli import new_organization
 from models import Customer
 from tests.feed_client import FeedClient, RawSocket
 from tests.helpers import bearer, interaction
+from tests.servers import Gunicorn, RedisServer, free_port, wait_until
 
 
 def sockets_on_both_workers(web, key, org_id):
@@ -106,3 +107,40 @@ def test_a_socket_that_stops_reading_never_slows_ingest(stack, org, customer_id)
     live.close()
     assert '"count"' in stalled.resume_until_dropped()
     stalled.sock.close()
+
+
+def test_losing_redis_never_breaks_ingest_and_the_bus_comes_back(app, org, customer_id, tmp_path):
+    bus = RedisServer(free_port()).start()
+    web = Gunicorn(tmp_path / "web.log", workers=1, env={
+        "EVENTS_URL": bus.url, "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")})
+    try:
+        watcher = FeedClient(web.url, org["readKey"])
+        assert watcher.next()["type"] == "ready"
+
+        def ingest():
+            response = requests.post(web.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
+                                     json=interaction(customer_id))
+            assert response.status_code == 201
+            return response.json()["id"]
+
+        first = ingest()
+        watcher.until(lambda m: m["data"]["id"] == first)
+        bus.stop()
+        started = time.monotonic()
+        for _ in range(5):
+            ingest()  # the bus is down: stored all the same, and quickly
+        assert time.monotonic() - started < 5
+        bus.start()
+
+        def delivered_again():  # pub/sub keeps nothing: events before the reconnect are gone
+            marker = ingest()
+            try:
+                watcher.until(lambda m: m["data"]["id"] == marker, timeout=0.5)
+                return True
+            except AssertionError:
+                return False
+        wait_until(delivered_again, timeout=30, message="the bus to reconnect")
+        watcher.close()
+    finally:
+        web.stop()
+        bus.stop()

@@ -154,3 +154,23 @@ def test_official_client_delivers_every_event_exactly_once(app, server, org):
     assert set(customers) == set(users)
     assert all(c.interaction_count == 50 and c.traits["plan"] == "trial" for c in customers.values())
     assert customers["user-3"].name == "User-3"
+
+
+def test_official_library_replay_and_clock_skew_over_http(app, server, org):
+    """The library's own request function: a retried (replayed) batch stores nothing
+    new; a batch from a clock 2 h fast lands at the corrected time."""
+    from segment.analytics.request import post as segment_post
+
+    batch = [track("replayed-%d" % (n % 2)) for n in range(5)]
+    for _ in range(2):
+        assert segment_post(org["ingestKey"], host=server.url, gzip=True, batch=batch).status_code == 200
+    now = datetime.datetime.now(UTC)
+    fast = now + datetime.timedelta(hours=2)
+    skewed = track("skewed", timestamp=(fast - datetime.timedelta(minutes=30)).isoformat())
+    assert segment_post(org["ingestKey"], host=server.url, gzip=True, batch=[skewed],
+                        sentAt=fast.isoformat()).status_code == 200
+    with app.app_context():
+        assert Interaction.select().count() == 6
+        landed = (Interaction.select().join(Customer)
+                  .where(Customer.external_id == "skewed").get().timestamp.replace(tzinfo=UTC))
+    assert abs(landed - (now - datetime.timedelta(minutes=30))) < datetime.timedelta(seconds=5)
