@@ -30,7 +30,8 @@ def create_app(test_config=None):
     models.bind(settings["DATABASE_URL"])
 
     logs.init_app(app)
-    models.init_app(app)
+    models.init_app(app, excluded_endpoints=(
+        "health.healthz", "health.readyz", "static", "feed.page", "feed.socket"))
     errors.register(app)
     bus = events.bus_for(tasks.settings["EVENTS_URL"])
     app.extensions["bus"] = bus

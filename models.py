@@ -14,6 +14,7 @@ from peewee import (
     BooleanField, CharField, DatabaseProxy, DateTimeField, DoubleField,
     ForeignKeyField, IntegerField, Model, SqliteDatabase, TextField, UUIDField,
 )
+from flask import request
 from playhouse.db_url import parse as parse_db_url
 from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase
@@ -60,11 +61,20 @@ def is_postgres():
     return isinstance(db.obj, PooledPostgresqlDatabase)
 
 
-def init_app(app):
-    """Open a connection per request and give it back after, as playhouse.flask_utils does."""
+def release_connection():
+    """Give this thread's connection back (to the pool) before a long wait."""
+    if not db.is_closed() and db.transaction_depth() == 0:
+        db.close()
+
+
+def init_app(app, excluded_endpoints=()):
+    """Open a connection per request and give it back after, as playhouse.flask_utils
+    does, except for ``excluded_endpoints`` (health checks, the page, the socket),
+    which must answer, or wait, without holding one."""
     @app.before_request
     def _connect():
-        db.connect(reuse_if_open=True)
+        if request.endpoint not in excluded_endpoints:
+            db.connect(reuse_if_open=True)
 
     @app.teardown_request
     def _close(exc):

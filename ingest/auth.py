@@ -45,12 +45,14 @@ def revoke_key(prefix):
 
 
 def find_key(key):
-    """The live ApiKey for a plain key, or None."""
-    if not key:
+    """The live ApiKey for a plain key, or None (for anything a client may send)."""
+    if not isinstance(key, str) or not key:
         return None
-    return (ApiKey.select()
-            .where((ApiKey.key_hash == hash_key(key)) & ~ApiKey.revoked)
-            .first())
+    try:
+        key_hash = hash_key(key)
+    except UnicodeEncodeError:  # a lone surrogate: no key of ours
+        return None
+    return ApiKey.select().where((ApiKey.key_hash == key_hash) & ~ApiKey.revoked).first()
 
 
 def key_from_request():

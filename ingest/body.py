@@ -5,6 +5,7 @@ the body once decompressed, without ever inflating more than that limit, so
 a decompression bomb costs at most MAX_CONTENT_LENGTH of memory.
 """
 import json
+import math
 import zlib
 
 from flask import current_app, request
@@ -16,6 +17,13 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("the number %s is out of range" % text)
+    return value
+
+
 def read_json():
     """The request's JSON document, or an ApiError (400, 413, 415)."""
     mimetype = request.mimetype
@@ -24,7 +32,8 @@ def read_json():
                        "Send JSON with Content-Type: application/json.")
     raw = _decoded_body(request.get_data(cache=False), current_app.config["MAX_CONTENT_LENGTH"])
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                          parse_float=_finite_float)
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "The body is not UTF-8.") from None
     except (ValueError, RecursionError) as error:

@@ -6,6 +6,8 @@ turn those, Werkzeug's HTTP errors and anything unexpected into that shape.
 import logging
 
 from flask import jsonify
+from peewee import InterfaceError, OperationalError
+from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
 from ingest.service import ServiceError
@@ -49,6 +51,14 @@ def register(app):
         status = SERVICE_STATUS.get(error.code, 500)
         headers = {"Retry-After": "1"} if status == 503 else None
         return error_response(status, error.code, error.message, error.details, headers)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    @app.errorhandler(MaxConnectionsExceeded)
+    def _database_unavailable(error):
+        log.warning("database unavailable: %s", error)
+        return error_response(503, "database_unavailable",
+                              "The database is unavailable; retry shortly.", headers={"Retry-After": "1"})
 
     @app.errorhandler(HTTPException)
     def _http_error(error):

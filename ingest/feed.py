@@ -69,7 +69,7 @@ def _authenticate(ws):
     except (ValueError, AttributeError):
         token = None
     try:
-        api_key = find_key(token) if isinstance(token, str) else None
+        api_key = find_key(token)
     finally:
         db.close()  # a socket lives long; it must not hold a database connection
     if api_key is None:

@@ -9,6 +9,7 @@ import base64
 import binascii
 import datetime
 import json
+import math
 import uuid
 
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
@@ -61,6 +62,8 @@ def _check_json(value, depth=0):
         raise ValidationError("Nested deeper than %d levels." % MAX_JSON_DEPTH)
     if isinstance(value, str):
         check_text(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError("Numbers must be finite.")
     elif isinstance(value, dict):
         for key, item in value.items():
             check_text(key)
@@ -115,7 +118,8 @@ class CustomerIn(Schema):
     external_id = Text(load_default=None, allow_none=True, data_key="externalId",
                        validate=validate.Length(1, 255))
     name = Text(load_default=None, allow_none=True, validate=validate.Length(max=255))
-    email = fields.Email(load_default=None, allow_none=True, validate=validate.Length(max=320))
+    email = fields.Email(load_default=None, allow_none=True,
+                         validate=[validate.Length(max=320), check_text])
     traits = JsonObject(load_default=dict)
 
 

@@ -56,7 +56,10 @@ def event_time(event, sent_at, received_at):
         return received_at
     if sent is None:
         return stamp
-    return received_at - (sent - stamp)
+    try:
+        return received_at - (sent - stamp)
+    except OverflowError:
+        raise ValidationError({"timestamp": ["Out of range once corrected for sentAt."]}) from None
 
 
 def user_of(event):

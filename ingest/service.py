@@ -19,11 +19,14 @@ from peewee import IntegrityError, Tuple
 from ingest import schemas, segment
 from ingest.committer import GroupCommitter, StorageFailure
 from ingest.store import CREATED, NewInteraction, write_group
-from models import Customer, Interaction, db, utcnow
+from models import Customer, Interaction, db, release_connection, utcnow
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 100
+# How long a request waits for its write before answering storage_error (the
+# write may still land; a retry with the same messageId is then a duplicate).
+COMMIT_TIMEOUT = 60
 
 
 class ServiceError(Exception):
@@ -113,9 +116,11 @@ class IngestService:
         if item.customer_id not in self._known_customers(organization_id, [item.customer_id]):
             raise ServiceError("customer_not_found", "No such customer.",
                                {"customerId": [str(item.customer_id)]})
+        future = self.committer.submit([item])
+        release_connection()
         try:
-            [(status, interaction_id)] = self.committer.submit([item]).result()
-        except StorageFailure:
+            [(status, interaction_id)] = future.result(timeout=COMMIT_TIMEOUT)
+        except (StorageFailure, TimeoutError):
             raise storage_error() from None
         if status == CREATED:
             self._after_commit([item], high_priority=True)
@@ -148,6 +153,7 @@ class IngestService:
 
         chunks = [valid[start:start + CHUNK_SIZE] for start in range(0, len(valid), CHUNK_SIZE)]
         futures = [self.committer.submit([item for _, item in chunk]) for chunk in chunks]
+        release_connection()
         for chunk, future in zip(chunks, futures):
             self._settle_chunk(chunk, future, result)
         result.errors.sort(key=lambda error: error["index"])
@@ -159,8 +165,8 @@ class IngestService:
 
     def _settle_chunk(self, chunk, future, result):
         try:
-            outcomes = future.result()
-        except StorageFailure:
+            outcomes = future.result(timeout=COMMIT_TIMEOUT)
+        except (StorageFailure, TimeoutError):
             for index, _ in chunk:
                 result.errors.append(_item_error(index, storage_error()))
             return

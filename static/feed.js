@@ -69,6 +69,8 @@ function receive(message) {
 
 function enqueue(message) {
   feed.queue.push(message);
+  // A hidden tab runs no animation frames: keep only what could still be shown.
+  if (feed.queue.length > 2 * MAX_ROWS) feed.queue.splice(0, feed.queue.length - 2 * MAX_ROWS);
   if (!feed.scheduled) {
     feed.scheduled = true;
     requestAnimationFrame(flush);

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from app import create_app
 from ingest.cli import new_organization
 from ingest.auth import revoke_key
 from models import Interaction
@@ -114,6 +115,14 @@ def test_customer_without_external_id_is_always_new(client, org):
 def test_invalid_customer_is_400_with_field(client, org, payload, field):
     response = client.post("/api/customers", json=payload, headers=bearer(org["ingestKey"]))
     assert field in assert_error(response, 400, "validation_error")["details"]
+
+
+def test_customer_text_postgres_cannot_store_is_400(app, client, org):
+    raw = '{"email": "a@\\ud800.com", "traits": {"big": 1e400}}'
+    response = post_raw(client, org["ingestKey"], raw, path="/api/customers")
+    assert_error(response, 400, "invalid_json")
+    response = post_raw(client, org["ingestKey"], '{"email": "a@\\ud800.com"}', path="/api/customers")
+    assert "email" in assert_error(response, 400, "validation_error")["details"]
 
 
 def test_customer_lookup_needs_external_id_and_valid_id(client, org):
@@ -253,8 +262,9 @@ def post_raw(client, key, data, content_type="application/json", path="/api/data
 def test_malformed_json_and_non_finite_numbers_are_400(client, org, customer_id):
     assert_error(post_raw(client, org["ingestKey"], b"{not json"), 400, "invalid_json")
     assert_error(post_raw(client, org["ingestKey"], b"\xff\xfe"), 400, "invalid_json")
-    nan = json.dumps(interaction(customer_id, metadata={"x": 1})).replace("1}", "NaN}")
-    assert_error(post_raw(client, org["ingestKey"], nan), 400, "invalid_json")
+    for constant in ("NaN", "Infinity", "1e400", "-1e999"):
+        raw = json.dumps(interaction(customer_id, metadata={"x": 1})).replace("1}", constant + "}")
+        assert_error(post_raw(client, org["ingestKey"], raw), 400, "invalid_json")
     deep = "[" * 100_000 + "]" * 100_000
     assert_error(post_raw(client, org["ingestKey"], deep), 400, "invalid_json")
 
@@ -404,3 +414,17 @@ def test_health_and_readiness(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.get_json()["checks"] == {"database": "ok", "queue": "ok"}
+
+
+def test_database_down_is_503_and_health_still_answers(org):
+    app = create_app({"DATABASE_URL": "postgresql://postgres@127.0.0.1:9/unreachable"})
+    try:
+        client = app.test_client()
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["checks"]["database"].startswith("error")
+        response = client.get("/api/customers/" + str(uuid.uuid4()), headers=bearer(org["readKey"]))
+        assert_error(response, 503, "database_unavailable")
+        assert response.headers["Retry-After"]
+    finally:
+        create_app()  # bind the test database again

@@ -70,9 +70,10 @@ def test_a_socket_sees_only_its_organization(stack, app, org, customer_id):
 def test_close_codes(stack, org):
     assert FeedClient(stack.url, "ik_not_a_key").close_code()[0] == 4401
     assert FeedClient(stack.url, org["ingestKey"]).close_code()[0] == 4403
-    garbled = FeedClient(stack.url)
-    garbled.ws.send("not json")
-    assert garbled.close_code()[0] == 4401
+    for first_message in ("not json", '{"type": "auth", "token": "\\ud800"}', '{"type": "auth", "token": 7}'):
+        garbled = FeedClient(stack.url)
+        garbled.ws.send(first_message)
+        assert garbled.close_code()[0] == 4401
 
 
 def test_a_socket_that_authenticates_late_or_never_is_closed(stack, org):

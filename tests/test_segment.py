@@ -115,8 +115,17 @@ def test_invalid_envelope_is_400(client, org, body):
 
 def test_bad_write_key_is_401(client, customer_id):
     assert post(client, "/v1/batch", {"batch": [track("u")]}, basic("ik_wrong")).status_code == 401
-    assert post(client, "/v1/batch", {"batch": [track("u")], "writeKey": "nope"}, {}).status_code == 401
+    for key in ("nope", 42, ["k"], None, "\ud800"):
+        assert post(client, "/v1/batch", {"batch": [track("u")], "writeKey": key}, {}).status_code == 401
     assert post(client, "/v1/batch", {"batch": [track("u")]}, {}).status_code == 401
+
+
+def test_absurd_clock_skew_is_a_problem_of_that_event_only(app, client, org):
+    batch = {"batch": [track("u", timestamp="0001-01-01T00:00:00Z", messageId="ancient"),
+                       track("u", timestamp=None)],
+             "sentAt": "9999-12-31T23:59:59Z"}
+    body = post(client, "/v1/batch", batch, basic(org["ingestKey"])).get_json()
+    assert body["success"] is True and [p["messageId"] for p in body["errors"]] == ["ancient"]
 
 
 def test_storage_failure_asks_the_client_to_retry(client, org, storage_faults):
