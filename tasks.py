@@ -9,6 +9,7 @@ from collections import defaultdict
 from urllib.parse import urlparse
 
 from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
+from huey.storage import PostgresStorage
 
 import models
 from ingest import analysis, config, logs
@@ -29,11 +30,20 @@ def make_huey(url):
     if scheme in ("redis", "rediss"):
         return PriorityRedisHuey("ingest", url=url)
     if scheme in ("postgres", "postgresql"):
-        return PostgresHuey("ingest", dsn=url)
+        # Its tables come from `init-db` (create_queue_tables): processes starting
+        # together would race on CREATE TABLE IF NOT EXISTS.
+        return PostgresHuey("ingest", dsn=url, create_tables=False)
     raise ValueError("QUEUE_URL must be sqlite:///, redis:// or postgresql://, not %r" % url)
 
 
 huey = make_huey(settings["QUEUE_URL"])
+
+
+def create_queue_tables(queue=None):
+    """Create the queue's tables where it keeps them in a SQL database (idempotent)."""
+    storage = (queue or huey).storage
+    if isinstance(storage, PostgresStorage):
+        storage.initialize_schema()
 
 
 @huey.on_startup()

@@ -22,8 +22,9 @@ def _emit(as_json, payload, text):
 
 @click.command("init-db")
 def init_db():
-    """Create or upgrade the schema (idempotent)."""
+    """Create or upgrade the schema, and the queue's tables (idempotent)."""
     applied = models.migrate()
+    tasks.create_queue_tables()
     click.echo("applied: %s" % ", ".join(applied) if applied else "schema is up to date")
 
 

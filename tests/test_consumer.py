@@ -29,6 +29,8 @@ def queue_url(kind, tmp_path):
     if kind == "sqlite":
         return "sqlite:///%s" % (tmp_path / "queue.db")
     if kind == "postgres":
+        import tasks
+        tasks.create_queue_tables(tasks.make_huey(os.environ["DATABASE_URL"]))
         return os.environ["DATABASE_URL"]
     url = require_redis()
     import tasks
