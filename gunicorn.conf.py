@@ -22,6 +22,21 @@ keepalive = 5
 accesslog = None
 
 
+def post_worker_init(worker):
+    # On SIGTERM (a restart), close the live-feed sockets at once with 1001 so
+    # browsers reconnect, rather than holding the shutdown for graceful_timeout.
+    import signal
+
+    from ingest.events import close_subscriptions
+
+    def handle_exit(signum, frame):
+        close_subscriptions()
+        worker.handle_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    worker.log.info("worker %s ready", worker.pid)
+
+
 def post_fork(server, worker):
     # Many threads per worker wait on sockets; a shorter GIL switch interval
     # (default 5 ms) keeps a CPU-bound request from delaying each of them in turn.

@@ -17,10 +17,13 @@ import os
 import queue
 import threading
 import time
+import weakref
 
 import redis
 
 log = logging.getLogger(__name__)
+
+_hubs = weakref.WeakSet()
 
 CHANNEL = "ingest:events"
 QUEUE_SIZE = 1000  # events waiting for one socket; beyond it they are dropped
@@ -31,9 +34,18 @@ class Subscription:
 
     def __init__(self, organization_id, size=QUEUE_SIZE):
         self.organization_id = organization_id
+        self.closed = False
         self._queue = queue.Queue(size)
         self._dropped = 0
         self._lock = threading.Lock()
+
+    def close(self):
+        """End the subscription: its socket handler wakes up and closes the socket."""
+        self.closed = True
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass  # the handler is busy sending; it sees ``closed`` after this batch
 
     def offer(self, message):
         try:
@@ -54,6 +66,7 @@ class Subscription:
                 messages.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        messages = [message for message in messages if message is not None]
         with self._lock:
             dropped, self._dropped = self._dropped, 0
         if dropped:
@@ -67,6 +80,13 @@ class Hub:
     def __init__(self):
         self._by_org = {}
         self._lock = threading.Lock()
+        _hubs.add(self)
+
+    def close_all(self):
+        with self._lock:
+            subscriptions = [s for subscribers in self._by_org.values() for s in subscribers]
+        for subscription in subscriptions:
+            subscription.close()
 
     def subscribe(self, organization_id):
         subscription = Subscription(str(organization_id))
@@ -156,6 +176,13 @@ class RedisBus:
                 log.warning("event listener lost Redis; reconnecting", exc_info=True)
                 time.sleep(delay)
                 delay = min(delay * 2, 5)
+
+
+def close_subscriptions():
+    """Close every socket subscription of this process (a worker shutting down),
+    so each socket is closed at once and its browser reconnects elsewhere."""
+    for hub in list(_hubs):
+        hub.close_all()
 
 
 @functools.lru_cache(maxsize=None)

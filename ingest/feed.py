@@ -49,11 +49,13 @@ def socket(ws):
     log.info("feed socket connected", extra={"organization_id": organization_id})
     try:
         ws.send(json.dumps({"type": "ready", "organizationId": organization_id}))
-        while ws.connected:
+        while ws.connected and not subscription.closed:
             for message in subscription.take(timeout=SEND_POLL):
                 ws.send(message)
             while ws.receive(timeout=0) is not None:
                 pass  # nothing more is expected from the client; keep its buffer empty
+        if subscription.closed:
+            ws.close(1001, "server restarting")
     except OSError:
         log.info("feed socket timed out", extra={"organization_id": organization_id})
     finally:

@@ -37,18 +37,20 @@ class Gunicorn:
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log_path = log_path
+        self.workers = workers
         self.process = subprocess.Popen(
             [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py",
              "--bind", "127.0.0.1:%d" % self.port, "--workers", str(workers), "app:create_app()"],
             cwd=ROOT, env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},
             stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
-        wait_until(self._healthy, message="gunicorn to serve /healthz")
+        wait_until(self._ready, message="every gunicorn worker to be ready")
 
-    def _healthy(self):
+    def _ready(self):
         if self.process.poll() is not None:
             raise AssertionError("gunicorn exited: " + open(self.log_path).read()[-3000:])
+        booted = open(self.log_path).read().count(" ready")  # post_worker_init in gunicorn.conf.py
         try:
-            return requests.get(self.url + "/healthz", timeout=1).ok
+            return booted >= self.workers and requests.get(self.url + "/healthz", timeout=1).ok
         except requests.ConnectionError:
             return False
 
