@@ -7,8 +7,11 @@ import time
 import pytest
 import requests
 import simple_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from ingest.cli import new_organization
+from ingest.feed import text_frame
 from models import Customer
 from tests.feed_client import FeedClient, RawSocket
 from tests.helpers import bearer, interaction
@@ -146,3 +149,16 @@ def test_losing_redis_never_breaks_ingest_and_the_bus_comes_back_and_restarts_cl
     finally:
         web.stop()
         bus.stop()
+
+
+def test_text_frames_decode_as_websocket_text_messages():
+    """Each length encoding of RFC 6455 (7-bit, 16-bit, 64-bit), read by wsproto."""
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="h", target="/")))
+    next(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    next(client.events())
+    messages = ["x" * 10, "é" * 200, '{"k": "%s"}' % ("y" * 70_000)]
+    client.receive_data(b"".join(text_frame(m) for m in messages))
+    received = [e.data for e in client.events() if isinstance(e, TextMessage)]
+    assert received == messages
