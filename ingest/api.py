@@ -5,10 +5,10 @@ result. Errors are raised and shaped by ingest.errors.
 """
 from flask import Blueprint, current_app, g, request
 
+from ingest import openapi as openapi_spec
 from ingest.auth import authenticate, key_from_request, require
 from ingest.body import read_json
 from ingest.errors import ApiError
-from ingest import openapi as openapi_spec
 from ingest.schemas import customer_out, interaction_out
 from models import db
 
