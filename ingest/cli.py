@@ -103,7 +103,8 @@ def _demo_text(created):
     return ("demo organization %(organizationId)s\n"
             "ingest key: %(ingestKey)s\nread key:   %(readKey)s\n"
             "try:\n  %(curl)s\nlive feed: %(feedUrl)s\n"
-            "simulated traffic: flask --app app demo --stream" % created)
+            "simulated traffic (a new demo organization, with its own feed link):\n"
+            "  .venv/bin/flask --app app demo --stream" % created)
 
 
 @click.command("demo")
