@@ -21,8 +21,6 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 db = DatabaseProxy()
 
-ANALYSIS_STATUSES = ("pending", "done", "skipped", "failed")
-
 
 def utcnow():
     """The current time as naive UTC, the form every timestamp is stored in."""

@@ -111,10 +111,6 @@ class Hub:
             for message in messages:
                 subscriber.offer(message)
 
-    def count(self):
-        with self._lock:
-            return sum(len(s) for s in self._by_org.values())
-
 
 class MemoryBus:
     """One process: publishing is dispatching to the local hub."""
