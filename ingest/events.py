@@ -128,13 +128,13 @@ class MemoryBus:
         self.hub.unsubscribe(subscription)
 
 
-class RedisBus:
+class RedisBus(MemoryBus):
     """Redis pub/sub between processes. The listener thread starts with the first
     subscriber of a process (consumers, which only publish, never start it) and
     reconnects by itself after Redis comes back."""
 
     def __init__(self, url):
-        self.hub = Hub()
+        super().__init__()
         self._url = url
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._listener_pid = None
@@ -146,10 +146,7 @@ class RedisBus:
 
     def subscribe(self, organization_id):
         self._ensure_listener()
-        return self.hub.subscribe(organization_id)
-
-    def unsubscribe(self, subscription):
-        self.hub.unsubscribe(subscription)
+        return super().subscribe(organization_id)
 
     def _ensure_listener(self):
         with self._lock:

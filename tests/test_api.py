@@ -222,9 +222,7 @@ INVALID_INTERACTIONS = [
 
 @pytest.mark.parametrize("fields, field", INVALID_INTERACTIONS)
 def test_invalid_interaction_is_400_naming_the_field(app, client, org, customer_id, fields, field):
-    response = ingest(client, org["ingestKey"], interaction(customer_id, **fields)
-                      if None not in fields.values() else
-                      {k: v for k, v in interaction(customer_id, **fields).items()})
+    response = ingest(client, org["ingestKey"], interaction(customer_id, **fields))
     body = assert_error(response, 400, "validation_error")
     assert field in body["details"]
     assert stored_count(app) == 0
