@@ -11,7 +11,8 @@ from flask import Flask
 
 import models
 import tasks
-from ingest import api, cli, config, errors, events, feed, logs
+from ingest import api, cli, config, errors, events, feed, logs, security
+from ingest.auth import KeyCache
 from ingest.service import IngestService
 
 
@@ -25,16 +26,18 @@ def create_app(test_config=None):
     app = Flask(__name__, instance_path=config.INSTANCE_PATH)
     app.config.update(settings)
     app.json.sort_keys = False  # metadata and traits read back in the order they were sent
-    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": 64 * 1024}
+    # The feed's sockets are read, written and pinged by its fan-out thread (ingest/feed.py).
+    app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": feed.NoReaderThread}
     logs.configure(settings["LOG_LEVEL"])
-    models.bind(settings["DATABASE_URL"])
+    models.bind(settings["DATABASE_URL"], settings["DB_POOL_SIZE"])
 
     logs.init_app(app)
-    models.init_app(app, excluded_endpoints=(
-        "health.healthz", "health.readyz", "static", "feed.page", "feed.socket"))
+    models.init_app(app)
+    security.init_app(app)
     errors.register(app)
     bus = events.bus_for(tasks.settings["EVENTS_URL"])
     app.extensions["bus"] = bus
+    app.extensions["keys"] = KeyCache()
     app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
                                              settings["MAX_BATCH_ITEMS"])
     app.extensions["queue_size"] = tasks.huey.pending_count

@@ -27,10 +27,10 @@ def post_worker_init(worker):
     # browsers reconnect, rather than holding the shutdown for graceful_timeout.
     import signal
 
-    from ingest.events import close_subscriptions
+    from ingest.fanout import close_all
 
     def handle_exit(signum, frame):
-        close_subscriptions()
+        close_all()
         worker.handle_exit(signum, frame)
 
     signal.signal(signal.SIGTERM, handle_exit)

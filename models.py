@@ -4,6 +4,7 @@ One code path for SQLite and PostgreSQL. Timestamps are stored as naive UTC;
 JSON documents (traits, metadata) as text we serialise ourselves, so a value
 reads back byte for byte the same on both databases.
 """
+import contextlib
 import datetime
 import json
 import os
@@ -14,7 +15,6 @@ from peewee import (
     BooleanField, CharField, DatabaseProxy, DateTimeField, DoubleField,
     ForeignKeyField, IntegerField, Model, SqliteDatabase, TextField, UUIDField,
 )
-from flask import request
 from playhouse.db_url import parse as parse_db_url
 from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase
@@ -27,8 +27,16 @@ def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
-def make_database(url):
-    """Build the peewee database for a DATABASE_URL (sqlite:/// or postgresql://)."""
+# Seconds a thread waits for a free pooled connection before giving up (503).
+POOL_WAIT = 5
+
+
+def make_database(url, pool_size=10):
+    """Build the peewee database for a DATABASE_URL (sqlite:/// or postgresql://).
+
+    PostgreSQL connections come from a pool of at most ``pool_size`` per process
+    (DB_POOL_SIZE); a thread that finds it empty waits up to POOL_WAIT seconds.
+    """
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         return SqliteDatabase(
@@ -43,14 +51,14 @@ def make_database(url):
         )
     if scheme in ("postgres", "postgresql"):
         params = parse_db_url(url)
-        return PooledPostgresqlDatabase(params.pop("database"), max_connections=64,
-                                        stale_timeout=300, timeout=10, **params)
+        return PooledPostgresqlDatabase(params.pop("database"), max_connections=pool_size,
+                                        stale_timeout=300, timeout=POOL_WAIT, **params)
     raise ValueError("DATABASE_URL must be sqlite:/// or postgresql://, not %r" % url)
 
 
-def bind(url):
+def bind(url, pool_size=10):
     """Point the proxy at the database of ``url``; returns that database."""
-    database = make_database(url)
+    database = make_database(url, pool_size)
     db.initialize(database)
     return database
 
@@ -65,15 +73,25 @@ def release_connection():
         db.close()
 
 
-def init_app(app, excluded_endpoints=()):
-    """Open a connection per request and give it back after, as playhouse.flask_utils
-    does, except for ``excluded_endpoints`` (health checks, the page, the socket),
-    which must answer, or wait, without holding one."""
-    @app.before_request
-    def _connect():
-        if request.endpoint not in excluded_endpoints:
-            db.connect(reuse_if_open=True)
+@contextlib.contextmanager
+def connection():
+    """A connection for a short piece of work: this thread's open one, or one opened
+    (taken from the pool) for the duration and given back after."""
+    if not db.is_closed():
+        yield
+        return
+    with db.connection_context():
+        yield
 
+
+def init_app(app):
+    """Give a request's connection back when it ends.
+
+    Unlike playhouse.flask_utils, which connects in before_request, nothing opens
+    one up front: peewee connects on a request's first query, so the requests
+    that need none (ingest, authenticated from the key cache and stored by the
+    group commit; health checks; the feed) never take one from the pool.
+    """
     @app.teardown_request
     def _close(exc):
         if not db.is_closed():
@@ -112,10 +130,6 @@ class ApiKey(BaseModel):
     scopes = CharField(max_length=64)
     created_at = DateTimeField(default=utcnow)
     revoked = BooleanField(default=False)
-
-    @property
-    def scope_set(self):
-        return set(self.scopes.split(","))
 
 
 class Customer(BaseModel):

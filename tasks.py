@@ -52,7 +52,7 @@ def start_consumer():
     write to (in the dev server, the app has bound it already)."""
     logs.configure(settings["LOG_LEVEL"])
     if models.db.obj is None:
-        models.bind(settings["DATABASE_URL"])
+        models.bind(settings["DATABASE_URL"], settings["DB_POOL_SIZE"])
 
 
 @huey.task(retries=3, retry_delay=2, retry_backoff=2, context=True)

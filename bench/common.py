@@ -1,11 +1,18 @@
-"""Shared set-up for the side-by-side benchmarks: a scratch environment and sample texts."""
+"""Shared set-up for the side-by-side benchmarks: scratch environments, a running
+service stack, sample texts, percentiles."""
+import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 
 WORDS = ("love great terrible awful fine okay happy sad slow fast broken excellent refund "
          "delivery support price quality product order late early helpful rude friendly "
          "the a is was and but very not really quite so too my your our package app").split()
+REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
 
 
 def texts(count, seed=7):
@@ -13,6 +20,11 @@ def texts(count, seed=7):
     rnd = random.Random(seed)
     return [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(6, 30))).capitalize() + "."
             for _ in range(count)]
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
 
 
 def scratch_environment(server_url=None):
@@ -32,3 +44,53 @@ def database_argument(parser):
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
                         help="a postgresql:// server to bench on (a scratch database is "
                              "created there); default SQLite")
+
+
+class Stack:
+    """The service as deployed, in a scratch environment of its own: on SQLite
+    (``server_url`` None: SQLite queue) or on a scratch database of a PostgreSQL
+    server (Redis queue), Redis as the bus, gunicorn (gunicorn.conf.py) with
+    ``workers``, and a huey_consumer if asked. Nothing is imported from the app:
+    it is set up with its own CLI and driven over HTTP."""
+
+    def __init__(self, server_url=None, workers=2, consumer=False, env=None):
+        from tests.dbs import create_scratch_database
+        from tests.servers import Consumer, Gunicorn
+
+        self.dir = tempfile.mkdtemp(prefix="ingest-bench-")
+        self.database_url = create_scratch_database(server_url, self.dir)
+        self.kind = "PostgreSQL + Redis" if server_url else "SQLite"
+        queue = REDIS + "/14" if server_url else "sqlite:///" + os.path.join(self.dir, "queue.db")
+        self.env = {"INSTANCE_PATH": self.dir, "DATABASE_URL": self.database_url,
+                    "QUEUE_URL": queue, "EVENTS_URL": REDIS + "/15", "LOG_LEVEL": "WARNING",
+                    **(env or {})}
+        self.flask("init-db")
+        self.web = Gunicorn(os.path.join(self.dir, "web.log"), workers=workers, env=self.env)
+        self.url = self.web.url
+        self.consumer = Consumer(os.path.join(self.dir, "consumer.log"), env=self.env) if consumer else None
+
+    def flask(self, *args):
+        output = subprocess.run([os.path.join(BIN, "flask"), "--app", "app", *args], cwd=ROOT,
+                                env={**os.environ, **self.env}, check=True, capture_output=True,
+                                text=True).stdout
+        return output
+
+    def organization(self, name, customers=1):
+        """A new organization with its keys and ``customers`` customer ids."""
+        import requests
+
+        created = json.loads(self.flask("create-org", name, "--json"))
+        created["customers"] = [
+            requests.post(self.url + "/api/customers", json={"externalId": "c%d" % n},
+                          headers={"Authorization": "Bearer " + created["ingestKey"]}).json()["id"]
+            for n in range(customers)]
+        return created
+
+    def stop(self):
+        from tests.dbs import drop_database, is_postgres_url
+
+        if self.consumer:
+            self.consumer.stop()
+        self.web.stop()
+        if is_postgres_url(self.database_url):
+            drop_database(self.database_url)

@@ -1,25 +1,29 @@
-"""Live delivery: latency from ingest response to socket receipt with 100 sockets
-at 500 events/s (DESIGN §12 goal: p99 <= 50 ms), then how many sockets one
-server holds and the memory each costs, with ingest still served.
+"""Live delivery (DESIGN §12): latency from an ingest's response to its arrival on
+every socket of the organization, at several sockets x events/s; then sockets
+held, memory per socket, and single-ingest latency with and without them open.
+On SQLite and on PostgreSQL + Redis in one run.
 
-Production shape: gunicorn (gunicorn.conf.py, 2 workers) with EVENTS_URL=redis://.
 The sockets are opened by a Node.js client (bench/feed_client.mjs) on the same
-2 cores, so the figures include its share of the CPU.
+2 cores as the service, so the figures include its share of the CPU. Ingests
+are single POSTs from 8 threads of this process at the row's rate.
 
-    .venv/bin/python -m bench.feed [--sockets 100] [--rate 500] [--seconds 10] [--hold 1000]
+    .venv/bin/python -m bench.feed [--seconds 10] [--postgres URL | --no-postgres] [--quick]
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
-import tempfile
 import threading
 import time
 
-from bench.common import database_argument, scratch_environment
+from bench.common import Stack, percentile
+from tests.servers import rss_kb
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feed_client.mjs")
+ROWS = ((100, 500), (300, 50), (1000, 10), (1000, 50), (2000, 25))
+QUICK_ROWS = ((100, 100),)
+HOLD = 2000
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def start_clients(url, key, count):
@@ -32,15 +36,17 @@ def start_clients(url, key, count):
 
 
 def stop_clients(process):
-    """Close the client's stdin; it answers with [[interaction id, receipt time], ...]."""
-    output, _ = process.communicate(timeout=120)
+    """Close the client's stdin; it answers with what it received."""
+    output, _ = process.communicate(timeout=300)
     return json.loads(output)
 
 
-def send(url, key, customer, rate, seconds, sent):
-    """Single ingests at ``rate`` a second from 8 threads; records response times."""
+def send(url, key, customer, rate, seconds):
+    """Single ingests at ``rate`` a second from 8 threads; [(id, response time)]."""
     import requests
     from tests.helpers import interaction
+
+    sent = []
 
     def sender(share):
         session, interval = requests.Session(), 8 / rate
@@ -58,104 +64,88 @@ def send(url, key, customer, rate, seconds, sent):
         thread.start()
     for thread in threads:
         thread.join()
+    return sent
 
 
-def percentile(values, fraction):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def delivery(web, org, customer, sockets, rate, seconds):
-    clients = start_clients(web.url, org["readKey"], sockets)
-    sent = []
-    send(web.url, org["ingestKey"], customer, rate, seconds, sent)
-    time.sleep(2)
-    received = stop_clients(clients)
+def delivery(stack, sockets, rate, seconds):
+    org = stack.organization("delivery %dx%d" % (sockets, rate))
+    clients = start_clients(stack.url, org["readKey"], sockets)
+    sent = send(stack.url, org["ingestKey"], org["customers"][0], rate, seconds)
+    time.sleep(2)  # the last events in flight
+    report = stop_clients(clients)
     answered = dict(sent)
-    latencies = [(at - answered[i]) * 1000 for i, at in received if i in answered]
-    print("delivery: %d sockets, %d events at %.0f/s offered (%.0f/s achieved), %d of %d "
-          "deliveries arrived" % (sockets, len(sent), rate, len(sent) / seconds,
-                                  len(latencies), len(sent) * sockets))
-    print("  latency from ingest response to socket: p50 %.1f ms, p99 %.1f ms, max %.1f ms "
-          "(mean %.1f; negative = before the response)" % (
-              percentile(latencies, 0.5), percentile(latencies, 0.99), max(latencies),
-              statistics.mean(latencies)))
+    latencies = [(at - answered[i]) * 1000 for i, at in report["received"] if i in answered]
+    return {"sockets": sockets, "rate": rate, "achieved": round(len(sent) / seconds),
+            "expected": len(sent) * sockets, "arrived": len(latencies),
+            "dropped": report["dropped"], "gaps": report["gaps"],
+            "p50_ms": round(percentile(latencies, 0.5), 1),
+            "p99_ms": round(percentile(latencies, 0.99), 1),
+            "max_ms": round(max(latencies, default=float("nan")), 1)}
 
 
-def worker_rss_kb(master_pid):
-    total = 0
-    for pid in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % pid) as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) != master_pid:
-                    continue
-            with open("/proc/%s/status" % pid) as status:
-                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-        except (OSError, ValueError, StopIteration):
-            continue
-    return total
-
-
-def hold(web, org, idle_org, customer, count):
+def ingest_ms(url, key, customer, count=200):
     import requests
-    from tests.feed_client import RawSocket
     from tests.helpers import interaction
 
     session = requests.Session()
-    session.headers["Authorization"] = "Bearer " + org["ingestKey"]
+    session.headers["Authorization"] = "Bearer " + key
+    started = time.monotonic()
+    for _ in range(count):
+        assert session.post(url + "/api/data/ingest", json=interaction(customer)).status_code == 201
+    return (time.monotonic() - started) / count * 1000
 
-    def ingest_ms():
-        started = time.monotonic()
-        for _ in range(100):
-            assert session.post(web.url + "/api/data/ingest",
-                                json=interaction(customer)).status_code == 201
-        return (time.monotonic() - started) / 100 * 1000
 
-    alone = ingest_ms()
-    before = worker_rss_kb(web.process.pid)
-    # Sockets of another organization: what they cost while idle, not their fan-out
-    # (the delivery run above measures that).
-    sockets = [RawSocket(web.url, idle_org["readKey"]) for _ in range(count)]
-    after = worker_rss_kb(web.process.pid)
-    held = ingest_ms()
-    print("held %d sockets at once; worker RSS %.0f MiB -> %.0f MiB: %.1f KiB per socket" % (
-        len(sockets), before / 1024, after / 1024, (after - before) / count))
-    print("  sequential ingest: %.2f ms per request alone, %.2f ms with the sockets open "
-          "(ratio %.2f)" % (alone, held, held / alone))
-    for raw in sockets:
-        raw.sock.close()
+def hold(stack, count):
+    """``count`` idle sockets of one organization while another ingests."""
+    org, idle = stack.organization("ingesting"), stack.organization("idle")
+    workers = stack.web.worker_pids()
+    alone = ingest_ms(stack.url, org["ingestKey"], org["customers"][0])
+    before = sum(map(rss_kb, workers))
+    clients = start_clients(stack.url, idle["readKey"], count)
+    after = sum(map(rss_kb, workers))
+    held = ingest_ms(stack.url, org["ingestKey"], org["customers"][0])
+    report = stop_clients(clients)
+    return {"held": count - report["closed"], "kib_per_socket": round((after - before) / count, 1),
+            "ingest_ms_alone": round(alone, 2), "ingest_ms_with_sockets": round(held, 2),
+            "ratio": round(held / alone, 2)}
+
+
+def bench(server_url, rows, seconds, hold_count):
+    stack = Stack(server_url)
+    try:
+        results = {"database": stack.kind,
+                   "delivery": [delivery(stack, s, r, seconds) for s, r in rows],
+                   "hold": hold(stack, hold_count)}
+    finally:
+        stack.stop()
+    return results
+
+
+def print_table(results):
+    print("\n%s: live delivery, ingest response -> socket" % results["database"])
+    print("| sockets x events/s | achieved/s | arrived | dropped | p50 ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|---|---|")
+    for row in results["delivery"]:
+        print("| %(sockets)d x %(rate)d | %(achieved)d | %(arrived)d of %(expected)d | "
+              "%(dropped)d | %(p50_ms).1f | %(p99_ms).1f | %(max_ms).1f |" % row)
+    print("held %(held)d sockets: %(kib_per_socket).1f KiB each; sequential ingest "
+          "%(ingest_ms_alone).2f ms alone, %(ingest_ms_with_sockets).2f ms with them "
+          "(ratio %(ratio).2f)" % results["hold"])
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sockets", type=int, default=100)
-    parser.add_argument("--rate", type=float, default=500)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--hold", type=int, default=1000)
-    database_argument(parser)
+    parser.add_argument("--postgres", default=POSTGRES, help="PostgreSQL server to bench on")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--quick", action="store_true", help="one small row, a smoke run")
     args = parser.parse_args()
-    url = scratch_environment(args.database_url)
-    os.environ["EVENTS_URL"] = os.environ.get("BENCH_EVENTS_URL", "redis://127.0.0.1:6379/15")
-
-    import models
-    from app import create_app
-    from ingest.cli import new_organization
-    from models import Customer
-    from tests.dbs import drop_scratch_database
-    from tests.servers import Gunicorn
-
-    with create_app().app_context():
-        models.migrate()
-        org, idle_org = new_organization("bench"), new_organization("idle")
-        customer = str(Customer.create(organization=org["organizationId"]).id)
-    web = Gunicorn(os.path.join(tempfile.mkdtemp(), "web.log"), workers=2,
-                   env={"LOG_LEVEL": "WARNING"})
-    try:
-        delivery(web, org, customer, args.sockets, args.rate, args.seconds)
-        hold(web, org, idle_org, customer, args.hold)
-    finally:
-        web.stop()
-        drop_scratch_database(url)
+    rows, seconds, hold_count = (QUICK_ROWS, 2, 200) if args.quick else (ROWS, args.seconds, HOLD)
+    servers = [None] + ([] if args.no_postgres else [args.postgres])
+    results = [bench(server, rows, seconds, hold_count) for server in servers]
+    for result in results:
+        print_table(result)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,45 @@
-"""API keys: generation, hashing, and the request check (DESIGN §5).
+"""API keys: generation, hashing, the cache of live keys, the request check (DESIGN §5).
 
 A key is shown once, at creation; only its SHA-256 is stored (keys are long
 random strings, so a fast hash is as safe as a slow one and costs nothing per
 request). Its first characters, the prefix, name it in listings and
 `revoke-key`.
+
+Live keys are cached per process for KEY_CACHE_SECONDS, so a request or a feed
+socket authenticates without a database round trip, and 1,000 sockets
+reconnecting with the same key cost one query. The price: a revoked key keeps
+working for up to KEY_CACHE_SECONDS on HTTP; open feed sockets are checked
+again every KEY_CACHE_SECONDS, so theirs close within twice that.
 """
-import base64
-import binascii
 import functools
 import hashlib
 import secrets
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 
-from flask import g, request
+from flask import current_app, g, request
 
 from ingest.errors import ApiError
 from ingest.logs import bind_context
-from models import ApiKey, db
+from models import ApiKey, connection, db
 
 SCOPES = ("ingest", "read")
 PREFIX_LENGTH = 12
+KEY_CACHE_SECONDS = 5
+KEY_CACHE_ENTRIES = 10_000
+LOOKUP_WAIT = 30  # seconds a request waits for another thread's lookup of the same key
 
 
 def hash_key(key):
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """The SHA-256 of a key, or None for anything that cannot be one of ours."""
+    if not isinstance(key, str) or not key:
+        return None
+    try:
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
 
 
 def create_key(organization_id, scopes):
@@ -44,43 +61,97 @@ def revoke_key(prefix):
             .execute())
 
 
-def find_key(key):
-    """The live ApiKey for a plain key, or None (for anything a client may send)."""
-    if not isinstance(key, str) or not key:
-        return None
-    try:
-        key_hash = hash_key(key)
-    except UnicodeEncodeError:  # a lone surrogate: no key of ours
-        return None
-    return ApiKey.select().where((ApiKey.key_hash == key_hash) & ~ApiKey.revoked).first()
+@dataclass(frozen=True)
+class Principal:
+    """Who a live key speaks for."""
+    organization_id: str
+    scopes: frozenset
+    key_hash: str
+
+
+class KeyCache:
+    """Live keys by hash, each remembered for KEY_CACHE_SECONDS (unknown keys too).
+
+    Concurrent lookups of the same uncached key share one query.
+    """
+
+    def __init__(self, ttl=KEY_CACHE_SECONDS):
+        self._ttl = ttl
+        self._entries = {}  # hash -> (Principal or None, expires at)
+        self._lookups = {}  # hash -> Future of the query under way
+        self._lock = threading.Lock()
+
+    def principal(self, key_hash):
+        """The Principal of a live key's hash, or None."""
+        entry = self._entries.get(key_hash)
+        if entry is not None and entry[1] > time.monotonic():
+            return entry[0]
+        with self._lock:
+            lookup = self._lookups.get(key_hash)
+            leader = lookup is None
+            if leader:
+                lookup = self._lookups[key_hash] = Future()
+        if not leader:
+            return lookup.result(timeout=LOOKUP_WAIT)
+        try:
+            principal = self._load([key_hash]).get(key_hash)
+            lookup.set_result(principal)
+            return principal
+        except BaseException as error:
+            lookup.set_exception(error)
+            raise
+        finally:
+            with self._lock:
+                del self._lookups[key_hash]
+
+    def live(self, key_hashes):
+        """Which of ``key_hashes`` are still live, asking the database (one query) for
+        those not checked within KEY_CACHE_SECONDS."""
+        now = time.monotonic()
+        stale = [h for h in key_hashes if self._entries.get(h, (None, 0))[1] <= now]
+        if stale:
+            self._load(stale)
+        return {h for h in key_hashes if self._entries.get(h, (None,))[0] is not None}
+
+    def _load(self, key_hashes):
+        with connection():
+            rows = (ApiKey.select(ApiKey.organization, ApiKey.scopes, ApiKey.key_hash)
+                    .where(ApiKey.key_hash.in_(key_hashes) & ~ApiKey.revoked)
+                    .tuples())
+            found = {key_hash: Principal(str(org), frozenset(scopes.split(",")), key_hash)
+                     for org, scopes, key_hash in rows}
+        expires = time.monotonic() + self._ttl
+        if len(self._entries) + len(key_hashes) > KEY_CACHE_ENTRIES:
+            self._entries = {}  # bounded: random keys from a client never pile up
+        for key_hash in key_hashes:
+            self._entries[key_hash] = (found.get(key_hash), expires)
+        return found
 
 
 def key_from_request():
     """The key from `Authorization: Bearer KEY` or HTTP Basic with KEY as user name."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    scheme, value = scheme.lower(), value.strip()
-    if scheme == "bearer":
-        return value
-    if scheme == "basic":
-        try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return decoded.partition(":")[0]
+    credentials = request.authorization
+    if credentials is None:
+        return None
+    if credentials.type == "bearer":
+        return credentials.token
+    if credentials.type == "basic":
+        return credentials.username
     return None
 
 
 def authenticate(scope, key=None):
     """Check the request's key (or ``key``) for ``scope``; sets g.organization_id."""
-    api_key = find_key(key or key_from_request())
-    if api_key is None:
+    key_hash = hash_key(key or key_from_request())
+    principal = current_app.extensions["keys"].principal(key_hash) if key_hash else None
+    if principal is None:
         raise ApiError(401, "unauthorized", "A valid API key is required.",
                        headers={"WWW-Authenticate": 'Bearer realm="ingest"'})
-    if scope not in api_key.scope_set:
+    if scope not in principal.scopes:
         raise ApiError(403, "forbidden", "This key lacks the '%s' scope." % scope)
-    g.organization_id = api_key.organization_id
-    bind_context(organization_id=str(api_key.organization_id))
-    return api_key
+    g.organization_id = principal.organization_id
+    bind_context(organization_id=principal.organization_id)
+    return principal
 
 
 def require(scope):

@@ -1,152 +1,132 @@
-"""Live events (DESIGN §8): a per-process hub of subscriptions, and the bus
-that joins the processes.
+"""Live events (DESIGN §8): the bus that carries them from whoever publishes
+(a web worker's writer, a consumer) to the fan-out of every web process.
 
-``bus.publish(organization_id, events)`` is all the workflow and the tasks
-know. ``memory://`` hands events to this process's hub; ``redis://`` publishes
-them on a Redis channel that a listener thread in every web process relays to
-its own hub, so an event from any worker or consumer reaches every socket.
+``bus.publish(organization_id, events)`` is all the workflow and the tasks know.
 
-Publishing never blocks on a subscriber: each subscription has a bounded
-queue drained by its own socket handler; when it is full, events are dropped
-for that subscription only and counted, and the socket is told.
+- ``memory://`` (one process, the dev server): publishing hands the events to
+  this process's fan-out.
+- ``redis://``: one Redis stream per organization. A listener thread in each web
+  process reads the streams of the organizations it has sockets for and hands
+  what it reads to its fan-out. A stream is a short replay log, not a fire-and-
+  forget channel, so a listener that loses its connection resumes where it was
+  and one tenant's volume can only ever trim its own stream. Whatever cannot be
+  delivered is said, never silently skipped: the organization's sockets get
+  {"type": "gap"} when their listener finds its position trimmed away, when Redis
+  restarted under it, or when a publisher failed to publish (it writes a gap
+  marker into the stream with its next successful publish).
 """
+import collections
 import functools
 import json
 import logging
 import os
-import queue
 import threading
 import time
-import weakref
 
 import redis
 
+from ingest.fanout import FanOut
+
 log = logging.getLogger(__name__)
 
-_hubs = weakref.WeakSet()
-
-CHANNEL = "ingest:events"
-QUEUE_SIZE = 1000  # events waiting for one socket; beyond it they are dropped
-
-
-class Subscription:
-    """One socket's bounded outbox of serialised events."""
-
-    def __init__(self, organization_id, size=QUEUE_SIZE):
-        self.organization_id = organization_id
-        self.closed = False
-        self._queue = queue.Queue(size)
-        self._dropped = 0
-        self._lock = threading.Lock()
-
-    def close(self):
-        """End the subscription: its socket handler wakes up and closes the socket."""
-        self.closed = True
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass  # the handler is busy sending; it sees ``closed`` after this batch
-
-    def offer(self, message):
-        try:
-            self._queue.put_nowait(message)
-        except queue.Full:
-            with self._lock:
-                self._dropped += 1
-
-    def take(self, timeout):
-        """Messages ready to send (waiting up to ``timeout`` for the first), with a
-        ``dropped`` notice first if events were dropped since the last call."""
-        try:
-            messages = [self._queue.get(timeout=timeout)]
-        except queue.Empty:
-            messages = []
-        while len(messages) < 100:
-            try:
-                messages.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        messages = [message for message in messages if message is not None]
-        with self._lock:
-            dropped, self._dropped = self._dropped, 0
-        if dropped:
-            messages.insert(0, json.dumps({"type": "dropped", "count": dropped}))
-        return messages
+STREAM_PREFIX = "ingest:events:"
+STREAM_LENGTH = 1000  # publishes kept per organization (approximately), for listeners that lag
+STREAM_TTL = 24 * 3600  # an organization's stream is dropped after a day with no publish
+READ_COUNT = 100  # entries per stream and read: a busy organization never starves the others
+READ_BLOCK_MS = 250  # also how soon a listener starts reading a newly watched organization
+LISTENER_NAME = "ingest-events-listener"
+GAP_FIELD = b"gap"
+EVENTS_FIELD = b"e"
 
 
-class Hub:
-    """This process's subscriptions, by organization."""
-
-    def __init__(self):
-        self._by_org = {}
-        self._lock = threading.Lock()
-        _hubs.add(self)
-
-    def close_all(self):
-        with self._lock:
-            subscriptions = [s for subscribers in self._by_org.values() for s in subscribers]
-        for subscription in subscriptions:
-            subscription.close()
-
-    def subscribe(self, organization_id):
-        subscription = Subscription(str(organization_id))
-        with self._lock:
-            self._by_org.setdefault(subscription.organization_id, set()).add(subscription)
-        return subscription
-
-    def unsubscribe(self, subscription):
-        with self._lock:
-            subscribers = self._by_org.get(subscription.organization_id, set())
-            subscribers.discard(subscription)
-            if not subscribers:
-                self._by_org.pop(subscription.organization_id, None)
-
-    def dispatch(self, organization_id, events):
-        with self._lock:
-            subscribers = list(self._by_org.get(str(organization_id), ()))
-        if not subscribers:
-            return
-        messages = [json.dumps(event, default=str) for event in events]
-        for subscriber in subscribers:
-            for message in messages:
-                subscriber.offer(message)
+def encode(events):
+    """Events as JSON texts, serialised once for every socket they go to."""
+    return [json.dumps(event, default=str, ensure_ascii=False, separators=(",", ":"))
+            for event in events]
 
 
 class MemoryBus:
-    """One process: publishing is dispatching to the local hub."""
+    """One process: publishing is dispatching to this process's fan-out."""
 
     def __init__(self):
-        self.hub = Hub()
+        self.fanout = FanOut(on_leave=self._left)
 
     def publish(self, organization_id, events):
-        self.hub.dispatch(organization_id, events)
+        self.fanout.dispatch(organization_id, encode(events))
 
-    def subscribe(self, organization_id):
-        return self.hub.subscribe(organization_id)
+    def attach(self, feed_socket, greeting):
+        """Serve ``feed_socket`` its organization's events, after ``greeting``.
+        Returns False if this process cannot take another socket."""
+        self._joined(feed_socket.organization_id)
+        if self.fanout.adopt(feed_socket, greeting):
+            return True
+        self._left(feed_socket.organization_id)
+        return False
 
-    def unsubscribe(self, subscription):
-        self.hub.unsubscribe(subscription)
+    def _joined(self, organization_id):
+        """A socket of ``organization_id`` is about to be adopted."""
+
+    def _left(self, organization_id):
+        """The last socket of ``organization_id`` in this process is gone."""
 
 
 class RedisBus(MemoryBus):
-    """Redis pub/sub between processes. The listener thread starts with the first
-    subscriber of a process (consumers, which only publish, never start it) and
-    reconnects by itself after Redis comes back."""
+    """Redis streams between processes (see the module docstring)."""
 
     def __init__(self, url):
         super().__init__()
         self._url = url
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        self._listener_pid = None
         self._lock = threading.Lock()
+        self._watchers = collections.Counter()  # organization -> its sockets here
+        self._positions = {}  # organization -> last stream id read (None: unknown)
+        self._failed = set()  # organizations whose events this process failed to publish
+        self._listener_pid = None
 
     def publish(self, organization_id, events):
-        self._redis.publish(CHANNEL, json.dumps(
-            {"organizationId": str(organization_id), "events": events}, default=str))
+        key = STREAM_PREFIX + str(organization_id)
+        pipe = self._redis.pipeline(transaction=False)
+        lost = organization_id in self._failed
+        if lost:
+            pipe.xadd(key, {GAP_FIELD: b"1"}, maxlen=STREAM_LENGTH, approximate=True)
+        pipe.xadd(key, {EVENTS_FIELD: "\n".join(encode(events))},
+                  maxlen=STREAM_LENGTH, approximate=True)
+        pipe.expire(key, STREAM_TTL)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self._failed.add(organization_id)
+            raise
+        if lost:
+            self._failed.discard(organization_id)
 
-    def subscribe(self, organization_id):
+    def _joined(self, organization_id):
         self._ensure_listener()
-        return super().subscribe(organization_id)
+        with self._lock:
+            self._watchers[organization_id] += 1
+            if organization_id in self._positions:
+                return
+        position = self._latest(self._redis, organization_id)
+        with self._lock:
+            if self._watchers[organization_id]:
+                self._positions.setdefault(organization_id, position)
+
+    def _left(self, organization_id):
+        with self._lock:
+            self._watchers[organization_id] -= 1
+            if self._watchers[organization_id] <= 0:
+                del self._watchers[organization_id]
+                self._positions.pop(organization_id, None)
+
+    @staticmethod
+    def _latest(client, organization_id):
+        """The id of the organization's newest entry: reading resumes after it.
+        None if Redis cannot say (the listener then starts afresh with a gap)."""
+        try:
+            newest = client.xrevrange(STREAM_PREFIX + organization_id, count=1)
+        except redis.RedisError:
+            return None
+        return newest[0][0] if newest else b"0-0"
 
     def _ensure_listener(self):
         with self._lock:
@@ -155,27 +135,86 @@ class RedisBus(MemoryBus):
                 self._listener_pid = os.getpid()
 
     def _listen(self):
-        delay = 0.1
+        client, run_id, delay = None, None, 0.1
         while True:
             try:
-                pubsub = redis.Redis.from_url(self._url, socket_connect_timeout=2).pubsub(
-                    ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
+                if client is None:
+                    client = redis.Redis.from_url(self._url, socket_connect_timeout=2,
+                                                  socket_timeout=READ_BLOCK_MS / 1000 + 5)
+                    client.client_setname(LISTENER_NAME)
+                    restarted = client.info("server")["run_id"]
+                    if run_id is not None and restarted != run_id:
+                        self._lost_everything(client)
+                    run_id = restarted
+                self._read(client)
                 delay = 0.1
-                for message in pubsub.listen():
-                    payload = json.loads(message["data"])
-                    self.hub.dispatch(payload["organizationId"], payload["events"])
-            except Exception:
+            except (redis.RedisError, OSError):
                 log.warning("event listener lost Redis; reconnecting", exc_info=True)
+                client = None
                 time.sleep(delay)
                 delay = min(delay * 2, 5)
 
+    def _read(self, client):
+        with self._lock:
+            unknown = [org for org, position in self._positions.items() if position is None]
+        for organization_id in unknown:
+            self._restart(client, organization_id)
+        with self._lock:
+            streams = {STREAM_PREFIX + org: position for org, position in self._positions.items()}
+        if not streams:
+            time.sleep(READ_BLOCK_MS / 1000)
+            return
+        for key, entries in client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS) or ():
+            organization_id = key.decode()[len(STREAM_PREFIX):]
+            with self._lock:
+                if organization_id not in self._positions:
+                    continue  # its last socket left meanwhile
+                previous = self._positions[organization_id]
+                self._positions[organization_id] = entries[-1][0]
+            if len(entries) == READ_COUNT and self._trimmed_past(client, key, previous):
+                self.fanout.notify(organization_id, "gap", reason="the feed fell behind")
+            self._deliver(organization_id, entries)
 
-def close_subscriptions():
-    """Close every socket subscription of this process (a worker shutting down),
-    so each socket is closed at once and its browser reconnects elsewhere."""
-    for hub in list(_hubs):
-        hub.close_all()
+    def _deliver(self, organization_id, entries):
+        messages = []
+        for _, fields in entries:
+            if GAP_FIELD in fields:
+                if messages:
+                    self.fanout.dispatch(organization_id, messages)
+                    messages = []
+                self.fanout.notify(organization_id, "gap", reason="events could not be published")
+            else:
+                messages.extend(fields[EVENTS_FIELD].split(b"\n"))
+        if messages:
+            self.fanout.dispatch(organization_id, messages)
+
+    @staticmethod
+    def _trimmed_past(client, key, position):
+        """Were entries after ``position`` trimmed before this listener read them?"""
+        deleted = client.xinfo_stream(key).get("max-deleted-entry-id") or b"0-0"
+        return _stream_id(deleted) > _stream_id(position)
+
+    def _restart(self, client, organization_id):
+        """Start reading ``organization_id`` afresh, telling its sockets of the gap."""
+        position = self._latest(client, organization_id)
+        with self._lock:
+            if organization_id in self._positions and position is not None:
+                self._positions[organization_id] = position
+        self.fanout.notify(organization_id, "gap", reason="the event bus restarted")
+
+    def _lost_everything(self, client):
+        """Redis restarted (it keeps nothing on disk): every stream is new."""
+        with self._lock:
+            organizations = list(self._positions)
+            for organization_id in organizations:
+                self._positions[organization_id] = b"0-0"
+        for organization_id in organizations:
+            self.fanout.notify(organization_id, "gap", reason="the event bus restarted")
+
+
+def _stream_id(value):
+    milliseconds, _, sequence = (value.decode() if isinstance(value, bytes) else value).partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,6 +58,10 @@ function receive(message) {
     showNotice(message.count + " events skipped (this page fell behind)");
     return;
   }
+  if (message.type === "gap") {
+    showNotice("events may have been missed: " + message.reason);
+    return;
+  }
   if (message.type === "interaction.created") countEvent();
   if (feed.paused && message.type === "interaction.created") {
     feed.held.push(message);

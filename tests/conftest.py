@@ -5,6 +5,7 @@ Flask's tutorial; an organization with keys; injected storage faults.
 The environment is set here, before the app and tasks modules are imported,
 because the web app and the queue consumers read their configuration from it.
 """
+import contextlib
 import os
 import tempfile
 
@@ -114,15 +115,30 @@ def require_redis():
     return REDIS_URL
 
 
-@pytest.fixture
-def stack(app, tmp_path):
+@contextlib.contextmanager
+def production_stack(directory):
     """Production shape for the live feed: gunicorn with 2 workers, a huey_consumer
-    process, Redis as the event bus. Yields the web server."""
+    process, Redis as the event bus; yields the web server."""
     from tests.servers import Consumer, Gunicorn
 
-    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")}
-    web = Gunicorn(tmp_path / "web.log", workers=2, env=env)
-    consumer = Consumer(tmp_path / "consumer.log", env=env)
-    yield web
-    consumer.stop()
-    web.stop()
+    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (directory / "queue.db")}
+    web = Gunicorn(directory / "web.log", workers=2, env=env)
+    consumer = Consumer(directory / "consumer.log", env=env)
+    try:
+        yield web
+    finally:
+        consumer.stop()
+        web.stop()
+
+
+@pytest.fixture
+def stack(app, tmp_path):
+    with production_stack(tmp_path) as web:
+        yield web
+
+
+@pytest.fixture(scope="module")
+def module_stack(tmp_path_factory):
+    """One production stack for a module whose tests do not disturb each other."""
+    with production_stack(tmp_path_factory.mktemp("stack")) as web:
+        yield web

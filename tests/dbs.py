@@ -27,9 +27,14 @@ def create_scratch_database(server_url, run_dir):
 
 
 def drop_scratch_database(url):
-    if not is_postgres_url(url):
-        return
-    db.close_all()
+    """Drop this run's database (the test process's connections first)."""
+    if is_postgres_url(url):
+        db.close_all()
+        drop_database(url)
+
+
+def drop_database(url):
+    """Drop a PostgreSQL database that others may still be connected to."""
     parsed = urlparse(url)
     name = parsed.path.lstrip("/")
     with psycopg.connect(urlunparse(parsed._replace(path="/postgres")), autocommit=True) as conn:

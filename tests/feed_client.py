@@ -7,7 +7,9 @@ import time
 
 import simple_websocket
 import wsproto
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+from wsproto.extensions import PerMessageDeflate
 
 # The client's reader thread must never keep a finished test run alive.
 DaemonThread = functools.partial(threading.Thread, daemon=True)
@@ -59,19 +61,40 @@ class FeedClient:
 
 
 class RawSocket:
-    """A WebSocket client with no reader thread: it authenticates, then reads only
-    when told to (a stalled browser, or one of many idle sockets in a benchmark)."""
+    """A WebSocket client with no reader thread, on wsproto: it reads only when told to
+    (a stalled browser, one of many idle sockets in a benchmark) and can send what a
+    browser would not (pings at will, floods, compressed frames)."""
 
-    def __init__(self, base_url, key):
+    def __init__(self, base_url, key=None, deflate=False, rcvbuf=4096):
         host, port = base_url.split("//")[1].split(":")
         self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.connect((host, int(port)))
         self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host=host, target="/api/feed/ws")))
-        self._read_until(lambda e: isinstance(e, AcceptConnection))
-        self.sock.sendall(self.ws.send(TextMessage(data='{"type": "auth", "token": "%s"}' % key)))
-        self._read_until(lambda e: isinstance(e, TextMessage) and '"ready"' in e.data)
+        extensions = [PerMessageDeflate()] if deflate else []
+        self.sock.sendall(self.ws.send(Request(host=host, target="/api/feed/ws",
+                                               extensions=extensions)))
+        accepted = self._read_until(lambda e: isinstance(e, AcceptConnection))
+        self.deflate_accepted = bool(accepted.extensions)
+        if key is not None:
+            self.send_text('{"type": "auth", "token": "%s"}' % key)
+            self._read_until(lambda e: isinstance(e, TextMessage) and '"ready"' in e.data)
+
+    def send_text(self, text):
+        self.sock.sendall(self.ws.send(TextMessage(data=text)))
+
+    def ping(self, payload):
+        self.sock.sendall(self.ws.send(Ping(payload=payload)))
+
+    def read_events(self, size=65536, timeout=30):
+        """The events of one read from the socket (empty list on timeout)."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(size)
+        except socket.timeout:
+            return []
+        self.ws.receive_data(data or None)
+        return list(self.ws.events())
 
     def _read_until(self, predicate, timeout=30):
         self.sock.settimeout(timeout)
@@ -79,8 +102,43 @@ class RawSocket:
             for event in self.ws.events():
                 if predicate(event):
                     return event
-            self.ws.receive_data(self.sock.recv(65536))
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server hung up")
+            self.ws.receive_data(data)
+
+    def close_code(self, timeout=30):
+        """Read (discarding) until the server closes; its close code."""
+        return self._read_until(lambda e: isinstance(e, CloseConnection), timeout).code
 
     def resume_until_dropped(self):
         event = self._read_until(lambda e: isinstance(e, TextMessage) and '"dropped"' in e.data)
         return event.data
+
+
+class LocalSocket:
+    """A feed socket attached straight to this process's bus over a socketpair: what a
+    browser of the organization receives, without a server in between."""
+
+    def __init__(self, bus, organization_id):
+        server_end, self.sock = socket.socketpair()
+        server, self.ws = WSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
+        server.receive_data(self.ws.send(Request(host="local", target="/api/feed/ws")))
+        next(server.events())
+        self.ws.receive_data(server.send(AcceptConnection()))
+        next(self.ws.events())
+        from ingest.fanout import FeedSocket, text_frame
+        bus.attach(FeedSocket(server_end, server, organization_id, "local"),
+                   text_frame('{"type": "ready"}'))
+        assert self.next()["type"] == "ready"
+
+    def next(self, timeout=5.0):
+        self.sock.settimeout(timeout)
+        while True:
+            for event in self.ws.events():
+                if isinstance(event, TextMessage):
+                    return json.loads(event.data)
+            self.ws.receive_data(self.sock.recv(65536))
+
+    def close(self):
+        self.sock.close()

@@ -63,8 +63,30 @@ class Gunicorn:
                 continue  # gunicorn's own start-up lines
         return lines
 
+    def worker_pids(self):
+        """The pids of the master's worker processes."""
+        return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if parent_pid(pid) == self.process.pid]
+
     def stop(self):
         stop_group(self.process)
+
+
+def parent_pid(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+def rss_kb(pid):
+    """Resident memory of a process, in KiB (0 once it is gone)."""
+    try:
+        with open("/proc/%d/status" % pid) as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    except (OSError, StopIteration):
+        return 0
 
 
 class Consumer:

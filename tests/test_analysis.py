@@ -1,6 +1,5 @@
 """The analysis itself (DESIGN §7), in process: labels, idempotency, sweep, events;
 and the dev server's embedded consumer, as `python app.py` runs it."""
-import json
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ import tasks
 from ingest import analysis
 from ingest.events import bus_for
 from models import Interaction
+from tests.feed_client import LocalSocket
 from tests.helpers import bearer, interaction
 from tests.servers import ROOT, free_port, wait_until
 
@@ -45,10 +45,11 @@ def test_analyze_is_idempotent_and_skips_empty_content(service, org, customer_id
 
 
 def test_task_publishes_interaction_analyzed(service, org, customer_id):
-    subscription = bus_for(tasks.settings["EVENTS_URL"]).subscribe(org["organizationId"])
+    browser = LocalSocket(bus_for(tasks.settings["EVENTS_URL"]), org["organizationId"])
     sad = stored(service, org, customer_id, "This is awful, I am so disappointed")
     tasks.analyze.call_local([str(sad)])
-    events = [json.loads(message) for message in subscription.take(timeout=0)]
+    events = [browser.next(), browser.next()]
+    browser.close()
     assert [e["type"] for e in events] == ["interaction.created", "interaction.analyzed"]
     data = events[1]["data"]
     assert data["id"] == str(sad)

@@ -1,8 +1,10 @@
 """The command line of DESIGN §10."""
 import json
 
+from ingest.auth import KEY_CACHE_SECONDS
 from models import ApiKey, Customer, Organization
 from tests.helpers import bearer, interaction
+from tests.servers import wait_until
 
 
 def test_init_db_is_idempotent(runner):
@@ -38,6 +40,10 @@ def test_create_key_and_revoke_it(runner, client, org, customer_id):
 
     result = runner.invoke(args=["revoke-key", created["prefix"]])
     assert result.exit_code == 0 and "revoked 1" in result.output
+    # Keys are cached: a revoked one is refused within KEY_CACHE_SECONDS.
+    wait_until(lambda: client.get("/api/customers/" + customer_id,
+                                  headers=bearer(created["key"])).status_code == 401,
+               timeout=KEY_CACHE_SECONDS + 2, interval=0.2, message="the key to be refused")
     assert client.post("/api/data/ingest", json=interaction(customer_id),
                        headers=bearer(created["key"])).status_code == 401
     assert runner.invoke(args=["revoke-key", created["prefix"]]).exit_code != 0
