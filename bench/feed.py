@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -68,6 +69,7 @@ def send(url, key, customer, rate, seconds):
 
 
 def delivery(stack, sockets, rate, seconds):
+    print("%s: %d sockets x %d events/s..." % (stack.kind, sockets, rate), file=sys.stderr)
     org = stack.organization("delivery %dx%d" % (sockets, rate))
     clients = start_clients(stack.url, org["readKey"], sockets)
     sent = send(stack.url, org["ingestKey"], org["customers"][0], rate, seconds)
@@ -138,9 +140,12 @@ def main():
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--postgres", default=POSTGRES, help="PostgreSQL server to bench on")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--rows", help="sockets x events/s to run, e.g. 100x500,1000x50")
     parser.add_argument("--quick", action="store_true", help="one small row, a smoke run")
     args = parser.parse_args()
     rows, seconds, hold_count = (QUICK_ROWS, 2, 200) if args.quick else (ROWS, args.seconds, HOLD)
+    if args.rows:
+        rows = [tuple(map(int, row.split("x"))) for row in args.rows.split(",")]
     servers = [None] + ([] if args.no_postgres else [args.postgres])
     results = [bench(server, rows, seconds, hold_count) for server in servers]
     for result in results:

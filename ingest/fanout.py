@@ -47,6 +47,9 @@ MAX_MESSAGE = 64 * 1024  # a client message larger than this: 1009
 INBOUND_BURST = 64 * 1024  # bytes a client may send at once after auth...
 INBOUND_RATE = 1024  # ...and per second on average, beyond which it is cut off (1008)
 MAX_SOCKETS = 10_000  # per process; more are refused with 1013
+# Events arriving within this long of the last send pass wait for the next one,
+# so that under load each socket gets a few events per write, not one each.
+COALESCE_SECONDS = 0.005
 SENDMSG_BUFFERS = 64
 
 _loops = weakref.WeakSet()
@@ -254,6 +257,9 @@ class FanOut:
             self._next_tick = time.monotonic() + 1
             self._stopping = None
             self._closing = None  # (code, reason) for every socket, once the process stops
+            self._pending = set()  # sockets with events queued since the last flush pass
+            self._flushed_at = 0.0
+            self._flush_at = None  # when the next pass is due, if one is
             threading.Thread(target=self._run, name="feed-fanout", daemon=True).start()
             self._pid = os.getpid()
 
@@ -267,8 +273,8 @@ class FanOut:
                 log.exception("feed fan-out error")
 
     def _step(self):
-        timeout = max(0.0, self._next_tick - time.monotonic())
-        for key, mask in self._selector.select(timeout):
+        wake_at = self._next_tick if self._flush_at is None else min(self._next_tick, self._flush_at)
+        for key, mask in self._selector.select(max(0.0, wake_at - time.monotonic())):
             feed_socket = key.data
             if feed_socket is None:
                 self._take_commands()
@@ -277,7 +283,10 @@ class FanOut:
                 self._read(feed_socket)
             if mask & selectors.EVENT_WRITE and feed_socket in self._sockets:
                 self._flush(feed_socket)
-        if time.monotonic() >= self._next_tick:
+        now = time.monotonic()
+        if self._flush_at is not None and now >= self._flush_at:
+            self._flush_pending(now)
+        if now >= self._next_tick:
             self._tick()
 
     def _take_commands(self):
@@ -294,9 +303,20 @@ class FanOut:
                 getattr(self, "_on_" + kind)(touched, *args)
             except Exception:
                 log.exception("feed fan-out command failed", extra={"command": kind})
-        for feed_socket in touched:
-            if feed_socket in self._sockets:
+        self._pending |= touched
+        now = time.monotonic()
+        if now - self._flushed_at >= COALESCE_SECONDS:
+            self._flush_pending(now)
+        elif self._flush_at is None:
+            self._flush_at = self._flushed_at + COALESCE_SECONDS
+
+    def _flush_pending(self, now):
+        """Send what the commands since the last pass queued, to every socket at once."""
+        pending, self._pending = self._pending, set()
+        for feed_socket in pending:
+            if feed_socket in self._sockets and not feed_socket.writing:
                 self._flush(feed_socket)
+        self._flushed_at, self._flush_at = now, None
 
     def _on_adopt(self, touched, feed_socket, greeting):
         self._sockets.add(feed_socket)
