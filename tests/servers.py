@@ -33,14 +33,14 @@ def wait_until(condition, timeout=20.0, interval=0.05, message="condition"):
 class Gunicorn:
     """`gunicorn -c gunicorn.conf.py "app:create_app()"` on a free port."""
 
-    def __init__(self, log_path, workers=2, env=None):
+    def __init__(self, log_path, workers=2, env=None, app="app:create_app()"):
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log_path = log_path
         self.workers = workers
         self.process = subprocess.Popen(
             [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py",
-             "--bind", "127.0.0.1:%d" % self.port, "--workers", str(workers), "app:create_app()"],
+             "--bind", "127.0.0.1:%d" % self.port, "--workers", str(workers), app],
             cwd=ROOT, env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},
             stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
         wait_until(self._ready, message="every gunicorn worker to be ready")
@@ -50,7 +50,7 @@ class Gunicorn:
             raise AssertionError("gunicorn exited: " + open(self.log_path).read()[-3000:])
         booted = open(self.log_path).read().count(" ready")  # post_worker_init in gunicorn.conf.py
         try:
-            return booted >= self.workers and requests.get(self.url + "/healthz", timeout=1).ok
+            return booted >= self.workers and requests.get(self.url + "/healthz", timeout=1) is not None
         except requests.ConnectionError:
             return False
 
