@@ -6,8 +6,10 @@ reads back byte for byte the same on both databases.
 """
 import contextlib
 import datetime
+import fcntl
 import json
 import os
+import threading
 import uuid
 from urllib.parse import urlparse
 
@@ -39,11 +41,11 @@ def make_database(url, pool_size=10):
     """
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
-        return SqliteDatabase(
+        return QueuedWritersSqliteDatabase(
             parse_db_url(url)["database"],
             # WAL lets readers run beside the writer; IMMEDIATE takes the write
             # lock at BEGIN so a transaction never fails half-way on upgrade;
-            # the 30 s busy timeout lets writers of other processes queue.
+            # the 30 s busy timeout lets writers that do not queue (below) wait.
             pragmas={"journal_mode": "wal", "synchronous": "normal", "foreign_keys": 1},
             lock_type="IMMEDIATE",
             timeout=30,
@@ -54,6 +56,59 @@ def make_database(url, pool_size=10):
         return PooledPostgresqlDatabase(params.pop("database"), max_connections=pool_size,
                                         stale_timeout=300, timeout=POOL_WAIT, **params)
     raise ValueError("DATABASE_URL must be sqlite:/// or postgresql://, not %r" % url)
+
+
+class QueuedWritersSqliteDatabase(SqliteDatabase):
+    """SQLite shared by several processes, whose write transactions queue on a lock
+    file (flock) before BEGIN IMMEDIATE.
+
+    SQLite's own busy handler polls for the write lock with sleeps of 1, 2, 5,
+    10... ms, and favours no one: with two gunicorn workers each committing
+    hundreds of groups a second, some commits waited half a second. A blocked
+    flock is woken the moment the lock is free. Each thread has its own lock
+    file descriptor: flock excludes open files, not processes.
+    """
+
+    def __init__(self, database, **kwargs):
+        super().__init__(database, **kwargs)
+        self._lock_path = None if database in ("", ":memory:") else database + "-writers.lock"
+        self._lock_files = threading.local()
+
+    def begin(self, lock_type=None):
+        lock = self._writer_lock()
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            super().begin(lock_type)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def commit(self):
+        try:
+            super().commit()
+        finally:
+            self._unlock()
+
+    def rollback(self):
+        try:
+            super().rollback()
+        finally:
+            self._unlock()
+
+    def _writer_lock(self):
+        if self._lock_path is None:
+            return None
+        lock = getattr(self._lock_files, "file", None)
+        if lock is None or getattr(self._lock_files, "pid", None) != os.getpid():
+            lock = self._lock_files.file = open(self._lock_path, "a")
+            self._lock_files.pid = os.getpid()
+        return lock
+
+    def _unlock(self):
+        lock = getattr(self._lock_files, "file", None)
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def bind(url, pool_size=10):

@@ -26,7 +26,9 @@ CHUNK = 100
 def make_huey(url):
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
-        return SqliteHuey("ingest", filename=urlparse(url).path)
+        # No fsync per enqueue: the interactions table, not the queue, is the record;
+        # a task lost to a power cut is re-queued by the sweep.
+        return SqliteHuey("ingest", filename=urlparse(url).path, fsync=False)
     if scheme in ("redis", "rediss"):
         return PriorityRedisHuey("ingest", url=url)
     if scheme in ("postgres", "postgresql"):
@@ -71,9 +73,7 @@ def analyze(ids, task=None):
             "type": "interaction.analyzed", "data": {
                 "id": str(result["id"]), "analysisStatus": result["analysis_status"],
                 "sentiment": result["sentiment"]}})
-    bus = bus_for(settings["EVENTS_URL"])
-    for organization_id, events in by_organization.items():
-        bus.publish(organization_id, events)
+    bus_for(settings["EVENTS_URL"]).publish(by_organization)
 
 
 @huey.periodic_task(crontab(minute="*"))

@@ -62,7 +62,7 @@ class Stack:
         self.kind = "PostgreSQL + Redis" if server_url else "SQLite"
         queue = REDIS + "/14" if server_url else "sqlite:///" + os.path.join(self.dir, "queue.db")
         self.env = {"INSTANCE_PATH": self.dir, "DATABASE_URL": self.database_url,
-                    "QUEUE_URL": queue, "EVENTS_URL": REDIS + "/15", "LOG_LEVEL": "WARNING",
+                    "QUEUE_URL": queue, "EVENTS_URL": REDIS + "/15", "LOG_LEVEL": "INFO",
                     **(env or {})}
         self.flask("init-db")
         self.web = Gunicorn(os.path.join(self.dir, "web.log"), workers=workers, env=self.env)

@@ -1,75 +1,115 @@
 """Group commit: one writer thread per process stores what concurrent requests submit.
 
-DESIGN §12: one write transaction per request caps throughput (SQLite
+DESIGN §6 and §12: one write transaction per request caps throughput (SQLite
 serialises writers, each commit syncs). Instead requests hand their
 interactions to this process's writer, which stores everything waiting in one
 transaction. If that shared transaction fails, each job is retried on its
 own, so one request's failure never fails another's, and every caller gets
 its own answer.
+
+Once a group is committed its callers are answered at once, and the work that
+follows a commit (queueing the analyses, publishing the events) is done by a
+second thread, once for every group committed in the last FOLLOW_WINDOW,
+while the writer goes on to the next.
 """
 import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from models import db
 
 log = logging.getLogger(__name__)
 
+# The follow-up of a commit waits this long for more commits to do theirs with
+# it: under load one enqueue and one publish serve several groups; an event
+# reaches the live feed at most this much later.
+FOLLOW_WINDOW = 0.002
+
+
+@dataclass
+class Job:
+    """Interactions from one request (or one batch chunk), stored together or not at all."""
+    items: list
+    high_priority: bool
+
 
 class GroupCommitter:
-    def __init__(self, write_group, max_items=500):
-        """``write_group(jobs) -> results per job`` runs in one transaction."""
+    def __init__(self, write_group, after_commit, max_items=500):
+        """``write_group(jobs) -> results per job`` runs in one transaction;
+        ``after_commit(jobs, results)`` runs after it, off the writer thread."""
         self._write_group = write_group
+        self._after_commit = after_commit
         self._max_items = max_items
         self._queue = queue.SimpleQueue()
+        self._committed = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pid = None
 
     def submit(self, job):
-        """Queue ``job`` (a list of items) for storage; returns a Future of its result."""
-        self._ensure_writer()
+        """Queue ``job`` for storage; returns a Future of its results."""
+        self._ensure_threads()
         future = Future()
         self._queue.put((job, future))
         return future
 
-    def _ensure_writer(self):
+    def _ensure_threads(self):
         # Started lazily and per process: a forked worker inherits no thread.
         if self._pid == os.getpid():
             return
         with self._lock:
             if self._pid != os.getpid():
-                threading.Thread(target=self._run, name="group-commit", daemon=True).start()
+                threading.Thread(target=self._write, name="group-commit", daemon=True).start()
+                threading.Thread(target=self._follow, name="after-commit", daemon=True).start()
                 self._pid = os.getpid()
 
-    def _run(self):
+    def _write(self):
         while True:
             group = [self._queue.get()]
-            size = len(group[0][0])
+            size = len(group[0][0].items)
             while size < self._max_items:
                 try:
                     entry = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 group.append(entry)
-                size += len(entry[0])
-            self._commit(group)
+                size += len(entry[0].items)
+            committed = self._commit(group)
+            if committed:
+                self._committed.put(committed)
 
     def _commit(self, group):
+        """Commit ``group``, or each of its jobs alone if that fails; answers every
+        caller and returns the (job, results) pairs that were stored."""
         try:
-            results = self._write_group([job for job, _ in group])
+            results = self._write_group([job.items for job, _ in group])
         except Exception:
             if len(group) == 1:
                 group[0][1].set_exception(StorageFailure())
-                log.exception("storage failed", extra={"items": len(group[0][0])})
+                log.exception("storage failed", extra={"items": len(group[0][0].items)})
                 self._reset_connection()
-                return
-            for entry in group:  # isolate the failing job(s)
-                self._commit([entry])
-            return
+                return []
+            return [pair for entry in group for pair in self._commit([entry])]
         for (_, future), result in zip(group, results):
             future.set_result(result)
+        return [(job, result) for (job, _), result in zip(group, results)]
+
+    def _follow(self):
+        while True:
+            committed = self._committed.get()
+            time.sleep(FOLLOW_WINDOW)
+            while True:  # whatever else was committed meanwhile, in the same follow-up
+                try:
+                    committed += self._committed.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                self._after_commit(committed)
+            except Exception:  # never let one group's follow-up stop the next
+                log.exception("after-commit work failed")
 
     @staticmethod
     def _reset_connection():

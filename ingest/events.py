@@ -1,7 +1,8 @@
 """Live events (DESIGN §8): the bus that carries them from whoever publishes
 (a web worker's writer, a consumer) to the fan-out of every web process.
 
-``bus.publish(organization_id, events)`` is all the workflow and the tasks know.
+``bus.publish({organization_id: events})`` is all the workflow and the tasks
+know: one call for everything a commit (or an analysis task) produced.
 
 - ``memory://`` (one process, the dev server): publishing hands the events to
   this process's fan-out.
@@ -51,8 +52,9 @@ class MemoryBus:
     def __init__(self):
         self.fanout = FanOut(on_leave=self._left)
 
-    def publish(self, organization_id, events):
-        self.fanout.dispatch(organization_id, encode(events))
+    def publish(self, events_by_organization):
+        for organization_id, events in events_by_organization.items():
+            self.fanout.dispatch(organization_id, encode(events))
 
     def attach(self, feed_socket, greeting):
         """Serve ``feed_socket`` its organization's events, after ``greeting``.
@@ -83,22 +85,24 @@ class RedisBus(MemoryBus):
         self._failed = set()  # organizations whose events this process failed to publish
         self._listener_pid = None
 
-    def publish(self, organization_id, events):
-        key = STREAM_PREFIX + str(organization_id)
+    def publish(self, events_by_organization):
+        """One pipelined round trip: an XADD per organization (after a gap marker
+        where an earlier publish of this process failed)."""
         pipe = self._redis.pipeline(transaction=False)
-        lost = organization_id in self._failed
-        if lost:
-            pipe.xadd(key, {GAP_FIELD: b"1"}, maxlen=STREAM_LENGTH, approximate=True)
-        pipe.xadd(key, {EVENTS_FIELD: "\n".join(encode(events))},
-                  maxlen=STREAM_LENGTH, approximate=True)
-        pipe.expire(key, STREAM_TTL)
+        lost = self._failed & set(events_by_organization)
+        for organization_id, events in events_by_organization.items():
+            key = STREAM_PREFIX + str(organization_id)
+            if organization_id in lost:
+                pipe.xadd(key, {GAP_FIELD: b"1"}, maxlen=STREAM_LENGTH, approximate=True)
+            pipe.xadd(key, {EVENTS_FIELD: "\n".join(encode(events))},
+                      maxlen=STREAM_LENGTH, approximate=True)
+            pipe.expire(key, STREAM_TTL)
         try:
             pipe.execute()
         except redis.RedisError:
-            self._failed.add(organization_id)
+            self._failed |= set(events_by_organization)
             raise
-        if lost:
-            self._failed.discard(organization_id)
+        self._failed -= lost
 
     def _joined(self, organization_id):
         self._ensure_listener()

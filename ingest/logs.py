@@ -5,16 +5,21 @@ line logged while serving a request carries them without being passed around.
 Never log an API key or an Authorization header.
 """
 import contextvars
+import io
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
-import uuid
 
 from flask import g, request
 
+from ingest import ids
+
 _context = contextvars.ContextVar("log_context", default={})
+_started = contextvars.ContextVar("request_started", default=0.0)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -24,22 +29,68 @@ def bind_context(**values):
 
 
 class JsonFormatter(logging.Formatter):
+    _second = (None, "")  # the last second formatted, and its text
+
     def format(self, record):
         entry = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + ".%03dZ" % record.msecs,
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
             "message": record.getMessage(),
             **_context.get(),
         }
-        entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
+        fields = vars(record)
+        for key in fields.keys() - _STANDARD:  # what the caller passed as extra=
+            entry[key] = fields[key]
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
+    def _timestamp(self, created):
+        second = int(created)
+        if self._second[0] != second:
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return "%s.%03dZ" % (self._second[1], (created - second) * 1000)
 
-JsonFormatter.converter = time.gmtime
+
+class BatchingHandler(logging.StreamHandler):
+    """Writes to stderr through its own buffer, drained every FLUSH_SECONDS and at
+    once for warnings and errors: a busy worker makes a few writes a second
+    instead of one per request. A process killed outright loses at most the
+    last FLUSH_SECONDS of info lines."""
+
+    FLUSH_SECONDS = 0.2
+
+    def __init__(self):
+        super().__init__(io.TextIOWrapper(
+            io.BufferedWriter(io.FileIO(sys.stderr.fileno(), "wb", closefd=False), 1 << 16),
+            encoding="utf-8", errors="backslashreplace"))
+        self._flusher_pid = None
+
+    def emit(self, record):
+        if self._flusher_pid != os.getpid():  # per process: a fork inherits no thread
+            self._flusher_pid = os.getpid()
+            threading.Thread(target=self._flush_often, name="log-flush", daemon=True).start()
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self.drain()
+
+    def flush(self):
+        """StreamHandler flushes after every record; that is what this handler avoids."""
+
+    def drain(self):
+        with self.lock:
+            self.stream.flush()
+
+    def close(self):
+        self.drain()
+        super().close()
+
+    def _flush_often(self):
+        while True:
+            time.sleep(self.FLUSH_SECONDS)
+            self.drain()
 
 
 def configure(level="INFO"):
@@ -50,7 +101,7 @@ def configure(level="INFO"):
     """
     root = logging.getLogger()
     if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = BatchingHandler()
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
     root.setLevel(level)
@@ -68,14 +119,18 @@ def init_app(app):
     @app.before_request
     def _start():
         incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        g.started = time.perf_counter()
-        _context.set({"request_id": g.request_id})
+        request_id = incoming if _REQUEST_ID.match(incoming) else ids.uuid4().hex
+        _context.set({"request_id": request_id})
+        _started.set(time.perf_counter())
 
     @app.after_request
     def _finish(response):
-        response.headers["X-Request-ID"] = g.get("request_id", "")
-        access.info("request", extra={
-            "method": request.method, "path": request.path, "status": response.status_code,
-            "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2)})
+        context = _context.get()
+        response.headers["X-Request-ID"] = context.get("request_id", "")
+        if access.isEnabledFor(logging.INFO):
+            started = _started.get()
+            current = request._get_current_object()
+            access.info("request", extra={
+                "method": current.method, "path": current.path, "status": response.status_code,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
         return response

@@ -10,6 +10,7 @@ codes to HTTP statuses.
 import logging
 import operator
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -17,8 +18,9 @@ from marshmallow import ValidationError
 from peewee import IntegrityError, Tuple
 
 from ingest import schemas, segment
-from ingest.committer import GroupCommitter, StorageFailure
-from ingest.store import CREATED, NewInteraction, write_group
+from ingest.committer import GroupCommitter, Job, StorageFailure
+from ingest.logs import bind_context
+from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, write_group
 from models import Customer, Interaction, db, release_connection, utcnow
 
 log = logging.getLogger(__name__)
@@ -65,16 +67,18 @@ class BatchResult:
 class IngestService:
     """The workflow, wired to the analysis queue and the live-event bus.
 
-    ``enqueue_analysis(ids, high_priority)`` and ``publish(organization_id,
-    events)`` are called only after commit, and their failure never fails an
-    ingest that is already stored.
+    ``enqueue_analysis(ids, high_priority)`` and ``publish(events_by_organization)``
+    are called after commit, once for each committed group of requests, and their
+    failure never fails an ingest that is already stored.
     """
 
     def __init__(self, enqueue_analysis, publish, max_batch_items=1000):
         self.enqueue_analysis = enqueue_analysis
         self.publish = publish
         self.max_batch_items = max_batch_items
-        self.committer = GroupCommitter(write_group)
+        self.known_customers = KnownCustomers()
+        self.committer = GroupCommitter(
+            lambda jobs: write_group(jobs, self.known_customers), self._after_commit)
 
     # Customers -----------------------------------------------------------
 
@@ -113,21 +117,12 @@ class IngestService:
     def ingest(self, organization_id, payload):
         """Store one interaction; returns (interaction_id, duplicate)."""
         item = self._prepare(organization_id, _load(schemas.interaction_in, payload))
-        if item.customer_id not in self._known_customers(organization_id, [item.customer_id]):
-            raise ServiceError("customer_not_found", "No such customer.",
-                               {"customerId": [str(item.customer_id)]})
-        future = self.committer.submit([item])
-        release_connection()
-        try:
-            [(status, interaction_id)] = future.result(timeout=COMMIT_TIMEOUT)
-        except (StorageFailure, TimeoutError):
-            raise storage_error() from None
-        if status == CREATED:
-            self._after_commit([item], high_priority=True)
-        log.info("interaction ingested", extra={
-            "organization_id": organization_id, "customer_id": item.customer_id,
-            "interaction_id": interaction_id, "duplicate": status != CREATED})
-        return interaction_id, status != CREATED
+        bind_context(customer_id=str(item.customer_id))
+        [(status, interaction_id)] = self._store(Job([item], high_priority=True))
+        if status == UNKNOWN_CUSTOMER:
+            raise customer_not_found(item)
+        bind_context(interaction_id=str(interaction_id), duplicate=status == DUPLICATE)
+        return interaction_id, status == DUPLICATE
 
     def ingest_batch(self, organization_id, payload):
         """Validate item by item, store valid ones in chunks; returns a BatchResult."""
@@ -143,41 +138,39 @@ class IngestService:
                                                    _load(schemas.interaction_in, raw))))
             except ServiceError as error:
                 result.errors.append(_item_error(index, error))
-        known = self._known_customers(organization_id, {item.customer_id for _, item in valid})
-        for index, item in valid:
-            if item.customer_id not in known:
-                result.errors.append(_item_error(index, ServiceError(
-                    "customer_not_found", "No such customer.",
-                    {"customerId": [str(item.customer_id)]})))
-        valid = [(index, item) for index, item in valid if item.customer_id in known]
-
         chunks = [valid[start:start + CHUNK_SIZE] for start in range(0, len(valid), CHUNK_SIZE)]
-        futures = [self.committer.submit([item for _, item in chunk]) for chunk in chunks]
+        futures = [self.committer.submit(Job([item for _, item in chunk], high_priority=False))
+                   for chunk in chunks]
         release_connection()
         for chunk, future in zip(chunks, futures):
             self._settle_chunk(chunk, future, result)
         result.errors.sort(key=lambda error: error["index"])
-        log.info("batch ingested", extra={
-            "organization_id": organization_id, "total": result.total,
-            "successful": result.successful, "duplicates": result.duplicates,
-            "failed": result.failed})
+        bind_context(total=result.total, successful=result.successful,
+                     duplicates=result.duplicates, failed=result.failed)
         return result
 
-    def _settle_chunk(self, chunk, future, result):
+    def _store(self, job):
+        future = self.committer.submit(job)
+        release_connection()
+        try:
+            return future.result(timeout=COMMIT_TIMEOUT)
+        except (StorageFailure, TimeoutError):
+            raise storage_error() from None
+
+    @staticmethod
+    def _settle_chunk(chunk, future, result):
         try:
             outcomes = future.result(timeout=COMMIT_TIMEOUT)
         except (StorageFailure, TimeoutError):
             for index, _ in chunk:
                 result.errors.append(_item_error(index, storage_error()))
             return
-        created = []
         for (index, item), (status, interaction_id) in zip(chunk, outcomes):
+            if status == UNKNOWN_CUSTOMER:
+                result.errors.append(_item_error(index, customer_not_found(item)))
+                continue
             result.ids[index] = interaction_id
-            if status == CREATED:
-                created.append(item)
-            else:
-                result.duplicates += 1
-        self._after_commit(created, high_priority=False)
+            result.duplicates += status == DUPLICATE
 
     def ingest_segment(self, organization_id, payload, kind=None):
         """Segment's /v1/batch (or, with ``kind``, /v1/track etc.; DESIGN §9).
@@ -234,33 +227,29 @@ class IngestService:
         """Enrich validated data with its organization."""
         return NewInteraction(organization_id=uuid.UUID(str(organization_id)), **data)
 
-    @staticmethod
-    def _known_customers(organization_id, customer_ids):
-        if not customer_ids:
-            return set()
-        query = (Customer.select(Customer.id)
-                 .where((Customer.organization == organization_id)
-                        & Customer.id.in_(list(customer_ids)))
-                 .tuples())
-        return {row[0] for row in query}
-
-    def _after_commit(self, items, high_priority):
-        """Hand committed interactions (of one organization) to analysis and the
-        live feed; never raises."""
-        if not items:
-            return
-        ids = [item.id for item in items]
-        try:
-            self.enqueue_analysis(ids, high_priority)
-        except Exception:
-            log.warning("analysis enqueue failed; the sweep will pick these up",
-                        exc_info=True, extra={"interaction_ids": ids})
-        try:
-            self.publish(items[0].organization_id, [
-                {"type": "interaction.created", "data": schemas.interaction_out.dump(item)}
-                for item in items])
-        except Exception:
-            log.warning("publish failed", exc_info=True, extra={"interaction_ids": ids})
+    def _after_commit(self, committed):
+        """Hand a committed group's new interactions to the live feed (one publish)
+        and to analysis (one enqueue per priority); never raises."""
+        ids = {True: [], False: []}
+        events = defaultdict(list)
+        for job, results in committed:
+            for item, (status, _) in zip(job.items, results):
+                if status == CREATED:
+                    ids[job.high_priority].append(item.id)
+                    events[item.organization_id].append(
+                        {"type": "interaction.created", "data": schemas.interaction_out.dump(item)})
+        if events:  # before the analyses are queued, so that "created" precedes "analyzed"
+            try:
+                self.publish(events)
+            except Exception:
+                log.warning("publish failed", exc_info=True)
+        for high_priority, group in ids.items():
+            if group:
+                try:
+                    self.enqueue_analysis(group, high_priority)
+                except Exception:
+                    log.warning("analysis enqueue failed; the sweep will pick these up",
+                                exc_info=True, extra={"interaction_ids": group})
 
     # Reads ------------------------------------------------------------------
 
@@ -331,6 +320,11 @@ def _message_id(event):
     """The event's messageId, to name it in a problem report, when it is a string."""
     message_id = event.get("messageId") if isinstance(event, dict) else None
     return message_id if isinstance(message_id, str) else None
+
+
+def customer_not_found(item):
+    return ServiceError("customer_not_found", "No such customer.",
+                        {"customerId": [str(item.customer_id)]})
 
 
 def _item_error(index, error):

@@ -1,29 +1,46 @@
 """Set-based writes: interactions and their customers' counters in one transaction.
 
-DESIGN §6 and §12: one multi-row INSERT for a group of interactions, one
-atomic UPDATE per customer, no per-row round trips. ``messageId`` idempotency
-is enforced by the unique index on (organization, message_id): rows that
-conflict are skipped by ``ON CONFLICT DO NOTHING`` and reported as duplicates
-of the row already there, which is race-safe across processes.
+DESIGN §6 and §12. For a group of jobs (lists of interactions), in one
+transaction and a fixed number of statements whatever the group's size:
+
+1. the customers this process does not know yet are looked up, one SELECT, so
+   an interaction is only ever stored for a customer of its own organization;
+2. one multi-row ``INSERT ... ON CONFLICT (organization_id, message_id) DO
+   NOTHING RETURNING id``: rows that conflict are duplicates of the row already
+   there, which is race-safe across processes (the unique index decides);
+3. one ``UPDATE customer`` for all its customers, counting the rows actually
+   inserted: ``count + n``, ``last_seen_at = max(last_seen_at, newest)``.
+
+On PostgreSQL 2 and 3 are one statement (a data-modifying CTE): one round trip,
+atomic without BEGIN/COMMIT. On SQLite they are two, in one transaction. The
+hot statements are written out here rather than built by peewee for each
+group: their text depends only on the number of rows, so psycopg prepares them
+once, and building them costs nothing.
 """
-import logging
-import time
-from collections import defaultdict
 import datetime
+import functools
+import logging
+import threading
+import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-from peewee import Case, OperationalError
+from peewee import OperationalError
 
-from models import Customer, Interaction, db, utcnow
+from ingest import ids
+from models import Customer, Interaction, db, is_postgres, utcnow
 
 log = logging.getLogger(__name__)
 
 CREATED = "created"
 DUPLICATE = "duplicate"
+UNKNOWN_CUSTOMER = "unknown_customer"
 # A write that fails with a transient error (SQLite busy past its timeout, a
 # PostgreSQL deadlock or dropped connection) is tried this many times in all.
 ATTEMPTS = 3
+KNOWN_CUSTOMER_SECONDS = 60
+KNOWN_CUSTOMER_ENTRIES = 100_000
 
 
 @dataclass
@@ -37,7 +54,7 @@ class NewInteraction:
     content: str | None = None
     metadata: dict = field(default_factory=dict)
     message_id: str | None = None
-    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    id: uuid.UUID = field(default_factory=ids.uuid4)
     received_at: datetime.datetime = field(default_factory=utcnow)
 
     # How a stored row reads before its analysis (for serialisation).
@@ -49,27 +66,59 @@ class NewInteraction:
         """The idempotency key: (organization, messageId)."""
         return (self.organization_id, self.message_id)
 
-    def row(self):
-        return {
-            "id": self.id, "organization": self.organization_id, "customer": self.customer_id,
-            "message_id": self.message_id, "timestamp": self.timestamp,
-            "received_at": self.received_at, "channel": self.channel,
-            "event_type": self.event_type, "content": self.content,
-            "metadata": self.metadata, "analysis_status": self.analysis_status,
-        }
+
+# The columns an INSERT writes, and their values for an item, as both drivers
+# take them (the UUIDs as hex, which is how peewee stores them on SQLite and
+# what PostgreSQL casts to uuid; JSON as the metadata field serialises it).
+COLUMNS = ("id", "organization_id", "customer_id", "message_id", "timestamp", "received_at",
+           "channel", "event_type", "content", "metadata", "analysis_status")
 
 
-def write_group(jobs):
+def _values(item):
+    return (item.id.hex, item.organization_id.hex, item.customer_id.hex, item.message_id,
+            item.timestamp, item.received_at, item.channel, item.event_type, item.content,
+            Interaction.metadata.db_value(item.metadata), item.analysis_status)
+
+
+class KnownCustomers:
+    """(organization, customer) pairs that exist, remembered for KNOWN_CUSTOMER_SECONDS,
+    so that storing an interaction for a known customer costs no query."""
+
+    def __init__(self, ttl=KNOWN_CUSTOMER_SECONDS):
+        self._ttl = ttl
+        self._expiry = {}
+        self._lock = threading.Lock()
+
+    def unknown(self, pairs):
+        now = time.monotonic()
+        return {pair for pair in pairs if self._expiry.get(pair, 0) <= now}
+
+    def add(self, pairs):
+        expires = time.monotonic() + self._ttl
+        with self._lock:
+            if len(self._expiry) + len(pairs) > KNOWN_CUSTOMER_ENTRIES:
+                self._expiry = {}
+            self._expiry.update(dict.fromkeys(pairs, expires))
+
+    def forget(self, pair):
+        with self._lock:
+            self._expiry.pop(pair, None)
+
+
+def write_group(jobs, known):
     """Store every job of ``jobs`` (lists of NewInteraction) in one transaction.
 
-    Returns, per job, a list of ``(CREATED|DUPLICATE, interaction_id)`` in item
-    order; a duplicate carries the id of the interaction stored first. Raises
+    Returns, per job, a list of ``(CREATED|DUPLICATE|UNKNOWN_CUSTOMER, id)`` in
+    item order: a duplicate carries the id of the interaction stored first, an
+    item whose customer is not one of its organization's carries None. Raises
     if the transaction fails, and then nothing of it is stored.
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
+            if is_postgres():  # its insert-and-count is one statement: atomic alone
+                return _write(jobs, known, _insert_and_count)
             with db.atomic():
-                return _write(jobs)
+                return _write(jobs, known, _insert_then_count)
         except OperationalError:
             if attempt == ATTEMPTS:
                 raise
@@ -79,22 +128,30 @@ def write_group(jobs):
             time.sleep(0.05 * 2 ** attempt)
 
 
-def _write(jobs):
+def _write(jobs, known, store):
     items = [item for job in jobs for item in job]
+    missing = known.unknown({(item.organization_id, item.customer_id) for item in items})
+    strangers = set()
+    if missing:
+        found = _existing(missing)
+        known.add(found)
+        strangers = missing - found
+
     candidates, seen = [], set()  # the first item of each (organization, messageId)
     for item in items:
+        if (item.organization_id, item.customer_id) in strangers:
+            continue
         if item.message_id is None or item.key not in seen:
             seen.add(item.key)
             candidates.append(item)
-
-    inserted = _insert(candidates)
+    inserted = store(candidates)
     stored = _stored_ids([item for item in candidates if item.id not in inserted])
     stored.update((item.key, item.id) for item in candidates
                   if item.id in inserted and item.message_id is not None)
-    outcome = [(CREATED, item.id) if item.id in inserted else (DUPLICATE, stored[item.key])
-               for item in items]
-    _update_customers([item for item in items if item.id in inserted])
 
+    outcome = [(UNKNOWN_CUSTOMER, None) if (item.organization_id, item.customer_id) in strangers
+               else (CREATED, item.id) if item.id in inserted else (DUPLICATE, stored[item.key])
+               for item in items]
     results, start = [], 0
     for job in jobs:
         results.append(outcome[start:start + len(job)])
@@ -102,19 +159,61 @@ def _write(jobs):
     return results
 
 
-def _insert(items):
-    """Insert ``items``; return the ids actually inserted (the others conflicted)."""
-    if not items:
-        return set()
+def _existing(pairs):
+    """Which of the (organization, customer) ``pairs`` are customers of that organization."""
+    rows = (Customer.select(Customer.organization, Customer.id)
+            .where(Customer.id.in_([customer for _, customer in pairs])).tuples())
+    return {(org, customer) for org, customer in rows} & pairs
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(rows, param):
+    values = "(%s)" % ", ".join([param] * len(COLUMNS))
+    return ("INSERT INTO interaction (%s) VALUES %s "
+            "ON CONFLICT (organization_id, message_id) DO NOTHING"
+            % (", ".join(COLUMNS), ", ".join([values] * rows)))
+
+
+def _insert_params(items):
     # A stable order of the unique keys keeps concurrent writers of the same
     # messageIds from deadlocking on each other on PostgreSQL.
-    items = sorted(items, key=lambda i: (str(i.organization_id), i.message_id or ""))
-    query = (Interaction.insert_many([i.row() for i in items])
-             .on_conflict(conflict_target=[Interaction.organization, Interaction.message_id],
-                          action="nothing")
-             .returning(Interaction.id)
-             .tuples())
-    return {row[0] for row in query.execute()}
+    if any(item.message_id is not None for item in items):
+        items = sorted(items, key=lambda i: (i.organization_id.hex, i.message_id or ""))
+    return [value for item in items for value in _values(item)]
+
+
+def _insert_then_count(items):
+    """SQLite: insert ``items`` (those that conflict are skipped), then count the
+    inserted ones on their customers; returns the ids inserted."""
+    if not items:
+        return set()
+    cursor = db.execute_sql(_insert_sql(len(items), db.param) + " RETURNING id", _insert_params(items))
+    inserted = {Interaction.id.python_value(row[0]) for row in cursor}
+    _update_customers([item for item in items if item.id in inserted])
+    return inserted
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_and_count_sql(rows):
+    # The counts come from the rows actually inserted (RETURNING), so a conflict
+    # is never counted; last_seen_at only ever moves forward.
+    return ("WITH inserted AS (%s RETURNING id, customer_id, timestamp), "
+            "counted AS (SELECT customer_id, COUNT(*) AS n, MAX(timestamp) AS newest "
+            "FROM inserted GROUP BY customer_id ORDER BY customer_id), "
+            "updated AS (UPDATE customer SET interaction_count = interaction_count + counted.n, "
+            "last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < counted.newest "
+            "THEN counted.newest ELSE last_seen_at END "
+            "FROM counted WHERE customer.id = counted.customer_id) "
+            "SELECT id FROM inserted" % _insert_sql(rows, "%s"))
+
+
+def _insert_and_count(items):
+    """PostgreSQL: the insert and the counter update as one statement (one round
+    trip, atomic on its own); returns the ids inserted."""
+    if not items:
+        return set()
+    cursor = db.execute_sql(_insert_and_count_sql(len(items)), _insert_params(items))
+    return {row[0] for row in cursor}
 
 
 def _stored_ids(items):
@@ -129,19 +228,24 @@ def _stored_ids(items):
     return {(org, message_id): id_ for org, message_id, id_ in query}
 
 
+@functools.lru_cache(maxsize=256)
+def _update_sql(customers):
+    return ("UPDATE customer SET interaction_count = interaction_count + v.column2, "
+            "last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < v.column3 "
+            "THEN v.column3 ELSE last_seen_at END "
+            "FROM (VALUES %s) AS v WHERE customer.id = v.column1"
+            % ", ".join(["(?, ?, ?)"] * customers))
+
+
 def _update_customers(items):
-    """One atomic UPDATE per customer: count += n, last_seen_at = max(it, newest)."""
+    """SQLite: one UPDATE for all customers: count += n, last_seen_at = max(it, newest)."""
+    if not items:
+        return
     per_customer = defaultdict(list)
     for item in items:
         per_customer[item.customer_id].append(item.timestamp)
-    last_seen = Customer.last_seen_at
-    # Sorted so that concurrent transactions lock customers in the same order.
-    for customer_id in sorted(per_customer, key=str):
-        stamps = per_customer[customer_id]
-        newest = last_seen.to_value(max(stamps))
-        (Customer
-         .update(interaction_count=Customer.interaction_count + len(stamps),
-                 last_seen_at=Case(None, [(last_seen.is_null() | (last_seen < newest), newest)],
-                                   last_seen))
-         .where(Customer.id == customer_id)
-         .execute())
+    params = []
+    for customer_id, stamps in per_customer.items():
+        params += [Customer.id.db_value(customer_id), len(stamps),
+                   Customer.last_seen_at.db_value(max(stamps))]
+    db.execute_sql(_update_sql(len(per_customer)), params)

@@ -47,8 +47,9 @@ def test_analyze_is_idempotent_and_skips_empty_content(service, org, customer_id
 def test_task_publishes_interaction_analyzed(service, org, customer_id):
     browser = LocalSocket(bus_for(tasks.settings["EVENTS_URL"]), org["organizationId"])
     sad = stored(service, org, customer_id, "This is awful, I am so disappointed")
+    events = [browser.next()]
     tasks.analyze.call_local([str(sad)])
-    events = [browser.next(), browser.next()]
+    events.append(browser.next())
     browser.close()
     assert [e["type"] for e in events] == ["interaction.created", "interaction.analyzed"]
     data = events[1]["data"]
