@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from flask import g, request
+from flask import request
 
 from ingest import ids
 
