@@ -4,7 +4,11 @@
 the web processes import it to enqueue. Both read the same environment.
 """
 import logging
+import os
+import queue
 import signal
+import threading
+import time
 from collections import defaultdict
 from urllib.parse import urlparse
 
@@ -20,7 +24,7 @@ log = logging.getLogger(__name__)
 
 HIGH_PRIORITY = 10  # a single ingest: analysed before batch backlogs
 LOW_PRIORITY = 0
-CHUNK = 100
+CHUNK = 250
 
 
 def make_huey(url):
@@ -59,21 +63,106 @@ def start_consumer():
 
 @huey.task(retries=3, retry_delay=2, retry_backoff=2, context=True)
 def analyze(ids, task=None):
-    with models.db.connection_context():
-        try:
-            results = analysis.analyze(ids)
-        except Exception as error:
-            if task is None or task.retries == 0:
+    # A consumer thread keeps its connection from task to task (on SQLite that
+    # spares a connect and its pragmas each time); any failure drops it.
+    last_attempt = task is None or task.retries == 0
+    try:
+        scored, failed = analysis.score(ids)
+    except Exception as error:  # the reading failed: every id is retried
+        models.release_connection()
+        if last_attempt:
+            with models.db.connection_context():
                 analysis.mark_failed(ids, error)
-            raise
-    log.info("analysed", extra={"analysed": len(results), "interaction_ids": ids})
-    by_organization = defaultdict(list)
-    for result in results:
-        by_organization[result["organization_id"]].append({
-            "type": "interaction.analyzed", "data": {
-                "id": str(result["id"]), "analysisStatus": result["analysis_status"],
-                "sentiment": result["sentiment"]}})
-    bus_for(settings["EVENTS_URL"]).publish(by_organization)
+        raise
+    if not failed:
+        results.submit(scored)
+        return
+    # Some items raised: the others' results are written now, before the retry
+    # (which then finds only the failed ones pending) or the failure mark.
+    results.write(scored)
+    if last_attempt:
+        for interaction_id, error in failed.items():
+            analysis.mark_failed([interaction_id], error)
+    raise AnalysisFailed("analysis of %d interaction(s) failed: %s" % (
+        len(failed), next(iter(failed.values()))))
+
+
+class AnalysisFailed(Exception):
+    """Some items of a task raised; the task is retried for them."""
+
+
+class ResultWriter:
+    """Stores and publishes analysis results from a thread of its own, so that a
+    consumer thread goes on to its next task (its SELECT and VADER) while the
+    database writes the last one's: their time overlaps instead of adding up.
+
+    At most BACKLOG tasks' results wait; a consumer thread that finds it full
+    waits too. Results whose write fails leave their interactions pending, and
+    the sweep queues them again.
+    """
+
+    BACKLOG = 4
+
+    def __init__(self):
+        self._queue = queue.Queue(self.BACKLOG)
+        self._pid = None
+        self._lock = threading.Lock()
+
+    def submit(self, scored):
+        """Write ``scored`` soon, from the writer thread."""
+        if scored:
+            self._ensure_thread()
+            self._queue.put(scored)
+
+    def write(self, scored):
+        """Write ``scored`` now, from this thread."""
+        if scored:
+            self._write(scored)
+
+    def drain(self, timeout=10):
+        """Wait (up to ``timeout``) until every submitted result is written."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _ensure_thread(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                threading.Thread(target=self._run, name="analysis-results", daemon=True).start()
+                self._pid = os.getpid()
+
+    def _run(self):
+        while True:
+            scored = self._queue.get()
+            try:
+                self._write(scored)
+            except Exception:
+                models.release_connection()
+                log.warning("storing analysis results failed; the sweep will queue them again",
+                            exc_info=True, extra={"analysed": len(scored)})
+            finally:
+                self._queue.task_done()
+
+    @staticmethod
+    def _write(scored):
+        written = analysis.store(scored)
+        log.info("analysed", extra={"analysed": len(written),
+                                    "interaction_ids": [r["id"] for r in written]})
+        by_organization = defaultdict(list)
+        for result in written:
+            by_organization[result["organization_id"]].append({
+                "type": "interaction.analyzed", "data": {
+                    "id": result["id"], "analysisStatus": result["analysis_status"],
+                    "sentiment": result["sentiment"]}})
+        bus_for(settings["EVENTS_URL"]).publish(by_organization)
+
+
+results = ResultWriter()
+
+
+@huey.on_shutdown()
+def write_remaining_results():
+    results.drain()
 
 
 @huey.periodic_task(crontab(minute="*"))

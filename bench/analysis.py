@@ -1,20 +1,27 @@
-"""Analyses per second of one `huey_consumer` process against raw VADER in a loop,
-on the same texts, in the same run (DESIGN §12: goal >= 0.5 of raw).
+"""Analyses per second of one `huey_consumer` process against VADER in a plain loop
+on the same texts, in the same run (DESIGN §12: goal >= 0.8 of the loop), on
+SQLite (SQLite queue) and on PostgreSQL + Redis (Redis queue).
 
-    .venv/bin/python -m bench.analysis [--count 5000] [--workers 1]
+The texts are ingested first (batches through the HTTP API, nothing analysed
+yet), then one consumer with its documented settings drains them; its rate is
+taken from the analysed_at stamps, after its first task.
+
+    .venv/bin/python -m bench.analysis [--count 20000] [--workers 1] [--databases sqlite,postgres]
 """
 import argparse
+import json
 import os
-import subprocess
-import sys
 import time
 
-from bench.common import database_argument, scratch_environment, texts
+import requests
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import raw
+from bench.common import Stack, database_arguments, servers, texts
+from tests.servers import Consumer
 
 
-def raw_rate(samples):
+
+def vader_rate(samples):
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     analyzer = SentimentIntensityAnalyzer()
     started = time.perf_counter()
@@ -23,60 +30,65 @@ def raw_rate(samples):
     return len(samples) / (time.perf_counter() - started)
 
 
-def consumer_rate(samples, workers):
-    import models
-    from app import create_app
-    from peewee import fn
-
-    from models import Customer, Interaction
-
-    app = create_app()
-    with app.app_context():
-        models.migrate()
-        from ingest.cli import new_organization
-        org = new_organization("bench")
-        customer = Customer.create(organization=org["organizationId"])
-        service = app.extensions["ingest"]
+def consumer_rate(server_url, samples, workers):
+    stack = Stack(server_url)
+    try:
+        org = stack.organization("analysis")
+        session = requests.Session()
+        session.headers["Authorization"] = "Bearer " + org["ingestKey"]
         for start in range(0, len(samples), 1000):
-            items = [{"customerId": str(customer.id), "timestamp": "2026-01-01T00:00:00Z",
+            items = [{"customerId": org["customers"][0], "timestamp": "2026-01-01T00:00:00Z",
                       "channel": "chat", "eventType": "message", "content": text}
                      for text in samples[start:start + 1000]]
-            service.ingest_batch(org["organizationId"], {"interactions": items})
-
-    consumer = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "huey_consumer"),
-                                 "tasks.huey", "-w", str(workers), "-k", "thread"],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with models.db.connection_context():
-            while Interaction.select().where(Interaction.analysis_status == "pending").exists():
-                time.sleep(0.2)
-            first, last = (Interaction.select(fn.MIN(Interaction.analyzed_at),
-                                              fn.MAX(Interaction.analyzed_at)).scalar(as_tuple=True))
+            assert session.post(stack.url + "/api/data/ingest/batch",
+                                json={"interactions": items}).json()["successful"] == len(items)
+        consumer = Consumer(os.path.join(stack.dir, "analysis.log"), env=stack.env, workers=workers)
+        try:
+            return stack.kind, _drained_rate(stack.database_url, len(samples))
+        finally:
+            consumer.stop()
     finally:
-        consumer.terminate()
-        consumer.wait()
-    # analyzed_at is stamped once per task (of 100), so the first task's time is not
-    # counted: rate over the tasks after it.
-    return (len(samples) - 100) / (last - first).total_seconds()
+        stack.stop()
+
+
+def _drained_rate(database_url, count):
+    """Wait until nothing is pending; analyses per second between the first
+    task's stamp and the last (analyzed_at is stamped once per task)."""
+    conn, _, _ = raw.connect(database_url)
+    try:
+        while conn.execute("SELECT COUNT(*) FROM interaction WHERE analysis_status = 'pending'").fetchone()[0]:
+            time.sleep(0.2)
+        first, last = conn.execute("SELECT MIN(analyzed_at), MAX(analyzed_at) FROM interaction").fetchone()
+    finally:
+        conn.close()
+    if isinstance(first, str):  # SQLite keeps them as text
+        from datetime import datetime
+        first, last = datetime.fromisoformat(first), datetime.fromisoformat(last)
+    return (count - 100) / (last - first).total_seconds()
+
+
+def bench(server_url, count, workers):
+    samples = texts(count)
+    before = vader_rate(samples)
+    kind, consumer = consumer_rate(server_url, samples, workers)
+    after = vader_rate(samples)
+    loop = (before + after) / 2
+    return {"database": kind, "vader_loop": round(loop), "consumer": round(consumer),
+            "workers": workers, "ratio": round(consumer / loop, 2)}
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--count", type=int, default=5000)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=1)
-    database_argument(parser)
+    database_arguments(parser)
     args = parser.parse_args()
-    url = scratch_environment(args.database_url)
-    samples = texts(args.count)
-    raw = raw_rate(samples)
-    consumer = consumer_rate(samples, args.workers)
-    raw_again = raw_rate(samples)
-    baseline = (raw + raw_again) / 2
-    print("raw VADER loop:       %8.0f analyses/s (runs: %.0f, %.0f)" % (baseline, raw, raw_again))
-    print("one consumer process: %8.0f analyses/s (-w %d)" % (consumer, args.workers))
-    print("ratio: %.2f (goal >= 0.5)" % (consumer / baseline))
-    from tests.dbs import drop_scratch_database
-    drop_scratch_database(url)
+    results = [bench(server, args.count, args.workers)
+               for server in servers(args)]
+    for r in results:
+        print("%(database)s: consumer (-w %(workers)d) %(consumer)d analyses/s, VADER loop "
+              "%(vader_loop)d/s: ratio %(ratio).2f (goal >= 0.8)" % r)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,19 @@ def scratch_environment(server_url=None):
     return os.environ["DATABASE_URL"]
 
 
-def database_argument(parser):
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
-                        help="a postgresql:// server to bench on (a scratch database is "
-                             "created there); default SQLite")
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def database_arguments(parser):
+    parser.add_argument("--databases", default="sqlite,postgres",
+                        help="which to bench on, in this order (default: sqlite,postgres)")
+    parser.add_argument("--postgres", default=POSTGRES,
+                        help="the PostgreSQL server (a scratch database is made on it)")
+
+
+def servers(args):
+    """What Stack takes for each database asked for: None (SQLite) or the server URL."""
+    return [None if name == "sqlite" else args.postgres for name in args.databases.split(",")]
 
 
 class Stack:

@@ -7,7 +7,7 @@ The sockets are opened by a Node.js client (bench/feed_client.mjs) on the same
 2 cores as the service, so the figures include its share of the CPU. Ingests
 are single POSTs from 8 threads of this process at the row's rate.
 
-    .venv/bin/python -m bench.feed [--seconds 10] [--postgres URL | --no-postgres] [--quick]
+    .venv/bin/python -m bench.feed [--seconds 10] [--databases sqlite,postgres] [--quick]
 """
 import argparse
 import json
@@ -17,14 +17,13 @@ import sys
 import threading
 import time
 
-from bench.common import Stack, percentile
+from bench.common import Stack, database_arguments, percentile, servers
 from tests.servers import rss_kb
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feed_client.mjs")
 ROWS = ((100, 500), (300, 50), (1000, 10), (1000, 50), (2000, 25))
 QUICK_ROWS = ((100, 100),)
 HOLD = 2000
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def start_clients(url, key, count):
@@ -138,16 +137,14 @@ def print_table(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--postgres", default=POSTGRES, help="PostgreSQL server to bench on")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    database_arguments(parser)
     parser.add_argument("--rows", help="sockets x events/s to run, e.g. 100x500,1000x50")
     parser.add_argument("--quick", action="store_true", help="one small row, a smoke run")
     args = parser.parse_args()
     rows, seconds, hold_count = (QUICK_ROWS, 2, 200) if args.quick else (ROWS, args.seconds, HOLD)
     if args.rows:
         rows = [tuple(map(int, row.split("x"))) for row in args.rows.split(",")]
-    servers = [None] + ([] if args.no_postgres else [args.postgres])
-    results = [bench(server, rows, seconds, hold_count) for server in servers]
+    results = [bench(server, rows, seconds, hold_count) for server in servers(args)]
     for result in results:
         print_table(result)
     print(json.dumps(results))

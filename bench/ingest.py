@@ -9,7 +9,7 @@ PostgreSQL + Redis, in one run; then analysis and live delivery, in one table.
   Single ingests at 16 connections, batches of 100 at 4, driven by wrk.
 - Growth: batch events/s again once 1M interactions are stored (filled with raw SQL).
 
-    .venv/bin/python -m bench.ingest [--seconds 10] [--no-postgres] [--skip growth,analysis,feed]
+    .venv/bin/python -m bench.ingest [--seconds 10] [--databases sqlite,postgres] [--skip growth,analysis,feed]
     .venv/bin/python -m bench.ingest --quick      # a smoke run under a minute (CI)
 """
 import argparse
@@ -23,9 +23,8 @@ import sys
 import tempfile
 
 from bench import raw
-from bench.common import ROOT, Stack, texts
+from bench.common import ROOT, Stack, database_arguments, servers, texts
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 LUA = os.path.join(ROOT, "bench", "post.lua")
 GROWTH_ROWS = 1_000_000
 TARGETS = {"single": 0.5, "batch": 0.5, "growth": 0.8, "analysis": 0.8}
@@ -135,8 +134,7 @@ def print_ingest(figures):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--postgres", default=POSTGRES, help="PostgreSQL server to bench on")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    database_arguments(parser)
     parser.add_argument("--skip", default="", help="comma-separated: growth, analysis, feed")
     parser.add_argument("--quick", action="store_true", help="a smoke run under a minute, no thresholds")
     args = parser.parse_args()
@@ -144,8 +142,7 @@ def main():
     seconds = 2 if args.quick else args.seconds
     if args.quick:
         skip |= {"growth", "analysis", "feed"}
-    servers = [None] + ([] if args.no_postgres else [args.postgres])
-    results = [ingest_figures(server, seconds, "growth" not in skip) for server in servers]
+    results = [ingest_figures(server, seconds, "growth" not in skip) for server in servers(args)]
     for figures in results:
         print_ingest(figures)
     print(json.dumps(results))

@@ -1,15 +1,18 @@
 """Sentiment analysis of stored interactions with VADER (DESIGN §7).
 
 ``analyze(ids)`` touches only interactions still ``pending``, so running it
-twice, or for ids another task already did, changes nothing. Results are
-written with one prepared UPDATE for the whole list.
+twice, or for ids another task already did, changes nothing. It is two steps,
+so that a consumer can overlap them: ``score`` (one SELECT, then VADER) and
+``store`` (one UPDATE for the whole list).
 """
 import datetime
+import functools
 import logging
+import uuid
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from models import Interaction, db, utcnow
+from models import Interaction, db, is_postgres, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +44,94 @@ def sentiment_of(content):
 
 
 def analyze(ids):
-    """Analyse the interactions ``ids`` still pending; returns one result dict each.
+    """Analyse the interactions ``ids`` still pending; returns one result dict
+    for each one analysed (those that raised stay pending)."""
+    scored, _ = score(ids)
+    return store(scored)
 
-    A result is ``{"id", "organization_id", "analysis_status", "sentiment"}``.
+
+def score(ids):
+    """Read the interactions ``ids`` still pending and score them (no write yet).
+
+    Returns ``(scored, failed)``: ``[(id, organization_id, (status, label,
+    score))]``, and ``{id: exception}`` for those whose analysis raised, so that
+    one bad item never costs the others their result.
     """
-    # By primary key only: a filter on the status lets PostgreSQL pick the status
-    # index and scan every pending row, which grows with the backlog.
-    rows = [row[:3] for row in Interaction
-            .select(Interaction.id, Interaction.organization, Interaction.content,
-                    Interaction.analysis_status)
-            .where(Interaction.id.in_(list(ids)))
-            .tuples()
-            if row[3] == "pending"]
-    if not rows:
+    scored, failed = [], {}
+    for row_id, org_id, content, status in _pending_rows(ids):
+        if status != "pending":
+            continue
+        try:
+            scored.append((row_id, org_id, sentiment_of(content)))
+        except Exception as error:
+            failed[_text(row_id)] = error
+    return scored, failed
+
+
+def store(scored):
+    """Write scores with one statement (atomic on its own: no BEGIN and COMMIT),
+    leaving alone rows that another task analysed meanwhile. Returns a result
+    ``{"id", "organization_id", "analysis_status", "sentiment"}`` for each row
+    written (the ids as text, as events carry them)."""
+    if not scored:
         return []
-    outcomes = {row_id: sentiment_of(content) for row_id, _, content in rows}
-    _store(outcomes)
-    return [{"id": row_id, "organization_id": org_id, "analysis_status": outcomes[row_id][0],
-             "sentiment": None if outcomes[row_id][1] is None
-             else {"label": outcomes[row_id][1], "score": outcomes[row_id][2]}}
-            for row_id, org_id, _ in rows]
+    rows = [(row_id, status, label, value) for row_id, _, (status, label, value) in scored]
+    if is_postgres():
+        sql, params = STORE_POSTGRES, [utcnow(), *map(list, zip(*rows))]
+    else:
+        sql, params = _store_sqlite(len(rows)), [utcnow(), *(value for row in rows for value in row)]
+    written = {row[0] for row in db.execute_sql(sql, params)}
+    return [{"id": _text(row_id), "organization_id": org_id,
+             "analysis_status": status,
+             "sentiment": None if label is None else {"label": label, "score": value}}
+            for row_id, org_id, (status, label, value) in scored if row_id in written]
 
 
-def _store(outcomes):
-    """Write all outcomes with one prepared UPDATE run for every row (executemany).
+def _pending_rows(ids):
+    """(id, organization_id, content, analysis_status) of ``ids``, by primary key
+    only: a filter on the status lets PostgreSQL pick the status index and scan
+    every pending row, which grows with the backlog. Ids stay as the database
+    gives them (they go back to it); organizations become their canonical text."""
+    ids = [Interaction.id.db_value(i) for i in ids]
+    if is_postgres():
+        sql, params = PENDING_POSTGRES, [ids]
+    else:
+        sql, params = PENDING_SQLITE % ", ".join(["?"] * len(ids)), ids
+    organizations = {}
+    return [(row_id, organizations.get(org_id) or organizations.setdefault(
+                 org_id, _text(org_id)), content, status)
+            for row_id, org_id, content, status in db.execute_sql(sql, params)]
 
-    Rows another task analysed meanwhile are left alone. (Building one query
-    object per row, or a CASE over all rows, costs more in SQL generation than
-    the analysis itself.)
-    """
-    sql = ("UPDATE interaction SET analysis_status = {p}, sentiment_label = {p}, "
-           "sentiment_score = {p}, analysis_error = NULL, analyzed_at = {p} "
-           "WHERE id = {p} AND analysis_status = 'pending'").format(p=db.param)
-    now = utcnow()
-    rows = [(status, label, score, now, Interaction.id.db_value(row_id))
-            for row_id, (status, label, score) in outcomes.items()]
-    with db.atomic():
-        db.cursor().executemany(sql, rows)
+
+def _text(stored_id):
+    """A UUID as stored (PostgreSQL's text of it, or SQLite's hex) as canonical text."""
+    return stored_id if len(stored_id) == 36 else str(uuid.UUID(hex=stored_id))
+
+
+PENDING_POSTGRES = ("SELECT id::text, organization_id::text, content, analysis_status "
+                    "FROM interaction WHERE id = ANY(%s::uuid[])")
+PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status FROM interaction "
+                  "WHERE id IN (%s)")
+
+
+# "|| ''" keeps PostgreSQL from reading every pending row through the status
+# index (and joining them): the rows come by primary key.
+_STORE_WHERE = "WHERE interaction.id = v.id AND interaction.analysis_status || '' = 'pending' "
+# PostgreSQL: the same text for any number of rows (columns passed as arrays).
+STORE_POSTGRES = (
+    "UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
+    "sentiment_score = v.score, analysis_error = NULL, analyzed_at = %s "
+    "FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::float8[]) AS v(id, status, label, score) "
+    + _STORE_WHERE + "RETURNING interaction.id::text")
+
+
+@functools.lru_cache(maxsize=128)
+def _store_sqlite(rows):
+    return ("UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
+            "sentiment_score = v.score, analysis_error = NULL, analyzed_at = ? "
+            "FROM (SELECT column1 AS id, column2 AS status, column3 AS label, column4 AS score "
+            "FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + ")) AS v " + _STORE_WHERE +
+            "RETURNING interaction.id")
 
 
 def mark_failed(ids, error):

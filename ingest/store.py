@@ -167,19 +167,20 @@ def _existing(pairs):
 
 
 @functools.lru_cache(maxsize=256)
-def _insert_sql(rows, param):
-    values = "(%s)" % ", ".join([param] * len(COLUMNS))
+def _insert_sql(rows):
+    """SQLite: a multi-row INSERT for ``rows`` items."""
+    values = "(%s)" % ", ".join(["?"] * len(COLUMNS))
     return ("INSERT INTO interaction (%s) VALUES %s "
-            "ON CONFLICT (organization_id, message_id) DO NOTHING"
+            "ON CONFLICT (organization_id, message_id) DO NOTHING RETURNING id"
             % (", ".join(COLUMNS), ", ".join([values] * rows)))
 
 
-def _insert_params(items):
-    # A stable order of the unique keys keeps concurrent writers of the same
-    # messageIds from deadlocking on each other on PostgreSQL.
+def _in_key_order(items):
+    """A stable order of the unique keys keeps concurrent writers of the same
+    messageIds from deadlocking on each other on PostgreSQL."""
     if any(item.message_id is not None for item in items):
-        items = sorted(items, key=lambda i: (i.organization_id.hex, i.message_id or ""))
-    return [value for item in items for value in _values(item)]
+        return sorted(items, key=lambda i: (i.organization_id.hex, i.message_id or ""))
+    return items
 
 
 def _insert_then_count(items):
@@ -187,24 +188,30 @@ def _insert_then_count(items):
     inserted ones on their customers; returns the ids inserted."""
     if not items:
         return set()
-    cursor = db.execute_sql(_insert_sql(len(items), db.param) + " RETURNING id", _insert_params(items))
+    params = [value for item in _in_key_order(items) for value in _values(item)]
+    cursor = db.execute_sql(_insert_sql(len(items)), params)
     inserted = {Interaction.id.python_value(row[0]) for row in cursor}
     _update_customers([item for item in items if item.id in inserted])
     return inserted
 
 
-@functools.lru_cache(maxsize=256)
-def _insert_and_count_sql(rows):
-    # The counts come from the rows actually inserted (RETURNING), so a conflict
-    # is never counted; last_seen_at only ever moves forward.
-    return ("WITH inserted AS (%s RETURNING id, customer_id, timestamp), "
-            "counted AS (SELECT customer_id, COUNT(*) AS n, MAX(timestamp) AS newest "
-            "FROM inserted GROUP BY customer_id ORDER BY customer_id), "
-            "updated AS (UPDATE customer SET interaction_count = interaction_count + counted.n, "
-            "last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < counted.newest "
-            "THEN counted.newest ELSE last_seen_at END "
-            "FROM counted WHERE customer.id = counted.customer_id) "
-            "SELECT id FROM inserted" % _insert_sql(rows, "%s"))
+# PostgreSQL: one statement for any number of rows, the columns passed as arrays
+# (its text never changes, so psycopg parses it once and the server prepares it).
+# The counts come from the rows actually inserted (RETURNING), so a conflict is
+# never counted; last_seen_at only ever moves forward.
+INSERT_AND_COUNT = (
+    "WITH inserted AS (INSERT INTO interaction (%s) SELECT * FROM unnest("
+    "%%s::uuid[], %%s::uuid[], %%s::uuid[], %%s::text[], %%s::timestamp[], %%s::timestamp[], "
+    "%%s::text[], %%s::text[], %%s::text[], %%s::text[], %%s::text[]) "
+    "ON CONFLICT (organization_id, message_id) DO NOTHING "
+    "RETURNING id, customer_id, timestamp), "
+    "counted AS (SELECT customer_id, COUNT(*) AS n, MAX(timestamp) AS newest "
+    "FROM inserted GROUP BY customer_id ORDER BY customer_id), "
+    "updated AS (UPDATE customer SET interaction_count = interaction_count + counted.n, "
+    "last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < counted.newest "
+    "THEN counted.newest ELSE last_seen_at END "
+    "FROM counted WHERE customer.id = counted.customer_id) "
+    "SELECT id FROM inserted" % ", ".join(COLUMNS))
 
 
 def _insert_and_count(items):
@@ -212,8 +219,8 @@ def _insert_and_count(items):
     trip, atomic on its own); returns the ids inserted."""
     if not items:
         return set()
-    cursor = db.execute_sql(_insert_and_count_sql(len(items)), _insert_params(items))
-    return {row[0] for row in cursor}
+    columns = [list(values) for values in zip(*map(_values, _in_key_order(items)))]
+    return {row[0] for row in db.execute_sql(INSERT_AND_COUNT, columns)}
 
 
 def _stored_ids(items):

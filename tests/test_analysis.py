@@ -33,7 +33,7 @@ def test_analyze_is_idempotent_and_skips_empty_content(service, org, customer_id
     happy = stored(service, org, customer_id, "Great service, I am very happy")
     blank = stored(service, org, customer_id, "   ")
     results = analysis.analyze([happy, blank])
-    assert {r["id"]: r["analysis_status"] for r in results} == {happy: "done", blank: "skipped"}
+    assert {r["id"]: r["analysis_status"] for r in results} == {str(happy): "done", str(blank): "skipped"}
     before = {row.id: (row.analysis_status, row.sentiment_score, row.analyzed_at)
               for row in Interaction.select()}
     assert analysis.analyze([happy, blank]) == []
