@@ -1,11 +1,11 @@
 """gunicorn settings for production: `gunicorn -c gunicorn.conf.py "app:create_app()"`.
 
-Worker class: gthread. A live-feed WebSocket holds one thread of a worker for
-its lifetime (flask-sock on gunicorn needs a threaded worker), so each worker
-gets many threads: idle ones cost little memory, and threads are what let a
-worker wait on the group commit for many ingest requests at once. gevent would
-hold sockets more cheaply but makes sqlite3 and the commit thread block its
-event loop. See the README's production section.
+Worker class: gthread (flask-sock on gunicorn needs a threaded worker). A
+request thread waits on the group commit, so a worker needs as many threads as
+ingest requests it serves at once. A live-feed WebSocket holds a thread only for
+its handshake and auth message; then the worker's fan-out thread serves it
+(ingest/fanout.py), so sockets are not limited by threads. gevent would make
+sqlite3 and the commit thread block its event loop. See the README.
 
 Every setting can be overridden on the command line or with GUNICORN_CMD_ARGS.
 """
@@ -14,8 +14,8 @@ import os
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
-# Sockets plus concurrent ingest requests, per worker.
-threads = int(os.environ.get("WEB_THREADS", "1500"))
+# Concurrent requests (and feed sockets still authenticating), per worker.
+threads = int(os.environ.get("WEB_THREADS", "256"))
 worker_connections = threads + 100
 keepalive = 5
 # Logs go to stderr as JSON lines from the app; gunicorn's own access log is off.

@@ -1,5 +1,6 @@
-"""Ingest throughput side by side with its ceilings (DESIGN §12), on SQLite and on
-PostgreSQL + Redis, in one run; then analysis and live delivery, in one table.
+"""Every DESIGN §12 figure, side by side with its anchors, on SQLite and on
+PostgreSQL + Redis, in one run and one table: ingest, growth, analysis
+(bench/analysis.py) and live delivery (bench/feed.py).
 
 - E: a bare Flask app that parses and echoes the same JSON (bench/echo.py), under
   the same gunicorn configuration as the service.
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench import raw
+from bench import analysis, feed, raw
 from bench.common import ROOT, Stack, database_arguments, servers, texts
 
 LUA = os.path.join(ROOT, "bench", "post.lua")
@@ -116,19 +117,46 @@ def ratios(figures):
     return result
 
 
-def print_ingest(figures):
+def rows(figures):
+    """The table's rows for one database: {what: (figures, goal)}."""
     r, s, b, e = ratios(figures), figures["single"], figures["batch"], figures["echo"]
-    print("\n%s" % figures["database"])
-    print("| what | service | anchor | ratio (goal) | p50 / p99 ms | failed |")
-    print("|---|---|---|---|---|---|")
-    print("| single ingest, 16 conns | %.0f req/s | E %.0f req/s | %.2f (>= 0.5) | %.1f / %.1f (p99 <= 50) | %d |"
-          % (s["rps"], e["rps"], r["single"], s["p50_ms"], s["p99_ms"], s["failures"]))
-    print("| batch of 100, 4 conns | %.0f events/s | D %.0f rows/s | %.2f (>= 0.5) | %.1f / %.1f (p99 <= 250) | %d |"
-          % (b["rps"] * 100, figures["raw_rows"], r["batch"], b["p50_ms"], b["p99_ms"], b["failures"]))
+    table = {
+        "single ingest / E, 16 conns": (
+            "**%.2f** (%.0f / %.0f req/s), p50 %.1f, p99 %.1f ms" % (
+                r["single"], s["rps"], e["rps"], s["p50_ms"], s["p99_ms"]), ">= 0.5, p99 <= 50 ms"),
+        "batch of 100 / D, 4 conns": (
+            "**%.2f** (%.0f / %.0f events/s), p50 %.1f, p99 %.1f ms" % (
+                r["batch"], b["rps"] * 100, figures["raw_rows"], b["p50_ms"], b["p99_ms"]),
+            ">= 0.5, p99 <= 250 ms"),
+    }
     if "growth" in r:
-        f = figures["batch_full"]
-        print("| batch with 1M stored | %.0f events/s | empty store %.0f events/s | %.2f (>= 0.8) | %.1f / %.1f | %d |"
-              % (f["rps"] * 100, b["rps"] * 100, r["growth"], f["p50_ms"], f["p99_ms"], f["failures"]))
+        table["batch with 1M stored / empty"] = (
+            "**%.2f** (%.0f / %.0f events/s)" % (r["growth"], figures["batch_full"]["rps"] * 100,
+                                                 b["rps"] * 100), ">= 0.8")
+    if "analysis" in figures:
+        a = figures["analysis"]
+        table["analysis: consumer / VADER loop"] = (
+            "**%.2f** (%d / %d per s)" % (a["ratio"], a["consumer"], a["vader_loop"]), ">= 0.8")
+    for row in figures.get("feed", {}).get("delivery", ()):
+        table["live, %d sockets x %d events/s" % (row["sockets"], row["rate"])] = (
+            "p50 %.1f, **p99 %.1f** ms, %d of %d delivered, %d dropped" % (
+                row["p50_ms"], row["p99_ms"], row["arrived"], row["expected"], row["dropped"]),
+            "p99 <= 50 ms, none lost")
+    if "feed" in figures:
+        h = figures["feed"]["hold"]
+        table["%d idle sockets held" % h["held"]] = (
+            "%.1f KiB each; single ingest latency x%.2f with them open" % (
+                h["kib_per_socket"], h["ratio"]), "flat")
+    return table
+
+
+def print_table(results):
+    tables = [rows(figures) for figures in results]
+    print("\n| DESIGN §12 | %s | goal |" % " | ".join(f["database"] for f in results))
+    print("|---|%s---|" % ("---|" * len(results)))
+    for what in tables[0]:
+        print("| %s | %s | %s |" % (what, " | ".join(t.get(what, ("",))[0] for t in tables),
+                                    tables[0][what][1]))
 
 
 def main():
@@ -136,15 +164,24 @@ def main():
     parser.add_argument("--seconds", type=int, default=10)
     database_arguments(parser)
     parser.add_argument("--skip", default="", help="comma-separated: growth, analysis, feed")
-    parser.add_argument("--quick", action="store_true", help="a smoke run under a minute, no thresholds")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of the ingest rows, under a minute, no thresholds")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     seconds = 2 if args.quick else args.seconds
     if args.quick:
         skip |= {"growth", "analysis", "feed"}
-    results = [ingest_figures(server, seconds, "growth" not in skip) for server in servers(args)]
-    for figures in results:
-        print_ingest(figures)
+    results = []
+    for server in servers(args):
+        figures = ingest_figures(server, seconds, "growth" not in skip)
+        if "analysis" not in skip:
+            log("%s: analysis" % figures["database"])
+            figures["analysis"] = analysis.bench(server, 20000, workers=1)
+        if "feed" not in skip:
+            log("%s: live delivery" % figures["database"])
+            figures["feed"] = feed.bench(server, feed.ROWS, seconds, feed.HOLD)
+        results.append(figures)
+    print_table(results)
     print(json.dumps(results))
 
 

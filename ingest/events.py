@@ -25,6 +25,8 @@ import threading
 import time
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from ingest.fanout import FanOut
 
@@ -78,7 +80,12 @@ class RedisBus(MemoryBus):
     def __init__(self, url):
         super().__init__()
         self._url = url
-        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # A publish whose connection drops is tried again on a new one (at worst an
+        # event is then delivered twice; the page keeps one row per id).
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=2, socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self._lock = threading.Lock()
         self._watchers = collections.Counter()  # organization -> its sockets here
         self._positions = {}  # organization -> last stream id read (None: unknown)

@@ -197,8 +197,13 @@ def test_a_dropped_bus_connection_loses_no_event(module_stack, org, customer_id)
                 bus.client_kill_filter(_id=client["id"])
         ids += ingest_many(module_stack.url, org, customer_id, 3)
     seen = set()
-    watcher.until(lambda m: m["type"] == "interaction.created" and (seen.add(m["data"]["id"]) or seen >= set(ids)),
-                  timeout=20)
+    try:
+        watcher.until(lambda m: m["type"] == "interaction.created"
+                      and (seen.add(m["data"]["id"]) or seen >= set(ids)), timeout=20)
+    except AssertionError:
+        warnings = [line for line in module_stack.log_lines() if line.get("level") != "info"]
+        raise AssertionError("%d of %d events arrived; the server said: %s" % (
+            len(seen & set(ids)), len(ids), warnings[-3:])) from None
     watcher.close()
 
 
