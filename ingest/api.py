@@ -5,7 +5,7 @@ result. Errors are raised and shaped by ingest.errors.
 """
 from flask import Blueprint, current_app, g, request
 
-from ingest import openapi as openapi_spec
+from ingest import openapi as openapi_spec, segment
 from ingest.auth import authenticate, key_from_request, require
 from ingest.body import read_json
 from ingest.errors import ApiError
@@ -84,7 +84,7 @@ def segment_events(kind=None):
     payload = read_json()
     if not key:
         authenticate("ingest", payload.get("writeKey") if isinstance(payload, dict) else None)
-    problems, retry = service().ingest_segment(g.organization_id, payload, kind)
+    problems, retry = segment.ingest(service(), g.organization_id, payload, kind)
     if retry:
         raise ApiError(503, "storage_error", "Storing failed; retry the batch.",
                        {"errors": problems}, headers={"Retry-After": "1"})

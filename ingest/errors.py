@@ -23,6 +23,11 @@ SERVICE_STATUS = {
 }
 
 
+# Werkzeug's name for a status where ours differs (a body too large, however it
+# was found out, is one code).
+HTTP_CODES = {413: "payload_too_large"}
+
+
 class ApiError(Exception):
     def __init__(self, status, code, message, details=None, headers=None):
         super().__init__(message)
@@ -62,7 +67,7 @@ def register(app):
 
     @app.errorhandler(HTTPException)
     def _http_error(error):
-        code = (error.name or "error").lower().replace(" ", "_")
+        code = HTTP_CODES.get(error.code) or (error.name or "error").lower().replace(" ", "_")
         return error_response(error.code, code, error.description)
 
     @app.errorhandler(Exception)

@@ -133,9 +133,13 @@ class Cursor(fields.String):
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
         try:
-            stamp, id_ = json.loads(base64.urlsafe_b64decode(text.encode() + b"==="))
-            return datetime.datetime.fromisoformat(stamp), uuid.UUID(id_)
-        except (ValueError, TypeError, binascii.Error):
+            position = json.loads(base64.urlsafe_b64decode(text.encode() + b"==="))
+            if not (isinstance(position, list) and len(position) == 2
+                    and all(isinstance(part, str) for part in position)):
+                raise ValueError("not [timestamp, id]")
+            stamp, id_ = position
+            return datetime.datetime.fromisoformat(stamp).replace(tzinfo=None), uuid.UUID(id_)
+        except (ValueError, TypeError, RecursionError, binascii.Error):
             raise ValidationError("Not a cursor this API returned.") from None
 
 

@@ -5,14 +5,88 @@ the event's userId (or anonymousId), created when new; `identify` upserts that
 customer and merges its traits. Timestamps are corrected for the sender's
 clock: timestamp = receivedAt - (sentAt - timestamp). messageId is our
 idempotency key, so a client that retries a whole batch stores nothing twice.
-Problems with one event are reported and never fail the others.
+Problems with one event are reported and never fail the others, and an event
+that is refused creates no customer: every event is validated first.
 """
 import datetime
+import uuid
+from dataclasses import dataclass
 
 from marshmallow import ValidationError
 
 from ingest.schemas import UTC, JsonObject, check_text
-from models import Customer, db
+from ingest.service import BatchResult, ServiceError, validate_interaction, validation_error
+from models import Customer, db, is_postgres, utcnow
+
+# Stands for the customer while an event is validated, before any customer exists.
+_PLACEHOLDER = uuid.UUID(int=0)
+
+
+@dataclass
+class Accepted:
+    """An event that passed validation: an identify's traits or a track's data."""
+    index: int
+    user: str
+    traits: dict = None
+    data: dict = None
+
+
+def ingest(service, organization_id, payload, kind=None):
+    """Segment's /v1/batch (or, with ``kind``, /v1/track etc.).
+
+    Returns ``(problems, retry)``: per-event problems, and whether storing
+    failed so that the client should retry (safe: messageIds make it idempotent).
+    """
+    try:
+        events = events_of(payload, kind)
+    except EnvelopeError as error:
+        raise validation_error({"batch": [str(error)]}) from None
+    if len(events) > service.max_batch_items:
+        raise validation_error({"batch": ["At most %d events per batch." % service.max_batch_items]})
+    received_at, accepted, problems = utcnow(), [], []
+    for index, event in enumerate(events):
+        try:
+            accepted.append(_accept(index, event, payload.get("sentAt"), received_at))
+        except ValidationError as error:
+            details = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+            problems.append(_problem(index, event, details))
+        except ServiceError as error:
+            problems.append(_problem(index, event, error.details))
+    customers = resolve_customers(organization_id, {event.user for event in accepted})
+    tracks = [event for event in accepted if event.data is not None]
+    for event in accepted:
+        if event.traits is not None:
+            identify(customers[event.user], event.traits)
+    result = service.store_validated(
+        organization_id, [(n, {**event.data, "customer_id": customers[event.user]})
+                          for n, event in enumerate(tracks)],
+        BatchResult(total=len(tracks), ids=[None] * len(tracks)))
+    for error in result.errors:
+        index = tracks[error["index"]].index
+        problems.append({**error, "index": index, "messageId": _message_id(events[index])})
+    problems.sort(key=lambda problem: problem["index"])
+    return problems, any(e["error"] == "storage_error" for e in result.errors)
+
+
+def _accept(index, event, sent_at, received_at):
+    if not isinstance(event, dict) or event.get("type") not in SUPPORTED:
+        raise ValidationError({"type": ["Must be one of: %s." % ", ".join(SUPPORTED)]})
+    user = user_of(event)
+    if event["type"] == "identify":
+        return Accepted(index, user, traits=traits_of(event))
+    when = event_time(event, sent_at, received_at)
+    return Accepted(index, user, data=validate_interaction(interaction_of(event, _PLACEHOLDER, when)))
+
+
+def _problem(index, event, details):
+    return {"index": index, "error": "validation_error", "message": "The event is invalid.",
+            "details": details, "messageId": _message_id(event)}
+
+
+def _message_id(event):
+    """The event's messageId, to name it in a problem report, when it is a string."""
+    message_id = event.get("messageId") if isinstance(event, dict) else None
+    return message_id if isinstance(message_id, str) else None
 
 CHANNELS = {"browser": "web", "mobile": "mobile", "server": "api"}
 CONTENT_KEYS = ("content", "text", "message", "body")
@@ -123,16 +197,26 @@ def resolve_customers(organization_id, external_ids):
     return found
 
 
-def identify(customer_id, traits):
-    """Merge ``traits`` into the customer's; name and email fill their own fields."""
+def traits_of(event):
+    """An identify's traits, checked: an object whose name and email store as text."""
+    traits = event.get("traits") or {}
     if not isinstance(traits, dict):
         raise ValidationError({"traits": ["Not a valid object."]})
-    values = {}
     for key in ("name", "email"):
         if isinstance(traits.get(key), str):
             check_text(traits[key])
-            values[key] = traits[key][:255]
+    return JsonObject().deserialize(traits)
+
+
+def identify(customer_id, traits):
+    """Merge ``traits`` into the customer's; name and email fill their own fields.
+
+    The row is locked while its traits are merged (SQLite's BEGIN IMMEDIATE does
+    that for the whole database), so concurrent identifies of one user each add
+    their traits instead of overwriting each other's."""
+    values = {key: traits[key][:255] for key in ("name", "email") if isinstance(traits.get(key), str)}
     with db.atomic():
-        customer = Customer.get_by_id(customer_id)
-        merged = JsonObject().deserialize({**customer.traits, **traits})
+        query = Customer.select(Customer.traits).where(Customer.id == customer_id)
+        current = (query.for_update() if is_postgres() else query).scalar()
+        merged = JsonObject().deserialize({**current, **traits})
         Customer.update(traits=merged, **values).where(Customer.id == customer_id).execute()

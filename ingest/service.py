@@ -17,11 +17,11 @@ from functools import reduce
 from marshmallow import ValidationError
 from peewee import IntegrityError, Tuple
 
-from ingest import schemas, segment
+from ingest import schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
 from ingest.logs import bind_context
 from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, write_group
-from models import Customer, Interaction, db, release_connection, utcnow
+from models import Customer, Interaction, db, release_connection
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class IngestService:
 
     def ingest(self, organization_id, payload):
         """Store one interaction; returns (interaction_id, duplicate)."""
-        item = self._prepare(organization_id, _load(schemas.interaction_in, payload))
+        item = self._prepare(organization_id, validate_interaction(payload))
         bind_context(customer_id=str(item.customer_id))
         [(status, interaction_id)] = self._store(Job([item], high_priority=True))
         if status == UNKNOWN_CUSTOMER:
@@ -131,13 +131,18 @@ class IngestService:
     def ingest_items(self, organization_id, raw_items):
         """The batch workflow for a list of interaction payloads."""
         result = BatchResult(total=len(raw_items), ids=[None] * len(raw_items))
-        valid = []  # (index, NewInteraction)
+        valid = []  # (index, validated data)
         for index, raw in enumerate(raw_items):
             try:
-                valid.append((index, self._prepare(organization_id,
-                                                   _load(schemas.interaction_in, raw))))
+                valid.append((index, validate_interaction(raw)))
             except ServiceError as error:
                 result.errors.append(_item_error(index, error))
+        return self.store_validated(organization_id, valid, result)
+
+    def store_validated(self, organization_id, valid, result):
+        """Store validated items ``[(index, data)]`` in chunks; completes ``result``
+        (a BatchResult whose errors may hold the items that failed validation)."""
+        valid = [(index, self._prepare(organization_id, data)) for index, data in valid]
         chunks = [valid[start:start + CHUNK_SIZE] for start in range(0, len(valid), CHUNK_SIZE)]
         futures = [self.committer.submit(Job([item for _, item in chunk], high_priority=False))
                    for chunk in chunks]
@@ -171,47 +176,6 @@ class IngestService:
                 continue
             result.ids[index] = interaction_id
             result.duplicates += status == DUPLICATE
-
-    def ingest_segment(self, organization_id, payload, kind=None):
-        """Segment's /v1/batch (or, with ``kind``, /v1/track etc.; DESIGN §9).
-
-        Returns ``(problems, retry)``: per-event problems, which never fail the
-        other events, and whether storing failed so that the client should
-        retry (safe: messageIds make it idempotent).
-        """
-        try:
-            events = segment.events_of(payload, kind)
-        except segment.EnvelopeError as error:
-            raise validation_error({"batch": [str(error)]}) from None
-        if len(events) > self.max_batch_items:
-            raise validation_error({"batch": ["At most %d events per batch." % self.max_batch_items]})
-        received_at, problems, users = utcnow(), [], {}
-        for index, event in enumerate(events):
-            try:
-                if not isinstance(event, dict) or event.get("type") not in segment.SUPPORTED:
-                    raise ValidationError({"type": ["Must be one of: %s." % ", ".join(segment.SUPPORTED)]})
-                users[index] = segment.user_of(event)
-            except ValidationError as error:
-                problems.append(_segment_problem(index, event, error))
-        customers = segment.resolve_customers(organization_id, users.values())
-        items, positions = [], []
-        for index, user in users.items():
-            event = events[index]
-            try:
-                if event["type"] == "identify":
-                    segment.identify(customers[user], event.get("traits") or {})
-                    continue
-                when = segment.event_time(event, payload.get("sentAt"), received_at)
-                items.append(segment.interaction_of(event, customers[user], when))
-                positions.append(index)
-            except ValidationError as error:
-                problems.append(_segment_problem(index, event, error))
-        result = self.ingest_items(organization_id, items)
-        for error in result.errors:
-            index = positions[error["index"]]
-            problems.append({**error, "index": index, "messageId": _message_id(events[index])})
-        problems.sort(key=lambda problem: problem["index"])
-        return problems, any(e["error"] == "storage_error" for e in result.errors)
 
     def _batch_items(self, payload):
         items = _load(schemas.batch_in, payload)["interactions"]
@@ -310,16 +274,9 @@ def _get_or_none(model, organization_id, object_id):
             .first())
 
 
-def _segment_problem(index, event, error):
-    messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-    return {"index": index, "error": "validation_error", "message": "The event is invalid.",
-            "details": messages, "messageId": _message_id(event)}
-
-
-def _message_id(event):
-    """The event's messageId, to name it in a problem report, when it is a string."""
-    message_id = event.get("messageId") if isinstance(event, dict) else None
-    return message_id if isinstance(message_id, str) else None
+def validate_interaction(payload):
+    """An interaction payload, validated (DESIGN §5), as data; or a ServiceError."""
+    return _load(schemas.interaction_in, payload)
 
 
 def customer_not_found(item):

@@ -290,7 +290,7 @@ def test_bad_gzip_and_unknown_encoding(client, org, customer_id):
 
 def test_body_over_max_content_length_is_413(client, org, customer_id):
     big = json.dumps(interaction(customer_id, content="x" * (1024 * 1024)))
-    assert_error(post_raw(client, org["ingestKey"], big), 413, "request_entity_too_large")
+    assert_error(post_raw(client, org["ingestKey"], big), 413, "payload_too_large")
 
 
 def test_decompression_bomb_is_413_without_inflating_it(client, org):

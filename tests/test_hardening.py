@@ -1,0 +1,90 @@
+"""What an adversarial probe found (hardening round 2), each reproduced here first:
+crafted cursors, chunked bodies over the limit, concurrent Segment identifies,
+Segment events that are refused, honest answers when a commit times out."""
+import base64
+import json
+import threading
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from models import Customer
+from tests.helpers import bearer, interaction
+from tests.servers import Gunicorn
+
+json_documents = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8)
+
+
+def as_cursor(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+cursors = st.one_of(
+    json_documents.map(lambda doc: as_cursor(json.dumps(doc).encode())),
+    st.tuples(json_documents, json_documents).map(lambda pair: as_cursor(json.dumps(list(pair)).encode())),
+    st.integers(1, 5000).map(lambda depth: as_cursor(b"[" * depth + b"]" * depth)),
+    st.binary(max_size=60).map(as_cursor),
+    st.text(max_size=60),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cursor=cursors)
+def test_any_cursor_is_a_page_or_a_400_naming_it(client, org, cursor):
+    response = client.get("/api/interactions", query_string={"cursor": cursor},
+                          headers=bearer(org["readKey"]))
+    assert response.status_code in (200, 400), response.get_data(as_text=True)
+    if response.status_code == 400:
+        assert "cursor" in response.get_json()["details"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    gunicorn = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "server.log", workers=1)
+    yield gunicorn
+    gunicorn.stop()
+
+
+def chunks(data, size=65536):
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+def test_a_chunked_body_over_the_limit_is_413_like_any_other(server, org, customer_id):
+    body = json.dumps({"interactions": [interaction(customer_id, content="x" * 9000)] * 150}).encode()
+    assert len(body) > 1024 * 1024
+    headers = {**bearer(org["ingestKey"]), "Content-Type": "application/json"}
+    sized = requests.post(server.url + "/api/data/ingest/batch", data=body, headers=headers)
+    chunked = requests.post(server.url + "/api/data/ingest/batch", data=chunks(body), headers=headers)
+    assert (sized.status_code, chunked.status_code) == (413, 413)
+    assert sized.json()["error"] == chunked.json()["error"] == "payload_too_large"
+
+
+def segment(server, org, event):
+    return requests.post(server.url + "/v1/batch", json={"batch": [event]},
+                         auth=(org["ingestKey"], ""))
+
+
+def test_concurrent_identifies_of_one_user_keep_every_trait(app, server, org):
+    """40 identifies of one user at once, each with its own trait: all 40 stay."""
+    assert segment(server, org, {"type": "identify", "userId": "u-1", "traits": {}}).ok
+    threads = [threading.Thread(target=segment, args=(server, org, {
+        "type": "identify", "userId": "u-1", "traits": {"trait%d" % n: n}})) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with app.app_context():
+        customer = Customer.get(Customer.external_id == "u-1")
+    assert customer.traits == {"trait%d" % n: n for n in range(40)}
+
+
+def test_a_refused_segment_event_creates_no_customer(app, server, org):
+    response = segment(server, org, {"type": "track", "userId": "ghost", "event": "x" * 101})
+    assert response.status_code == 200 and response.json()["errors"][0]["index"] == 0
+    with app.app_context():
+        assert not Customer.select().where(Customer.external_id == "ghost").exists()
