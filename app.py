@@ -39,7 +39,7 @@ def create_app(test_config=None):
     app.extensions["bus"] = bus
     app.extensions["keys"] = KeyCache()
     app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
-                                             settings["MAX_BATCH_ITEMS"])
+                                             settings["MAX_BATCH_ITEMS"], settings["COMMIT_TIMEOUT"])
     app.extensions["queue_size"] = tasks.huey.pending_count
     app.register_blueprint(api.api)
     app.register_blueprint(api.segment_api)

@@ -22,9 +22,18 @@ from ingest.events import bus_for
 settings = config.load()
 log = logging.getLogger(__name__)
 
-HIGH_PRIORITY = 10  # a single ingest: analysed before batch backlogs
-LOW_PRIORITY = 0
-CHUNK = 250
+# Priorities (higher first): single ingests before batch backlogs, and both
+# before work queued again (by the sweep, `analysis retry`, or a task that ran
+# out of its budget). Within a lane an organization's tasks lose a step for
+# every SHARE_STEP ids it queued in the last SHARE_WINDOW seconds (in this
+# process), so that one busy or costly tenant never starves the others.
+SINGLE_LANE = 20
+BATCH_LANE = 10
+REQUEUE_LANE = 0
+SHARE_WINDOW = 10
+SHARE_STEP = 500
+CHUNK = 250  # ids a task
+TASK_BUDGET = 1.0  # seconds a task scores before it queues the rest of its ids again
 
 
 def make_huey(url):
@@ -67,13 +76,15 @@ def analyze(ids, task=None):
     # spares a connect and its pragmas each time); any failure drops it.
     last_attempt = task is None or task.retries == 0
     try:
-        scored, failed = analysis.score(ids)
+        scored, failed, unread = analysis.score(ids, TASK_BUDGET)
     except Exception as error:  # the reading failed: every id is retried
         models.release_connection()
         if last_attempt:
             with models.db.connection_context():
                 analysis.mark_failed(ids, error)
         raise
+    if unread:  # costly texts: the rest waits behind everyone else's work
+        requeue(unread)
     if not failed:
         results.submit(scored)
         return
@@ -173,13 +184,47 @@ def sweep():
     with models.db.connection_context():
         ids = analysis.stale_pending(settings["ANALYSIS_SWEEP_AFTER"])
     if ids:
-        enqueue_analysis(ids, high_priority=False)
+        requeue(ids)
         log.info("sweep re-queued pending interactions", extra={"count": len(ids)})
 
 
-def enqueue_analysis(ids, high_priority):
-    """Queue analyses of ``ids``, in tasks of at most CHUNK ids."""
-    priority = HIGH_PRIORITY if high_priority else LOW_PRIORITY
+class Shares:
+    """How many ids each organization queued lately, in this process."""
+
+    def __init__(self):
+        self._recent = {}  # organization -> (window start, ids)
+        self._lock = threading.Lock()
+
+    def penalty(self, organization_id, count):
+        """Steps an organization's next tasks lose, having queued ``count`` more ids."""
+        now = time.monotonic()
+        with self._lock:
+            started, queued = self._recent.get(organization_id, (now, 0))
+            if now - started > SHARE_WINDOW:
+                started, queued = now, 0
+            if len(self._recent) > 10_000:
+                self._recent.clear()
+            self._recent[organization_id] = (started, queued + count)
+        return min(9, queued // SHARE_STEP)
+
+
+shares = Shares()
+
+
+def enqueue_analysis(ids_by_organization, high_priority):
+    """Queue analyses of ``{organization_id: ids}``, each organization's in tasks
+    of its own, at its lane's priority less its penalty."""
+    lane = SINGLE_LANE if high_priority else BATCH_LANE
+    for organization_id, ids in ids_by_organization.items():
+        _enqueue(ids, lane - shares.penalty(organization_id, len(ids)))
+
+
+def requeue(ids):
+    """Queue analyses of ``ids`` behind all first-time work."""
+    _enqueue(ids, REQUEUE_LANE)
+
+
+def _enqueue(ids, priority):
     ids = [str(i) for i in ids]
     for start in range(0, len(ids), CHUNK):
         huey.enqueue(analyze.s(ids[start:start + CHUNK], priority=priority))

@@ -138,5 +138,5 @@ def analysis():
 def analysis_retry():
     """Re-queue the interactions whose analysis failed."""
     ids = requeue_failed()
-    tasks.enqueue_analysis(ids, high_priority=False)
+    tasks.requeue(ids)
     click.echo("re-queued %d interaction(s)" % len(ids))

@@ -2,8 +2,8 @@
 
 DESIGN §6 and §12: one write transaction per request caps throughput (SQLite
 serialises writers, each commit syncs). Instead requests hand their
-interactions to this process's writer, which stores everything waiting in one
-transaction. If that shared transaction fails, each job is retried on its
+interactions to this process's writer, which stores what is waiting in one
+transaction, taking the organizations' jobs in turn. If that shared transaction fails, each job is retried on its
 own, so one request's failure never fails another's, and every caller gets
 its own answer.
 
@@ -12,6 +12,7 @@ follows a commit (queueing the analyses, publishing the events) is done by a
 second thread, once for every group committed in the last FOLLOW_WINDOW,
 while the writer goes on to the next.
 """
+import collections
 import logging
 import os
 import queue
@@ -32,9 +33,14 @@ FOLLOW_WINDOW = 0.002
 
 @dataclass
 class Job:
-    """Interactions from one request (or one batch chunk), stored together or not at all."""
+    """Interactions from one request (or one batch chunk) of one organization,
+    stored together or not at all."""
     items: list
     high_priority: bool
+
+    @property
+    def organization_id(self):
+        return self.items[0].organization_id
 
 
 class GroupCommitter:
@@ -44,16 +50,20 @@ class GroupCommitter:
         self._write_group = write_group
         self._after_commit = after_commit
         self._max_items = max_items
-        self._queue = queue.SimpleQueue()
+        self._waiting = collections.OrderedDict()  # organization -> deque of (job, future)
+        self._arrived = threading.Condition()
         self._committed = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pid = None
 
     def submit(self, job):
-        """Queue ``job`` for storage; returns a Future of its results."""
+        """Queue ``job`` for storage; returns a Future of its results. Cancelling
+        the future withdraws the job, unless its commit has begun."""
         self._ensure_threads()
         future = Future()
-        self._queue.put((job, future))
+        with self._arrived:
+            self._waiting.setdefault(job.organization_id, collections.deque()).append((job, future))
+            self._arrived.notify()
         return future
 
     def _ensure_threads(self):
@@ -68,18 +78,35 @@ class GroupCommitter:
 
     def _write(self):
         while True:
-            group = [self._queue.get()]
-            size = len(group[0][0].items)
-            while size < self._max_items:
-                try:
-                    entry = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                group.append(entry)
-                size += len(entry[0].items)
-            committed = self._commit(group)
-            if committed:
-                self._committed.put(committed)
+            group = self._next_group()
+            if group:
+                committed = self._commit(group)
+                if committed:
+                    self._committed.put(committed)
+
+    def _next_group(self):
+        """Up to max_items of waiting jobs, one job of each organization in turn:
+        one organization's backlog never holds back another's next request.
+        Jobs withdrawn by their callers (cancelled) are dropped; the ones taken
+        can no longer be withdrawn."""
+        with self._arrived:
+            while not self._waiting:
+                self._arrived.wait()
+            group, size = [], 0
+            while self._waiting and size < self._max_items:
+                for organization_id in list(self._waiting):
+                    jobs = self._waiting[organization_id]
+                    job, future = jobs.popleft()
+                    if jobs:
+                        self._waiting.move_to_end(organization_id)  # the next group starts elsewhere
+                    else:
+                        del self._waiting[organization_id]
+                    if future.set_running_or_notify_cancel():
+                        group.append((job, future))
+                        size += len(job.items)
+                        if size >= self._max_items:
+                            break
+            return group
 
     def _commit(self, group):
         """Commit ``group``, or each of its jobs alone if that fails; answers every

@@ -16,11 +16,14 @@ DEFAULTS = {
     "MAX_BATCH_ITEMS": 1000,
     # PostgreSQL connections one process may hold (see the README for sizing).
     "DB_POOL_SIZE": 10,
+    # Seconds a request waits for its commit (DESIGN §5: a 503 within 30 s).
+    "COMMIT_TIMEOUT": 20,
     # Seconds an interaction may stay `pending` before the sweep re-queues it.
     "ANALYSIS_SWEEP_AFTER": 120,
     "LOG_LEVEL": "INFO",
 }
-INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "ANALYSIS_SWEEP_AFTER")
+INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "COMMIT_TIMEOUT",
+                "ANALYSIS_SWEEP_AFTER")
 
 
 def load(environ=None, overrides=None):

@@ -20,6 +20,7 @@ SERVICE_STATUS = {
     "customer_not_found": 404,
     "interaction_not_found": 404,
     "storage_error": 503,
+    "commit_outcome_unknown": 503,
 }
 
 

@@ -15,7 +15,9 @@ ERRORS = {
     404: "No such resource in the key's organization.",
     413: "Body larger than MAX_CONTENT_LENGTH (also once decompressed).",
     415: "Not JSON, or an unsupported Content-Encoding.",
-    503: "Storing failed and was rolled back; retry (see Retry-After).",
+    503: "Not stored (`storage_error`: retry, see Retry-After), or the database did not answer "
+         "in time (`commit_outcome_unknown`: it may have been stored; retry with the same "
+         "messageId), or the database is unavailable.",
 }
 
 

@@ -26,9 +26,6 @@ from models import Customer, Interaction, db, release_connection
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 100
-# How long a request waits for its write before answering storage_error (the
-# write may still land; a retry with the same messageId is then a duplicate).
-COMMIT_TIMEOUT = 60
 
 
 class ServiceError(Exception):
@@ -44,8 +41,31 @@ def validation_error(details, message="The request is invalid."):
 
 
 def storage_error():
-    return ServiceError("storage_error", "Storing failed and was rolled back; retry the request.",
-                        {"retryable": True})
+    return ServiceError("storage_error", "Nothing was stored; retry the request.",
+                        {"retryable": True, "stored": False})
+
+
+def outcome_unknown():
+    return ServiceError(
+        "commit_outcome_unknown",
+        "The database did not answer in time while storing this; it may or may not "
+        "have been stored. Retry with the same messageId: the retry is then safe.",
+        {"retryable": "with the same messageId"})
+
+
+def _wait(future, timeout):
+    """The results of a submitted job; a ServiceError if it failed or took too long.
+
+    A job still waiting for the writer is withdrawn at its deadline, so that
+    "nothing was stored" is true; one whose commit has begun cannot be, and its
+    outcome is unknown until the database answers.
+    """
+    try:
+        return future.result(timeout=timeout)
+    except StorageFailure:
+        raise storage_error() from None
+    except TimeoutError:
+        raise (storage_error() if future.cancel() else outcome_unknown()) from None
 
 
 @dataclass
@@ -67,15 +87,16 @@ class BatchResult:
 class IngestService:
     """The workflow, wired to the analysis queue and the live-event bus.
 
-    ``enqueue_analysis(ids, high_priority)`` and ``publish(events_by_organization)``
+    ``enqueue_analysis(ids_by_organization, high_priority)`` and ``publish(events_by_organization)``
     are called after commit, once for each committed group of requests, and their
     failure never fails an ingest that is already stored.
     """
 
-    def __init__(self, enqueue_analysis, publish, max_batch_items=1000):
+    def __init__(self, enqueue_analysis, publish, max_batch_items=1000, commit_timeout=20):
         self.enqueue_analysis = enqueue_analysis
         self.publish = publish
         self.max_batch_items = max_batch_items
+        self.commit_timeout = commit_timeout  # seconds a request waits for its commit
         self.known_customers = KnownCustomers()
         self.committer = GroupCommitter(
             lambda jobs: write_group(jobs, self.known_customers), self._after_commit)
@@ -157,18 +178,14 @@ class IngestService:
     def _store(self, job):
         future = self.committer.submit(job)
         release_connection()
-        try:
-            return future.result(timeout=COMMIT_TIMEOUT)
-        except (StorageFailure, TimeoutError):
-            raise storage_error() from None
+        return _wait(future, self.commit_timeout)
 
-    @staticmethod
-    def _settle_chunk(chunk, future, result):
+    def _settle_chunk(self, chunk, future, result):
         try:
-            outcomes = future.result(timeout=COMMIT_TIMEOUT)
-        except (StorageFailure, TimeoutError):
+            outcomes = _wait(future, self.commit_timeout)
+        except ServiceError as error:
             for index, _ in chunk:
-                result.errors.append(_item_error(index, storage_error()))
+                result.errors.append(_item_error(index, error))
             return
         for (index, item), (status, interaction_id) in zip(chunk, outcomes):
             if status == UNKNOWN_CUSTOMER:
@@ -194,12 +211,12 @@ class IngestService:
     def _after_commit(self, committed):
         """Hand a committed group's new interactions to the live feed (one publish)
         and to analysis (one enqueue per priority); never raises."""
-        ids = {True: [], False: []}
+        ids = {True: defaultdict(list), False: defaultdict(list)}
         events = defaultdict(list)
         for job, results in committed:
             for item, (status, _) in zip(job.items, results):
                 if status == CREATED:
-                    ids[job.high_priority].append(item.id)
+                    ids[job.high_priority][item.organization_id].append(item.id)
                     events[item.organization_id].append(
                         {"type": "interaction.created", "data": schemas.interaction_out.dump(item)})
         if events:  # before the analyses are queued, so that "created" precedes "analyzed"
@@ -207,13 +224,13 @@ class IngestService:
                 self.publish(events)
             except Exception:
                 log.warning("publish failed", exc_info=True)
-        for high_priority, group in ids.items():
-            if group:
+        for high_priority, by_organization in ids.items():
+            if by_organization:
                 try:
-                    self.enqueue_analysis(group, high_priority)
+                    self.enqueue_analysis(by_organization, high_priority)
                 except Exception:
-                    log.warning("analysis enqueue failed; the sweep will pick these up",
-                                exc_info=True, extra={"interaction_ids": group})
+                    log.warning("analysis enqueue failed; the sweep will pick these up", exc_info=True,
+                                extra={"count": sum(map(len, by_organization.values()))})
 
     # Reads ------------------------------------------------------------------
 

@@ -110,3 +110,16 @@ def _up(base):
         return requests.get(base + "/healthz", timeout=1).ok
     except requests.ConnectionError:
         return False
+
+
+def test_a_task_out_of_budget_leaves_the_rest_pending_for_later(service, org, customer_id):
+    ids = [stored(service, org, customer_id, "fine %d" % n) for n in range(5)]
+    scored, failed, unread = analysis.score(ids, budget=0)
+    assert (scored, failed) == ([], {}) and sorted(unread) == sorted(map(str, ids))
+    assert {row.analysis_status for row in Interaction.select()} == {"pending"}
+
+
+def test_vader_reads_a_bounded_part_of_a_text():
+    assert analysis.readable("😀" * 10_000) == "😀" * analysis.READ_EMOJI
+    assert len(analysis.readable("word " * 5_000)) == analysis.READ_CHARACTERS
+    assert analysis.readable("I love it") == "I love it"

@@ -390,7 +390,7 @@ def test_failed_chunk_is_rolled_back_whole_others_stand(app, client, org, custom
     failed = [e["index"] for e in body["errors"]]
     assert failed == list(range(100, 200))
     assert {e["error"] for e in body["errors"]} == {"storage_error"}
-    assert body["errors"][0]["details"] == {"retryable": True}
+    assert body["errors"][0]["details"] == {"retryable": True, "stored": False}
     assert all(body["ids"][i] is None for i in failed)
     assert get_customer(client, org, customer_id)["interactionCount"] == 150
     assert stored_count(app) == 150

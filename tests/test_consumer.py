@@ -185,3 +185,23 @@ def test_single_ingest_is_analysed_before_a_batch_backlog(make_stack, org, custo
     stack.consumer(workers=1)
     wait_until(lambda: analysed(single), timeout=60, message="the single ingest's analysis")
     assert status_counts().get("pending", 0) > 1000, "the single waited behind the backlog"
+
+
+def test_one_tenants_costly_texts_never_hold_back_anothers_analysis(make_stack, app, org, customer, tmp_path):
+    """The attack that kept another organization's message pending for 111 s: six
+    single ingests of 10,000 emoji each (VADER's cost grows with the square of
+    their number), then one plain message of another organization. Each text is
+    read only so far, and the victim's message is analysed while the attack's
+    are still in the queue or just done."""
+    from ingest.cli import new_organization
+    from models import Customer
+    stack = make_stack(queue_url("sqlite", tmp_path))
+    with app.app_context():
+        victim = new_organization("Victim")
+        victim_customer = str(Customer.create(organization=victim["organizationId"]).id)
+    attack = [ingest(stack, org, customer, content="😀" * 10_000) for _ in range(6)]
+    plain = ingest(stack, victim, victim_customer, content="Thanks, that was quick and helpful!")
+    stack.consumer(workers=1)
+    assert wait_until(lambda: analysed(plain), timeout=20).analysis_status == "done"
+    assert wait_until(lambda: all(analysed(i) for i in attack), timeout=20)
+    assert {analysed(i).sentiment_label for i in attack} == {"positive"}

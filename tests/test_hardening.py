@@ -2,16 +2,24 @@
 crafted cursors, chunked bodies over the limit, concurrent Segment identifies,
 Segment events that are refused, honest answers when a commit times out."""
 import base64
+import contextlib
 import json
+import os
+import sqlite3
 import threading
+import time
 
+import psycopg
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from models import Customer
+from app import create_app
+from ingest.cli import new_organization
+from models import Customer, Interaction
+from tests.dbs import is_postgres_url
 from tests.helpers import bearer, interaction
-from tests.servers import Gunicorn
+from tests.servers import Gunicorn, wait_until
 
 json_documents = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
@@ -88,3 +96,91 @@ def test_a_refused_segment_event_creates_no_customer(app, server, org):
     assert response.status_code == 200 and response.json()["errors"][0]["index"] == 0
     with app.app_context():
         assert not Customer.select().where(Customer.external_id == "ghost").exists()
+
+
+@contextlib.contextmanager
+def writes_blocked():
+    """Another client holds the interaction table's write lock meanwhile."""
+    url = os.environ["DATABASE_URL"]
+    if is_postgres_url(url):
+        with psycopg.connect(url) as conn:
+            conn.execute("LOCK TABLE interaction IN EXCLUSIVE MODE")
+            yield
+            conn.rollback()
+    else:
+        conn = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None, timeout=30)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+
+
+def test_a_commit_that_times_out_is_answered_honestly(org, customer_id):
+    """With the database stuck, the request whose commit had begun is told its
+    outcome is unknown (retry only with its messageId), and the one still waiting
+    is withdrawn and told it was not stored; both are true once the database
+    moves again."""
+    app = create_app({"TESTING": True, "COMMIT_TIMEOUT": 1})
+    answers = {}
+
+    def post(message_id):
+        response = app.test_client().post("/api/data/ingest", headers=bearer(org["ingestKey"]),
+                                          json=interaction(customer_id, messageId=message_id))
+        answers[message_id] = response
+
+    with writes_blocked():
+        first = threading.Thread(target=post, args=("in-flight",))
+        first.start()
+        time.sleep(0.3)  # its commit has begun, and waits on the lock
+        second = threading.Thread(target=post, args=("queued",))
+        second.start()
+        first.join()
+        second.join()
+    unknown, withdrawn = answers["in-flight"], answers["queued"]
+    assert (unknown.status_code, unknown.json["error"]) == (503, "commit_outcome_unknown")
+    assert "messageId" in unknown.json["message"] and unknown.headers["Retry-After"]
+    assert (withdrawn.status_code, withdrawn.json["error"]) == (503, "storage_error")
+    assert withdrawn.json["details"]["stored"] is False
+
+    def stored(message_id):
+        with app.app_context():
+            return Interaction.select().where(Interaction.message_id == message_id).count()
+    wait_until(lambda: stored("in-flight") == 1, message="the in-flight commit to land")
+    assert stored("queued") == 0
+    retry = app.test_client().post("/api/data/ingest", headers=bearer(org["ingestKey"]),
+                                   json=interaction(customer_id, messageId="in-flight"))
+    assert retry.status_code == 200 and retry.json["duplicate"] is True
+
+
+def test_the_group_commit_serves_organizations_in_turn(app, service, org, customer_id):
+    """One organization's 3,000 queued items do not hold back another's single
+    ingest: the writer takes each organization's jobs in turn."""
+    with app.app_context():
+        other = new_organization("Other")
+        other_customer = str(Customer.create(organization=other["organizationId"]).id)
+    finished = []
+
+    def heavy():
+        service.ingest_batch(org["organizationId"], {"interactions": [
+            interaction(customer_id, content="bulk %d" % n) for n in range(1000)]})
+        finished.append("heavy")
+
+    def light():
+        service.ingest(other["organizationId"], interaction(other_customer))
+        finished.append("light")
+
+    with writes_blocked():
+        threads = [threading.Thread(target=heavy) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # their 30 chunks are queued behind the blocked writer
+        threads.append(threading.Thread(target=light))
+        threads[-1].start()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join()
+    # (The writer had taken the first 500 items before the light one came; it goes
+    # in the next group, with the rest of the first heavy request.)
+    assert finished.index("light") <= 1, finished
