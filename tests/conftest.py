@@ -117,12 +117,12 @@ def require_redis():
 
 @contextlib.contextmanager
 def production_stack(directory):
-    """Production shape for the live feed: gunicorn with 2 workers, a huey_consumer
-    process, Redis as the event bus; yields the web server."""
-    from tests.servers import Consumer, Gunicorn
+    """The production shape: nginx in front of gunicorn with 2 workers, a
+    huey_consumer process, Redis as the event bus; yields the web front."""
+    from tests.servers import Consumer, Production
 
     env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (directory / "queue.db")}
-    web = Gunicorn(directory / "web.log", workers=2, env=env)
+    web = Production(directory, workers=2, env=env)
     consumer = Consumer(directory / "consumer.log", env=env)
     try:
         yield web

@@ -89,6 +89,56 @@ def rss_kb(pid):
         return 0
 
 
+class Nginx:
+    """deploy/nginx.conf in front of a Gunicorn, on a free port (the production topology).
+
+    The repository's config is used as it is, but for the two addresses (its
+    listen port and gunicorn's) and where nginx keeps its pid file."""
+
+    CONFIG = os.path.join(ROOT, "deploy", "nginx.conf")
+
+    def __init__(self, directory, upstream):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        config = (open(self.CONFIG).read()
+                  .replace("listen 8080 ", "listen 127.0.0.1:%d " % self.port)
+                  .replace("server 127.0.0.1:8000;", "server 127.0.0.1:%d;" % upstream.port)
+                  .replace("pid /run/nginx-ingest.pid;", "pid %s;" % os.path.join(directory, "nginx.pid")))
+        path = os.path.join(directory, "nginx.conf")
+        with open(path, "w") as file:
+            file.write(config)
+        self.log_path = os.path.join(directory, "nginx.log")
+        self.process = subprocess.Popen(
+            ["nginx", "-p", str(directory), "-c", path, "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), start_new_session=True)
+        wait_until(self._up, message="nginx on port %d" % self.port)
+
+    def _up(self):
+        if self.process.poll() is not None:
+            raise AssertionError("nginx exited: " + open(self.log_path).read()[-2000:])
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self):
+        stop_group(self.process)
+
+
+class Production:
+    """nginx in front of gunicorn: ``url`` is nginx's; the rest is gunicorn's."""
+
+    def __init__(self, directory, workers=2, env=None):
+        self.web = Gunicorn(os.path.join(directory, "web.log"), workers=workers, env=env)
+        self.proxy = Nginx(directory, self.web)
+        self.url = self.proxy.url
+
+    def __getattr__(self, name):  # log_lines, worker_pids, process, ...
+        return getattr(self.web, name)
+
+    def stop(self):
+        self.proxy.stop()
+        self.web.stop()
+
+
 class Consumer:
     """`huey_consumer tasks.huey -w N` (or a module of ours that wraps it)."""
 

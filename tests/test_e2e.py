@@ -4,6 +4,7 @@ count exact, no 5xx, no "database is locked" reaching a client."""
 import gzip
 import json
 import random
+import socket
 import threading
 import time
 
@@ -13,14 +14,15 @@ import requests
 from models import Interaction
 from tests import dbs
 from tests.helpers import bearer, hours_ago, interaction, iso
-from tests.servers import Gunicorn
+from tests.servers import Production
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    gunicorn = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "server.log", workers=2)
-    yield gunicorn
-    gunicorn.stop()
+    """nginx in front of gunicorn with 2 workers, as in production."""
+    front = Production(tmp_path_factory.mktemp("production"), workers=2)
+    yield front
+    front.stop()
 
 
 def new_customer(server, org, external_id):
@@ -142,3 +144,59 @@ def test_concurrent_writers_keep_every_count_exact(app, server, org):
           "%s, %.1f s, %d worker processes, invariant checks: %s" % (
               WRITERS, len(responses), created, len(customers), counts, elapsed,
               len(worker_pids), "all clean"))
+
+
+def healthz_answers(url, count=20, interval=0.1):
+    """How many of ``count`` health checks answered within a second."""
+    answered = 0
+    for _ in range(count):
+        try:
+            answered += requests.get(url + "/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            pass
+        time.sleep(interval)
+    return answered
+
+
+def test_clients_that_never_close_do_not_stall_the_server(server):
+    """10 a second of a complete request with `Connection: close` and a client
+    that never closes its end (gunicorn alone lingers 2 s on each, in its main
+    loop: /healthz took 3.9 s): nginx holds them."""
+    host, port = server.url.split("//")[1].split(":")
+    held, stop = [], threading.Event()
+
+    def open_and_keep():
+        while not stop.is_set():
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            held.append(sock)
+            time.sleep(0.1)
+    opener = threading.Thread(target=open_and_keep)
+    opener.start()
+    try:
+        time.sleep(1)
+        assert healthz_answers(server.url) == 20
+    finally:
+        stop.set()
+        opener.join()
+        for sock in held:
+            sock.close()
+
+
+def test_a_slowloris_does_not_starve_the_server(server):
+    """3,400 connections sending a byte of their request now and then (gunicorn
+    alone: every /healthz timed out for 30 s): nginx holds them, and cuts them
+    off after client_header_timeout."""
+    host, port = server.url.split("//")[1].split(":")
+    slow = []
+    for _ in range(3400):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        slow.append(sock)
+    try:
+        for sock in slow[::2]:
+            sock.sendall(b"X")
+        assert healthz_answers(server.url) == 20
+    finally:
+        for sock in slow:
+            sock.close()

@@ -100,8 +100,10 @@ def timed_batches(url, key, customer_id, batches):
 
 
 def test_a_socket_that_stops_reading_never_slows_ingest(stack, org, customer_id):
+    """Straight to gunicorn: through nginx the stall is first absorbed by nginx's
+    socket buffers (all 5,000 events fit), and nothing is dropped."""
     baseline = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
-    stalled = RawSocket(stack.url, org["readKey"])
+    stalled = RawSocket(stack.web.url, org["readKey"])
     with_stalled = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
     print("\ningest of 5,000 events: %.2f s alone, %.2f s with a stalled socket" % (
         baseline, with_stalled))

@@ -1,13 +1,15 @@
 """What an adversarial probe found (hardening round 2), each reproduced here first:
-crafted cursors, chunked bodies over the limit, concurrent Segment identifies,
+crafted cursors, Segment batches of any shape, chunked bodies over the limit, concurrent Segment identifies,
 Segment events that are refused, honest answers when a commit times out."""
 import base64
 import contextlib
+import datetime
 import json
 import os
 import sqlite3
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -21,10 +23,16 @@ from tests.dbs import is_postgres_url
 from tests.helpers import bearer, interaction
 from tests.servers import Gunicorn, wait_until
 
-json_documents = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
-    max_leaves=8)
+
+
+def json_like(floats):
+    return st.recursive(
+        st.none() | st.booleans() | st.integers() | floats | st.text(max_size=40),
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+        max_leaves=8)
+
+
+json_documents = json_like(st.floats(allow_nan=False))  # Infinity too: a cursor is decoded by us
 
 
 def as_cursor(raw):
@@ -48,6 +56,55 @@ def test_any_cursor_is_a_page_or_a_400_naming_it(client, org, cursor):
     assert response.status_code in (200, 400), response.get_data(as_text=True)
     if response.status_code == 400:
         assert "cursor" in response.get_json()["details"]
+
+
+def segment_events():
+    """Segment events as a client could send them: every field valid, missing, of
+    the wrong type or out of bounds."""
+    anything = json_like(st.floats(allow_nan=False, allow_infinity=False))
+    return st.fixed_dictionaries({}, optional={
+        "type": st.sampled_from(["track", "page", "identify", "alias", "", 7]),
+        "userId": st.one_of(st.text(max_size=12), st.text(min_size=256, max_size=260), anything),
+        "anonymousId": st.one_of(st.text(max_size=12), anything),
+        "event": st.one_of(st.text(max_size=120), anything),
+        "properties": st.one_of(st.dictionaries(st.sampled_from(["content", "text", "title", "n"]),
+                                                anything, max_size=3), anything),
+        "traits": st.one_of(st.dictionaries(st.sampled_from(["name", "email", "plan"]), anything,
+                                            max_size=3), anything),
+        "context": st.one_of(st.fixed_dictionaries({"channel": st.sampled_from(
+            ["browser", "mobile", "server", "fax", 3])}), anything),
+        "timestamp": st.one_of(st.datetimes(timezones=st.just(datetime.timezone.utc)).map(
+            datetime.datetime.isoformat), anything),
+        "messageId": st.one_of(st.just("unique"), st.text(min_size=129, max_size=130), anything),
+    })
+
+
+def tagged(event, tag, index):
+    """The event with its user ids and a "unique" messageId made this example's own."""
+    event = dict(event)
+    for field in ("userId", "anonymousId"):
+        if isinstance(event.get(field), str) and event[field]:
+            event[field] = tag + event[field]
+    if event.get("messageId") == "unique":
+        event["messageId"] = "%s-%d" % (tag, index)
+    return event
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(segment_events(), min_size=1, max_size=6))
+def test_any_segment_batch_is_200_and_creates_only_the_customers_of_stored_events(app, client, org,
+                                                                                 events):
+    tag = "%s:" % uuid.uuid4().hex[:8]
+    events = [tagged(event, tag, index) for index, event in enumerate(events)]
+    response = client.post("/v1/batch", json={"batch": events}, auth=(org["ingestKey"], ""))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    refused = {problem["index"] for problem in response.get_json().get("errors", [])}
+    expected = {str(event.get("userId") or event.get("anonymousId"))
+                for index, event in enumerate(events) if index not in refused}
+    with app.app_context():
+        created = {customer.external_id for customer in
+                   Customer.select().where(Customer.external_id.startswith(tag))}
+    assert created == {user for user in expected if user.startswith(tag)}
 
 
 @pytest.fixture(scope="module")
