@@ -11,7 +11,7 @@ from flask import Flask
 
 import models
 import tasks
-from ingest import api, cli, config, errors, events, feed, logs, security
+from ingest import api, cli, config, errors, events, feed, logs, metrics, overload, security
 from ingest.auth import KeyCache
 from ingest.service import IngestService
 
@@ -41,6 +41,10 @@ def create_app(test_config=None):
     app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
                                              settings["MAX_BATCH_ITEMS"], settings["COMMIT_TIMEOUT"])
     app.extensions["queue_size"] = tasks.huey.pending_count
+    app.extensions["rate_limit"] = (overload.RateLimit(settings["RATE_LIMIT"], settings["RATE_LIMIT_URL"])
+                                    if settings["RATE_LIMIT"] else None)
+    app.extensions["backlog"] = overload.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
+    metrics.init_app(app, app.extensions["backlog"])
     app.register_blueprint(api.api)
     app.register_blueprint(api.segment_api)
     app.register_blueprint(api.health)

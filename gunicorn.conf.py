@@ -37,6 +37,13 @@ def post_worker_init(worker):
     worker.log.info("worker %s ready", worker.pid)
 
 
+def child_exit(server, worker):
+    # With PROMETHEUS_MULTIPROC_DIR, a dead worker's live gauges (open sockets)
+    # must stop counting; its counters stay in the totals.
+    from ingest.metrics import mark_process_dead
+    mark_process_dead(worker.pid)
+
+
 def post_fork(server, worker):
     # Many threads per worker wait on sockets; a shorter GIL switch interval
     # (default 5 ms) keeps a CPU-bound request from delaying each of them in turn.

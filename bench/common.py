@@ -60,9 +60,10 @@ class Stack:
     (``server_url`` None: SQLite queue) or on a scratch database of a PostgreSQL
     server (Redis queue), Redis as the bus, gunicorn (gunicorn.conf.py) with
     ``workers``, and a huey_consumer if asked. Nothing is imported from the app:
-    it is set up with its own CLI and driven over HTTP."""
+    it is set up with its own CLI and driven over HTTP. ``root``: another checkout
+    of the project to run instead of this one."""
 
-    def __init__(self, server_url=None, workers=2, consumer=False, env=None):
+    def __init__(self, server_url=None, workers=2, consumer=False, env=None, root=ROOT):
         from tests.dbs import create_scratch_database
         from tests.servers import Consumer, Gunicorn
 
@@ -73,13 +74,14 @@ class Stack:
         self.env = {"INSTANCE_PATH": self.dir, "DATABASE_URL": self.database_url,
                     "QUEUE_URL": queue, "EVENTS_URL": REDIS + "/15", "LOG_LEVEL": "INFO",
                     **(env or {})}
+        self.root = root
         self.flask("init-db")
-        self.web = Gunicorn(os.path.join(self.dir, "web.log"), workers=workers, env=self.env)
+        self.web = Gunicorn(os.path.join(self.dir, "web.log"), workers=workers, env=self.env, root=root)
         self.url = self.web.url
         self.consumer = Consumer(os.path.join(self.dir, "consumer.log"), env=self.env) if consumer else None
 
     def flask(self, *args):
-        output = subprocess.run([os.path.join(BIN, "flask"), "--app", "app", *args], cwd=ROOT,
+        output = subprocess.run([os.path.join(BIN, "flask"), "--app", "app", *args], cwd=self.root,
                                 env={**os.environ, **self.env}, check=True, capture_output=True,
                                 text=True).stdout
         return output

@@ -5,6 +5,7 @@ twice, or for ids another task already did, changes nothing. It is two steps,
 so that a consumer can overlap them: ``score`` (one SELECT, then VADER) and
 ``store`` (one UPDATE for the whole list).
 """
+import collections
 import datetime
 import functools
 import logging
@@ -14,6 +15,7 @@ import uuid
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from ingest import metrics
 from models import Interaction, db, is_postgres, utcnow
 
 log = logging.getLogger(__name__)
@@ -112,10 +114,13 @@ def store(scored):
     else:
         sql, params = _store_sqlite(len(rows)), [utcnow(), *(value for row in rows for value in row)]
     written = {row[0] for row in db.execute_sql(sql, params)}
-    return [{"id": _text(row_id), "organization_id": org_id,
-             "analysis_status": status,
-             "sentiment": None if label is None else {"label": label, "score": value}}
-            for row_id, org_id, (status, label, value) in scored if row_id in written]
+    results = [{"id": _text(row_id), "organization_id": org_id,
+                "analysis_status": status,
+                "sentiment": None if label is None else {"label": label, "score": value}}
+               for row_id, org_id, (status, label, value) in scored if row_id in written]
+    for status, count in collections.Counter(r["analysis_status"] for r in results).items():
+        metrics.ANALYSES.labels(status).inc(count)
+    return results
 
 
 def _pending_rows(ids):
@@ -168,11 +173,13 @@ def _store_sqlite(rows):
 def mark_failed(ids, error):
     """Record that analysing ``ids`` failed for good, keeping the error."""
     with db.atomic():
-        return (Interaction
-                .update(analysis_status="failed", analysis_error=str(error)[:2000],
-                        analyzed_at=utcnow())
-                .where(Interaction.id.in_(list(ids)) & (Interaction.analysis_status == "pending"))
-                .execute())
+        marked = (Interaction
+                  .update(analysis_status="failed", analysis_error=str(error)[:2000],
+                          analyzed_at=utcnow())
+                  .where(Interaction.id.in_(list(ids)) & (Interaction.analysis_status == "pending"))
+                  .execute())
+    metrics.ANALYSES.labels("failed").inc(marked)
+    return marked
 
 
 def stale_pending(older_than_seconds, limit=10_000):

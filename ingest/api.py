@@ -3,12 +3,14 @@
 Each view authenticates, reads the JSON body, calls the service, dumps the
 result. Errors are raised and shaped by ingest.errors.
 """
+import functools
+
 from flask import Blueprint, current_app, g, request
 
 from ingest import openapi as openapi_spec, segment
 from ingest.auth import authenticate, key_from_request, require
 from ingest.body import read_json
-from ingest.errors import ApiError
+from ingest.errors import ApiError, too_many_requests
 from ingest.schemas import customer_out, interaction_out
 from models import db
 
@@ -41,8 +43,26 @@ def find_customers():
     return {"items": customer_out.dump(customers, many=True)}
 
 
+def check_backlog():
+    """429 while the analysis backlog is over ANALYSIS_BACKLOG_MAX (DESIGN §13)."""
+    wait = current_app.extensions["backlog"].retry_after()
+    if wait is not None:
+        raise too_many_requests("analysis_backlog_full", "Too many interactions are waiting for "
+                                "analysis; retry after %d s." % wait, wait)
+
+
+def bounded(view):
+    """Decorator: an ingest view, refused whole while the backlog is over its bound."""
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        check_backlog()
+        return view(*args, **kwargs)
+    return wrapped
+
+
 @api.post("/data/ingest")
 @require("ingest")
+@bounded
 def ingest():
     interaction_id, duplicate = service().ingest(g.organization_id, read_json())
     return {"id": str(interaction_id), "duplicate": duplicate}, 200 if duplicate else 201
@@ -50,6 +70,7 @@ def ingest():
 
 @api.post("/data/ingest/batch")
 @require("ingest")
+@bounded
 def ingest_batch():
     result = service().ingest_batch(g.organization_id, read_json())
     return {
@@ -77,13 +98,14 @@ def get_interaction(interaction_id):
 @segment_api.post("/<any(track, identify, page):kind>")
 def segment_events(kind=None):
     """Segment's HTTP tracking API: exactly 200 {"success": true} unless the client
-    should act (400 bad envelope, 401/403 key, 503 retry)."""
+    should act (400 bad envelope, 401/403 key, 429 and 503 retry)."""
     key = key_from_request()
     if key:
         authenticate("ingest", key)
     payload = read_json()
     if not key:
         authenticate("ingest", payload.get("writeKey") if isinstance(payload, dict) else None)
+    check_backlog()
     problems, retry = segment.ingest(service(), g.organization_id, payload, kind)
     if retry:
         raise ApiError(503, "storage_error", "Storing failed; retry the batch.",

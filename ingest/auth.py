@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from flask import current_app, g, request
 
-from ingest.errors import ApiError
+from ingest.errors import ApiError, too_many_requests
 from ingest.logs import bind_context
 from models import ApiKey, connection, db
 
@@ -151,7 +151,19 @@ def authenticate(scope, key=None):
         raise ApiError(403, "forbidden", "This key lacks the '%s' scope." % scope)
     g.organization_id = principal.organization_id
     bind_context(organization_id=principal.organization_id)
+    _check_rate(principal)
     return principal
+
+
+def _check_rate(principal):
+    """429 once the key has spent its RATE_LIMIT budget (DESIGN §13)."""
+    rate_limit = current_app.extensions["rate_limit"]
+    if rate_limit is None:
+        return
+    wait = rate_limit.retry_after(principal.key_hash)
+    if wait is not None:
+        raise too_many_requests("rate_limited", "This key is over its rate limit (%s); retry after "
+                                "%d s." % (rate_limit.spec, wait), wait, {"limit": rate_limit.spec})
 
 
 def require(scope):

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from ingest import metrics
 from models import db
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class GroupCommitter:
             return [pair for entry in group for pair in self._commit([entry])]
         for (_, future), result in zip(group, results):
             future.set_result(result)
+        metrics.COMMIT_SIZE.observe(sum(len(job.items) for job, _ in group))
         return [(job, result) for (job, _), result in zip(group, results)]
 
     def _follow(self):

@@ -20,10 +20,16 @@ DEFAULTS = {
     "COMMIT_TIMEOUT": 20,
     # Seconds an interaction may stay `pending` before the sweep re-queues it.
     "ANALYSIS_SWEEP_AFTER": 120,
+    # Per-key request budget, e.g. "200/s burst 1000"; empty: no limit (DESIGN §13).
+    "RATE_LIMIT": "",
+    # Where the budgets are kept: EVENTS_URL's Redis when there is one, else in memory.
+    "RATE_LIMIT_URL": "",
+    # Pending analyses beyond which ingest answers 429.
+    "ANALYSIS_BACKLOG_MAX": 100_000,
     "LOG_LEVEL": "INFO",
 }
 INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "COMMIT_TIMEOUT",
-                "ANALYSIS_SWEEP_AFTER")
+                "ANALYSIS_SWEEP_AFTER", "ANALYSIS_BACKLOG_MAX")
 
 
 def load(environ=None, overrides=None):
@@ -36,6 +42,9 @@ def load(environ=None, overrides=None):
     settings.update(overrides or {})
     for key in INTEGER_KEYS:
         settings[key] = int(settings[key])
+    if not settings["RATE_LIMIT_URL"]:
+        events = settings["EVENTS_URL"]
+        settings["RATE_LIMIT_URL"] = events if events.startswith("redis") else "memory://"
     if settings["DATABASE_URL"].startswith("sqlite:///") or settings["QUEUE_URL"].startswith("sqlite:///"):
         os.makedirs(INSTANCE_PATH, exist_ok=True)
     return settings

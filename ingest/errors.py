@@ -10,6 +10,7 @@ from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
+from ingest import metrics
 from ingest.service import ServiceError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ class ApiError(Exception):
         self.message = message
         self.details = details or {}
         self.headers = headers or {}
+
+
+def too_many_requests(reason, message, retry_after, details=None):
+    """A 429 with Retry-After (DESIGN §13), counted by ``reason``."""
+    metrics.REFUSED.labels(reason).inc()
+    return ApiError(429, reason, message, {"retryAfter": retry_after, **(details or {})},
+                    headers={"Retry-After": str(retry_after)})
 
 
 def error_response(status, code, message, details=None, headers=None):

@@ -33,6 +33,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
+from ingest import metrics
+
 log = logging.getLogger(__name__)
 
 OUTBOX_BYTES = 512 * 1024  # events waiting for one socket; beyond it they are dropped
@@ -110,6 +112,7 @@ class FeedSocket:
                 self._admit(frame, 1)
             else:
                 self.dropped += 1
+                metrics.DROPPED.inc()
 
     def _admit(self, data, count):
         if self.dropped:
@@ -320,6 +323,7 @@ class FanOut:
 
     def _on_adopt(self, touched, feed_socket, greeting):
         self._sockets.add(feed_socket)
+        metrics.SOCKETS.inc()
         self._by_org[feed_socket.organization_id].add(feed_socket)
         try:
             feed_socket.sock.setblocking(False)
@@ -440,6 +444,7 @@ class FanOut:
         if feed_socket not in self._sockets:
             return
         self._sockets.discard(feed_socket)
+        metrics.SOCKETS.dec()
         try:
             self._selector.unregister(feed_socket.sock)
         except (KeyError, ValueError):

@@ -15,6 +15,9 @@ ERRORS = {
     404: "No such resource in the key's organization.",
     413: "Body larger than MAX_CONTENT_LENGTH (also once decompressed).",
     415: "Not JSON, or an unsupported Content-Encoding.",
+    429: "Refused, nothing stored (a batch is refused whole): the key is over its rate limit "
+         "(`rate_limited`), or, on ingest, too many interactions wait for analysis "
+         "(`analysis_backlog_full`). Retry after Retry-After seconds.",
     503: "Not stored (`storage_error`: retry, see Retry-After), or the database did not answer "
          "in time (`commit_outcome_unknown`: it may have been stored; retry with the same "
          "messageId), or the database is unavailable.",
@@ -34,6 +37,8 @@ def _body(schema, description=""):
 
 
 def _operation(summary, scope, responses, errors, body=None, parameters=None):
+    if scope:
+        errors = (*errors, 429)  # every keyed request counts against its key's rate limit
     operation = {"summary": summary, "responses": {**responses, **_errors(*errors)}}
     if scope:
         operation["security"] = [{"bearer": []}, {"basic": []}]
@@ -102,6 +107,9 @@ PATHS = {
         "200": _response("Health", "Up.")}, ())},
     "/readyz": {"get": _operation("Database and queue reachable", None, {
         "200": _response("Health", "Ready."), "503": _response("Health", "Not ready.")}, ())},
+    "/metrics": {"get": _operation("Prometheus metrics of every process (text format)", None, {
+        "200": {"description": "Prometheus text exposition format 0.0.4.",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}, ())},
 }
 
 SCHEMAS = ("Error", "IngestResult", "BatchResult", "CustomerIn", "CustomerOut", "CustomerList",

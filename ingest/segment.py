@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from marshmallow import ValidationError
 
+from ingest import metrics
 from ingest.schemas import UTC, JsonObject, check_text
 from ingest.service import BatchResult, ServiceError, validate_interaction, validation_error
 from models import Customer, db, is_postgres, utcnow
@@ -52,6 +53,7 @@ def ingest(service, organization_id, payload, kind=None):
             problems.append(_problem(index, event, details))
         except ServiceError as error:
             problems.append(_problem(index, event, error.details))
+    metrics.INTERACTIONS.labels("failed").inc(len(problems))  # (store_validated counts its own)
     customers = resolve_customers(organization_id, {event.user for event in accepted})
     tracks = [event for event in accepted if event.data is not None]
     for event in accepted:

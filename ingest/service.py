@@ -1,7 +1,7 @@
 """The ingest workflow (DESIGN §6), free of Flask and HTTP.
 
 validate -> enrich with the organization -> store (one transaction: inserts and
-one UPDATE per customer, via the process's group committer) -> after commit:
+one set-based UPDATE of the customers, via the process's group committer) -> after commit:
 enqueue the analysis, publish ``interaction.created``.
 
 Failures are raised as ``ServiceError`` with a stable code; the web layer maps
@@ -17,7 +17,7 @@ from functools import reduce
 from marshmallow import ValidationError
 from peewee import IntegrityError, Tuple
 
-from ingest import schemas
+from ingest import metrics, schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
 from ingest.logs import bind_context
 from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, write_group
@@ -137,11 +137,15 @@ class IngestService:
 
     def ingest(self, organization_id, payload):
         """Store one interaction; returns (interaction_id, duplicate)."""
-        item = self._prepare(organization_id, validate_interaction(payload))
-        bind_context(customer_id=str(item.customer_id))
-        [(status, interaction_id)] = self._store(Job([item], high_priority=True))
-        if status == UNKNOWN_CUSTOMER:
-            raise customer_not_found(item)
+        try:
+            item = self._prepare(organization_id, validate_interaction(payload))
+            bind_context(customer_id=str(item.customer_id))
+            [(status, interaction_id)] = self._store(Job([item], high_priority=True))
+            if status == UNKNOWN_CUSTOMER:
+                raise customer_not_found(item)
+        except ServiceError:
+            metrics.INTERACTIONS.labels("failed").inc()
+            raise
         bind_context(interaction_id=str(interaction_id), duplicate=status == DUPLICATE)
         return interaction_id, status == DUPLICATE
 
@@ -171,6 +175,7 @@ class IngestService:
         for chunk, future in zip(chunks, futures):
             self._settle_chunk(chunk, future, result)
         result.errors.sort(key=lambda error: error["index"])
+        metrics.INTERACTIONS.labels("failed").inc(result.failed)
         bind_context(total=result.total, successful=result.successful,
                      duplicates=result.duplicates, failed=result.failed)
         return result
@@ -213,12 +218,16 @@ class IngestService:
         and to analysis (one enqueue per priority); never raises."""
         ids = {True: defaultdict(list), False: defaultdict(list)}
         events = defaultdict(list)
+        outcomes = defaultdict(int)
         for job, results in committed:
             for item, (status, _) in zip(job.items, results):
+                outcomes[status] += 1
                 if status == CREATED:
                     ids[job.high_priority][item.organization_id].append(item.id)
                     events[item.organization_id].append(
                         {"type": "interaction.created", "data": schemas.interaction_out.dump(item)})
+        metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
+        metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
         if events:  # before the analyses are queued, so that "created" precedes "analyzed"
             try:
                 self.publish(events)

@@ -116,12 +116,14 @@ def require_redis():
 
 
 @contextlib.contextmanager
-def production_stack(directory):
+def production_stack(directory, env=None):
     """The production shape: nginx in front of gunicorn with 2 workers, a
-    huey_consumer process, Redis as the event bus; yields the web front."""
+    huey_consumer process, Redis as the event bus; yields the web front.
+    ``env``: more settings for both processes."""
     from tests.servers import Consumer, Production
 
-    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (directory / "queue.db")}
+    env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (directory / "queue.db"),
+           **(env or {})}
     web = Production(directory, workers=2, env=env)
     consumer = Consumer(directory / "consumer.log", env=env)
     try:

@@ -31,9 +31,10 @@ def wait_until(condition, timeout=20.0, interval=0.05, message="condition"):
 
 
 class Gunicorn:
-    """`gunicorn -c gunicorn.conf.py "app:create_app()"` on a free port."""
+    """`gunicorn -c gunicorn.conf.py "app:create_app()"` on a free port, from this
+    checkout or from ``root`` (another checkout, for a side-by-side benchmark)."""
 
-    def __init__(self, log_path, workers=2, env=None, app="app:create_app()"):
+    def __init__(self, log_path, workers=2, env=None, app="app:create_app()", root=ROOT):
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log_path = log_path
@@ -41,7 +42,7 @@ class Gunicorn:
         self.process = subprocess.Popen(
             [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py",
              "--bind", "127.0.0.1:%d" % self.port, "--workers", str(workers), app],
-            cwd=ROOT, env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},
+            cwd=root, env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},
             stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
         wait_until(self._ready, message="every gunicorn worker to be ready")
 

@@ -20,13 +20,14 @@ def test_spec_is_valid_openapi_3_and_covers_every_endpoint(app, client):
     documented = {path.replace("{customer_id}", "<customer_id>")
                   .replace("{interaction_id}", "<interaction_id>") for path in spec["paths"]}
     routes = {rule.rule for rule in app.url_map.iter_rules()
-              if rule.rule.startswith(("/api/", "/v1/", "/healthz", "/readyz"))
+              if rule.rule.startswith(("/api/", "/v1/", "/healthz", "/readyz", "/metrics"))
               and rule.rule not in ("/api/openapi.json", "/api/feed/ws")}
     routes = {r for r in routes if "<any(" not in r} | {"/v1/track", "/v1/identify", "/v1/page"}
     assert routes <= documented
     assert set(spec["components"]["securitySchemes"]) == {"bearer", "basic"}
     ingest = spec["paths"]["/api/data/ingest"]["post"]
-    assert {"201", "200", "400", "401", "403", "404", "413", "415", "503"} <= set(ingest["responses"])
+    assert {"201", "200", "400", "401", "403", "404", "413", "415", "429", "503"} <= set(
+        ingest["responses"])
 
 
 def test_schemathesis_finds_no_server_error_and_nothing_outside_the_spec(app, org, customer_id,

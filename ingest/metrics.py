@@ -1,0 +1,84 @@
+"""Prometheus metrics (DESIGN §14), correct across gunicorn workers and consumers.
+
+With PROMETHEUS_MULTIPROC_DIR set (production: the same empty directory for
+every web worker and consumer process of a machine, made before they start),
+prometheus_client keeps each process's values in files there and `/metrics`
+adds them up; without it (the dev server: one process) they live in memory.
+prometheus_client reads the variable itself, at import.
+
+Labels are bounded: an endpoint is its URL rule, never a raw path, and nothing
+is labelled by organization.
+"""
+import os
+import time
+
+from flask import Response, g, request
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest, multiprocess)
+from prometheus_client.core import GaugeMetricFamily
+
+REQUESTS = Counter("ingest_http_requests_total", "HTTP requests by endpoint and status.",
+                   ["endpoint", "status"])
+LATENCY = Histogram("ingest_http_request_duration_seconds", "Time to answer a request, by endpoint.",
+                    ["endpoint"], buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+INTERACTIONS = Counter("ingest_interactions_total",
+                       "Interactions received, by outcome: stored, duplicate or failed.", ["outcome"])
+COMMIT_SIZE = Histogram("ingest_group_commit_items", "Interactions written by one group commit.",
+                        buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000))
+ANALYSES = Counter("ingest_analyses_total", "Analyses finished, by outcome: done, skipped or failed.",
+                   ["outcome"])
+SOCKETS = Gauge("ingest_feed_sockets", "Live-feed sockets open.", multiprocess_mode="livesum")
+DROPPED = Counter("ingest_feed_dropped_events_total", "Events dropped for sockets that fell behind.")
+REFUSED = Counter("ingest_refused_total", "Requests answered 429, by reason: rate_limit or backlog.",
+                  ["reason"])
+
+
+class BacklogCollector:
+    """``ingest_analysis_backlog``: the sampled count of pending analyses."""
+
+    def __init__(self, backlog):
+        self.backlog = backlog
+
+    def collect(self):
+        self.backlog.retry_after()  # a stale sample starts a new one
+        yield GaugeMetricFamily("ingest_analysis_backlog",
+                                "Interactions pending analysis (sampled; counted up to "
+                                "ANALYSIS_BACKLOG_MAX + 1).", value=self.backlog.pending)
+
+
+def exposition(backlog):
+    """The text of `/metrics`: every process's metrics (or this one's), and the backlog."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(REGISTRY)  # a registry collects like any collector
+    registry.register(BacklogCollector(backlog))
+    return generate_latest(registry)
+
+
+def init_app(app, backlog):
+    """Count and time every request; serve `/metrics`."""
+
+    @app.before_request
+    def _start():
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response):
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        started = g.get("metrics_started")
+        if started is not None:
+            LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(exposition(backlog), content_type=CONTENT_TYPE_LATEST)
+
+
+def mark_process_dead(pid):
+    """For gunicorn's child_exit: drop a dead worker's live gauges (its counters stay)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
