@@ -230,7 +230,17 @@ class Interaction(BaseModel):
         )
 
 
-MODELS = (Organization, ApiKey, Customer, Interaction)
+class Erasure(BaseModel):
+    """An erased customer's external id (its SHA-256 only) and when (DESIGN §15)."""
+    organization = ForeignKeyField(Organization, on_delete="CASCADE")
+    external_id_hash = CharField(max_length=64)
+    erased_at = DateTimeField()
+
+    class Meta:
+        indexes = ((("organization", "external_id_hash"), True),)
+
+
+MODELS = (Organization, ApiKey, Customer, Interaction, Erasure)
 
 
 def migrate():

@@ -36,6 +36,13 @@ def get_customer(customer_id):
     return customer_out.dump(service().get_customer(g.organization_id, customer_id))
 
 
+@api.delete("/customers/<customer_id>")
+@require("ingest")
+def erase_customer(customer_id):
+    service().erase_customer(g.organization_id, customer_id)
+    return "", 204
+
+
 @api.get("/customers")
 @require("read")
 def find_customers():
@@ -60,11 +67,27 @@ def bounded(view):
     return wrapped
 
 
+def dry_run():
+    """``?dryRun=true`` (DESIGN §5): validate exactly as a real call, store nothing."""
+    value = request.args.get("dryRun", "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ApiError(400, "validation_error", "The request is invalid.",
+                       {"dryRun": ["Must be true or false."]})
+    return value in ("true", "1")
+
+
+def marked(body, dry):
+    return {**body, "dryRun": True} if dry else body
+
+
 @api.post("/data/ingest")
 @require("ingest")
 @bounded
 def ingest():
-    interaction_id, duplicate = service().ingest(g.organization_id, read_json())
+    dry = dry_run()
+    interaction_id, duplicate = service().ingest(g.organization_id, read_json(), dry_run=dry)
+    if dry:
+        return {"id": None, "duplicate": duplicate, "dryRun": True}, 200
     return {"id": str(interaction_id), "duplicate": duplicate}, 200 if duplicate else 201
 
 
@@ -72,13 +95,14 @@ def ingest():
 @require("ingest")
 @bounded
 def ingest_batch():
-    result = service().ingest_batch(g.organization_id, read_json())
-    return {
+    dry = dry_run()
+    result = service().ingest_batch(g.organization_id, read_json(), dry_run=dry)
+    return marked({
         "total": result.total, "successful": result.successful, "failed": result.failed,
         "duplicates": result.duplicates,
         "ids": [None if i is None else str(i) for i in result.ids],
         "errors": result.errors,
-    }
+    }, dry)
 
 
 @api.get("/interactions")
@@ -106,11 +130,12 @@ def segment_events(kind=None):
     if not key:
         authenticate("ingest", payload.get("writeKey") if isinstance(payload, dict) else None)
     check_backlog()
-    problems, retry = segment.ingest(service(), g.organization_id, payload, kind)
+    dry = dry_run()
+    problems, retry = segment.ingest(service(), g.organization_id, payload, kind, dry_run=dry)
     if retry:
         raise ApiError(503, "storage_error", "Storing failed; retry the batch.",
                        {"errors": problems}, headers={"Retry-After": "1"})
-    return ({"success": True, "errors": problems} if problems else {"success": True}), 200
+    return marked({"success": True, "errors": problems} if problems else {"success": True}, dry), 200
 
 
 @api.get("/openapi.json")

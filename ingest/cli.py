@@ -6,13 +6,13 @@ import click
 
 import models
 import tasks
-from ingest import auth, simulate
+from ingest import auth, lifecycle, simulate
 from ingest.analysis import requeue_failed
 from models import Customer, Organization, db
 
 
 def init_app(app):
-    for command in (init_db, create_org, create_key, revoke_key, demo, analysis):
+    for command in (init_db, create_org, create_key, revoke_key, demo, analysis, retention):
         app.cli.add_command(command)
 
 
@@ -140,3 +140,28 @@ def analysis_retry():
     ids = requeue_failed()
     tasks.requeue(ids)
     click.echo("re-queued %d interaction(s)" % len(ids))
+
+
+@click.group("retention")
+def retention():
+    """Delete old interactions (DESIGN §15)."""
+
+
+@retention.command("apply")
+@click.option("--days", type=click.IntRange(min=0), required=True,
+              help="Delete interactions whose event time is more than this many days ago.")
+@click.option("--org", "organization_id", help="Only this organization (default: all).")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+def retention_apply(days, organization_id, dry_run):
+    """Delete old interactions in chunks of 1,000, one transaction each, correcting
+    their customers' counters as it goes: ingest goes on meanwhile. For a daily
+    cron job: `flask --app app retention apply --days 365`."""
+    if organization_id is not None:
+        organization_id = _uuid(organization_id)
+    cutoff = lifecycle.retention_cutoff(days)
+    if dry_run:
+        click.echo("would delete %d interaction(s) older than %s UTC" % (
+            lifecycle.count_expired(cutoff, organization_id), cutoff.isoformat(" ", "seconds")))
+        return
+    deleted = lifecycle.apply_retention(cutoff, organization_id)
+    click.echo("deleted %d interaction(s) older than %s UTC" % (deleted, cutoff.isoformat(" ", "seconds")))

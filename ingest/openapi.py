@@ -50,6 +50,11 @@ def _operation(summary, scope, responses, errors, body=None, parameters=None):
     return operation
 
 
+DRY_RUN = {"in": "query", "name": "dryRun", "required": False, "schema": {"type": "boolean"},
+           "description": "Validate exactly as a real call and answer the same shape "
+                          "(ids null, `dryRun: true`); store, count, queue and publish nothing."}
+
+
 def _id(name):
     return {"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
 
@@ -68,12 +73,15 @@ PATHS = {
         "get": _operation("Get a customer with its counters", "read", {
             "200": _response("CustomerOut", "The customer.")}, (401, 403, 404),
             parameters=[_id("customer_id")]),
+        "delete": _operation("Erase a customer and every interaction of it (DESIGN §15)", "ingest", {
+            "204": {"description": "Erased; open feed sockets got `customer.deleted`."}}, (401, 403, 404),
+            parameters=[_id("customer_id")]),
     },
     "/api/data/ingest": {
         "post": _operation("Ingest one interaction", "ingest", {
             "201": _response("IngestResult", "Stored."),
-            "200": _response("IngestResult", "A duplicate messageId: the original's id.")},
-            (400, 401, 403, 404, 413, 415, 503), body=_body("InteractionIn")),
+            "200": _response("IngestResult", "A duplicate messageId: the original's id; or a dry run.")},
+            (400, 401, 403, 404, 413, 415, 503), body=_body("InteractionIn"), parameters=[DRY_RUN]),
     },
     "/api/data/ingest/batch": {
         "post": _operation("Ingest a batch of interactions", "ingest", {
@@ -81,7 +89,8 @@ PATHS = {
             (400, 401, 403, 413, 415), body=_body({
                 "type": "object", "required": ["interactions"], "additionalProperties": False,
                 "properties": {"interactions": {"type": "array", "minItems": 1,
-                                                "items": {"$ref": "#/components/schemas/InteractionIn"}}}})),
+                                                "items": {"$ref": "#/components/schemas/InteractionIn"}}}}),
+            parameters=[DRY_RUN]),
     },
     "/api/interactions": {
         "get": _operation("List interactions, newest first (keyset pagination)", "read", {
@@ -96,12 +105,13 @@ PATHS = {
     "/v1/batch": {
         "post": _operation("Segment-compatible batch (write key as Basic user or writeKey)",
                            "ingest", {"200": _response("SegmentResult", "Accepted; per-event problems.")},
-                           (400, 401, 403, 413, 415, 503), body=_body("SegmentBatch")),
+                           (400, 401, 403, 413, 415, 503), body=_body("SegmentBatch"),
+                           parameters=[DRY_RUN]),
     },
     **{"/v1/%s" % kind: {
         "post": _operation("Segment-compatible %s call" % kind, "ingest", {
             "200": _response("SegmentResult", "Accepted; per-event problems.")},
-            (400, 401, 403, 413, 415, 503), body=_body("SegmentEvent"))}
+            (400, 401, 403, 413, 415, 503), body=_body("SegmentEvent"), parameters=[DRY_RUN])}
        for kind in ("track", "identify", "page")},
     "/healthz": {"get": _operation("The process is up", None, {
         "200": _response("Health", "Up.")}, ())},

@@ -203,8 +203,9 @@ class Error(Schema):
 
 
 class IngestResult(Schema):
-    id = fields.UUID(required=True)
+    id = fields.UUID(required=True, allow_none=True, metadata={"description": "null in a dry run"})
     duplicate = fields.Boolean(required=True)
+    dry_run = fields.Boolean(data_key="dryRun", metadata={"description": "present, true, in a dry run"})
 
 
 class ItemError(Error):
@@ -218,6 +219,7 @@ class BatchResult(Schema):
     duplicates = fields.Integer(required=True)
     ids = fields.List(fields.UUID(allow_none=True), required=True)
     errors = fields.List(fields.Nested(ItemError), required=True)
+    dry_run = fields.Boolean(data_key="dryRun", metadata={"description": "present, true, in a dry run"})
 
 
 class CustomerList(Schema):
@@ -236,6 +238,7 @@ class SegmentProblem(ItemError):
 class SegmentResult(Schema):
     success = fields.Boolean(required=True)
     errors = fields.List(fields.Nested(SegmentProblem))
+    dry_run = fields.Boolean(data_key="dryRun", metadata={"description": "present, true, in a dry run"})
 
 
 class SegmentBatch(Schema):

@@ -7,6 +7,11 @@ clock: timestamp = receivedAt - (sentAt - timestamp). messageId is our
 idempotency key, so a client that retries a whole batch stores nothing twice.
 Problems with one event are reported and never fail the others, and an event
 that is refused creates no customer: every event is validated first.
+
+Erasure (DESIGN §15): once a customer is erased, events for its external id
+whose time (corrected as above) is not after the erasure are refused with
+``customer_erased``, in a 200 like any problem, so that a client retrying an
+older batch does not bring the customer back; a later event creates it anew.
 """
 import datetime
 import uuid
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 
 from marshmallow import ValidationError
 
-from ingest import metrics
+from ingest import lifecycle, metrics
 from ingest.schemas import UTC, JsonObject, check_text
 from ingest.service import BatchResult, ServiceError, validate_interaction, validation_error
 from models import Customer, db, is_postgres, utcnow
@@ -28,15 +33,17 @@ class Accepted:
     """An event that passed validation: an identify's traits or a track's data."""
     index: int
     user: str
+    when: datetime.datetime
     traits: dict = None
     data: dict = None
 
 
-def ingest(service, organization_id, payload, kind=None):
+def ingest(service, organization_id, payload, kind=None, dry_run=False):
     """Segment's /v1/batch (or, with ``kind``, /v1/track etc.).
 
     Returns ``(problems, retry)``: per-event problems, and whether storing
     failed so that the client should retry (safe: messageIds make it idempotent).
+    A dry run returns the same problems and stores nothing, customers included.
     """
     try:
         events = events_of(payload, kind)
@@ -53,6 +60,9 @@ def ingest(service, organization_id, payload, kind=None):
             problems.append(_problem(index, event, details))
         except ServiceError as error:
             problems.append(_problem(index, event, error.details))
+    accepted = _not_erased(organization_id, accepted, events, problems)
+    if dry_run:
+        return sorted(problems, key=lambda problem: problem["index"]), False
     metrics.INTERACTIONS.labels("failed").inc(len(problems))  # (store_validated counts its own)
     customers = resolve_customers(organization_id, {event.user for event in accepted})
     tracks = [event for event in accepted if event.data is not None]
@@ -74,10 +84,26 @@ def _accept(index, event, sent_at, received_at):
     if not isinstance(event, dict) or event.get("type") not in SUPPORTED:
         raise ValidationError({"type": ["Must be one of: %s." % ", ".join(SUPPORTED)]})
     user = user_of(event)
-    if event["type"] == "identify":
-        return Accepted(index, user, traits=traits_of(event))
     when = event_time(event, sent_at, received_at)
-    return Accepted(index, user, data=validate_interaction(interaction_of(event, _PLACEHOLDER, when)))
+    if event["type"] == "identify":
+        return Accepted(index, user, when, traits=traits_of(event))
+    return Accepted(index, user, when,
+                    data=validate_interaction(interaction_of(event, _PLACEHOLDER, when)))
+
+
+def _not_erased(organization_id, accepted, events, problems):
+    """``accepted`` without the events of erased customers that predate their erasure
+    (those are added to ``problems``)."""
+    erased = lifecycle.erased_since(organization_id, {event.user for event in accepted})
+    kept = []
+    for event in accepted:
+        if event.user in erased and event.when <= erased[event.user]:
+            problems.append({**_problem(event.index, events[event.index], {"userId": [
+                "This customer was erased after this event's time."]}),
+                "error": "customer_erased", "message": "The customer was erased."})
+        else:
+            kept.append(event)
+    return kept
 
 
 def _problem(index, event, details):

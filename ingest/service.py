@@ -17,10 +17,11 @@ from functools import reduce
 from marshmallow import ValidationError
 from peewee import IntegrityError, Tuple
 
-from ingest import metrics, schemas
+from ingest import lifecycle, metrics, schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
 from ingest.logs import bind_context
-from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, write_group
+from ingest.store import (CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, probe,
+                          write_group)
 from models import Customer, Interaction, db, release_connection
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,22 @@ class IngestService:
                        & (Customer.external_id == external_id))
                 .first())
 
+    def erase_customer(self, organization_id, customer_id):
+        """Erase a customer and all its interactions (DESIGN §15); the organization's
+        sockets are told. Erasing an unknown (or already erased) id is customer_not_found."""
+        try:
+            customer_uuid = uuid.UUID(str(customer_id))
+        except ValueError:
+            customer_uuid = None
+        if customer_uuid is None or not lifecycle.erase_customer(organization_id, customer_uuid):
+            raise ServiceError("customer_not_found", "No such customer.")
+        self.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
+        try:
+            self.publish({organization_id: [{"type": "customer.deleted",
+                                             "data": {"id": str(customer_uuid)}}]})
+        except Exception:
+            log.warning("publish failed", exc_info=True)
+
     def find_customers(self, organization_id, query):
         data = _load(schemas.customer_query, query)
         customer = self.find_customer(organization_id, data["external_id"])
@@ -135,25 +152,31 @@ class IngestService:
 
     # Interactions -----------------------------------------------------------
 
-    def ingest(self, organization_id, payload):
-        """Store one interaction; returns (interaction_id, duplicate)."""
+    def ingest(self, organization_id, payload, dry_run=False):
+        """Store one interaction; returns (interaction_id, duplicate).
+
+        A dry run validates and checks exactly as storing would, then stores,
+        counts, queues and publishes nothing: it returns (None, duplicate)."""
         try:
             item = self._prepare(organization_id, validate_interaction(payload))
             bind_context(customer_id=str(item.customer_id))
-            [(status, interaction_id)] = self._store(Job([item], high_priority=True))
+            [(status, interaction_id)] = (probe([item], self.known_customers) if dry_run else
+                                          self._store(Job([item], high_priority=True)))
             if status == UNKNOWN_CUSTOMER:
                 raise customer_not_found(item)
         except ServiceError:
-            metrics.INTERACTIONS.labels("failed").inc()
+            if not dry_run:
+                metrics.INTERACTIONS.labels("failed").inc()
             raise
         bind_context(interaction_id=str(interaction_id), duplicate=status == DUPLICATE)
         return interaction_id, status == DUPLICATE
 
-    def ingest_batch(self, organization_id, payload):
-        """Validate item by item, store valid ones in chunks; returns a BatchResult."""
-        return self.ingest_items(organization_id, self._batch_items(payload))
+    def ingest_batch(self, organization_id, payload, dry_run=False):
+        """Validate item by item, store valid ones in chunks; returns a BatchResult
+        (in a dry run, the same result with no ids, and nothing stored)."""
+        return self.ingest_items(organization_id, self._batch_items(payload), dry_run)
 
-    def ingest_items(self, organization_id, raw_items):
+    def ingest_items(self, organization_id, raw_items, dry_run=False):
         """The batch workflow for a list of interaction payloads."""
         result = BatchResult(total=len(raw_items), ids=[None] * len(raw_items))
         valid = []  # (index, validated data)
@@ -162,6 +185,11 @@ class IngestService:
                 valid.append((index, validate_interaction(raw)))
             except ServiceError as error:
                 result.errors.append(_item_error(index, error))
+        if dry_run:
+            valid = [(index, self._prepare(organization_id, data)) for index, data in valid]
+            self._record(valid, probe([item for _, item in valid], self.known_customers), result)
+            result.errors.sort(key=lambda error: error["index"])
+            return result
         return self.store_validated(organization_id, valid, result)
 
     def store_validated(self, organization_id, valid, result):
@@ -173,7 +201,10 @@ class IngestService:
                    for chunk in chunks]
         release_connection()
         for chunk, future in zip(chunks, futures):
-            self._settle_chunk(chunk, future, result)
+            try:
+                self._record(chunk, _wait(future, self.commit_timeout), result)
+            except ServiceError as error:
+                result.errors += [_item_error(index, error) for index, _ in chunk]
         result.errors.sort(key=lambda error: error["index"])
         metrics.INTERACTIONS.labels("failed").inc(result.failed)
         bind_context(total=result.total, successful=result.successful,
@@ -185,13 +216,9 @@ class IngestService:
         release_connection()
         return _wait(future, self.commit_timeout)
 
-    def _settle_chunk(self, chunk, future, result):
-        try:
-            outcomes = _wait(future, self.commit_timeout)
-        except ServiceError as error:
-            for index, _ in chunk:
-                result.errors.append(_item_error(index, error))
-            return
+    @staticmethod
+    def _record(chunk, outcomes, result):
+        """Enter the outcomes of ``chunk``'s items in ``result``."""
         for (index, item), (status, interaction_id) in zip(chunk, outcomes):
             if status == UNKNOWN_CUSTOMER:
                 result.errors.append(_item_error(index, customer_not_found(item)))

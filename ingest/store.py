@@ -26,7 +26,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from peewee import OperationalError
+from peewee import IntegrityError, OperationalError
 
 from ingest import ids
 from models import Customer, Interaction, db, is_postgres, utcnow
@@ -119,6 +119,13 @@ def write_group(jobs, known):
                 return _write(jobs, known, _insert_and_count)
             with db.atomic():
                 return _write(jobs, known, _insert_then_count)
+        except IntegrityError:
+            # Only a foreign key can fail (conflicts are skipped): a customer this
+            # process remembered was erased meanwhile. Ask the database again.
+            if attempt == ATTEMPTS:
+                raise
+            for item in (item for job in jobs for item in job):
+                known.forget((item.organization_id, item.customer_id))
         except OperationalError:
             if attempt == ATTEMPTS:
                 raise
@@ -157,6 +164,25 @@ def _write(jobs, known, store):
         results.append(outcome[start:start + len(job)])
         start += len(job)
     return results
+
+
+def probe(items, known):
+    """What ``write_group`` would answer for ``items`` now, reading only (a dry run):
+    ``[(CREATED|DUPLICATE|UNKNOWN_CUSTOMER, None)]``, by the same rules."""
+    pairs = {(item.organization_id, item.customer_id) for item in items}
+    missing = known.unknown(pairs)
+    strangers = missing - _existing(missing) if missing else set()
+    stored = _stored_ids([item for item in items if item.message_id is not None])
+    outcome, seen = [], set()
+    for item in items:
+        if (item.organization_id, item.customer_id) in strangers:
+            outcome.append((UNKNOWN_CUSTOMER, None))
+        elif item.message_id is not None and (item.key in stored or item.key in seen):
+            outcome.append((DUPLICATE, None))
+        else:
+            seen.add(item.key)
+            outcome.append((CREATED, None))
+    return outcome
 
 
 def _existing(pairs):

@@ -1,7 +1,7 @@
 """The live feed's WebSocket (DESIGN §8) against gunicorn with 2 workers, a
 `huey_consumer` process and Redis as the event bus: events from either worker
 and from the consumer reach sockets on both workers; organizations are
-isolated; the close codes; a socket that stops reading never slows ingest."""
+isolated; erasures reach every socket; the close codes; a socket that stops reading never slows ingest."""
 import time
 
 import pytest
@@ -52,6 +52,16 @@ def test_events_reach_every_socket_on_every_worker(stack, org, customer_id):
         assert first["data"]["customerId"] == customer_id and first["data"]["channel"] == "chat"
         sentiment = next(m for m in messages if m["type"] == "interaction.analyzed")["data"]
         assert sentiment["analysisStatus"] == "done" and sentiment["sentiment"]["label"] == "positive"
+        client.close()
+
+
+def test_erasure_reaches_every_socket_of_the_organization(stack, org, customer_id):
+    clients = sockets_on_both_workers(stack, org["readKey"], org["organizationId"])
+    assert requests.delete(stack.url + "/api/customers/" + customer_id,
+                           headers=bearer(org["ingestKey"])).status_code == 204
+    for client in clients:
+        notice = client.until(lambda m: m["type"] == "customer.deleted")[-1]
+        assert notice["data"] == {"id": customer_id}
         client.close()
 
 

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from ingest.cli import new_organization
+from ingest.lifecycle import apply_retention
 from ingest.service import ServiceError
 from models import Customer, Interaction
 from tests import dbs
@@ -37,6 +38,7 @@ class IngestMachine(RuleBasedStateMachine):
                           for name in ("a", "b", dbs.FAIL_UPDATE)]
         self.stored = set()          # ids reported created
         self.by_message = {}         # messageId -> id reported for it
+        self.times = {}              # id -> (timestamp, messageId) of those created
 
     def payload(self, data, kind):
         customer = data.draw(st.sampled_from(self.customers))
@@ -57,6 +59,8 @@ class IngestMachine(RuleBasedStateMachine):
             assert interaction_id not in self.stored
             assert message_id not in self.by_message
             self.stored.add(interaction_id)
+            when = datetime.datetime.fromisoformat(item["timestamp"]).replace(tzinfo=None)
+            self.times[interaction_id] = (when, message_id)
         elif status == "duplicate":
             assert self.by_message[message_id] == interaction_id
         if message_id and status in ("created", "duplicate"):
@@ -94,6 +98,17 @@ class IngestMachine(RuleBasedStateMachine):
                 if key is not None:
                     firsts.setdefault(key, result.ids[index])
                 self.record(item, "created" if created else "duplicate", result.ids[index])
+
+    @rule(offset=st.integers(0, 12 * 86400), chunk=st.integers(1, 40))
+    def retention(self, offset, chunk):
+        """Retention in chunks between ingests: what is older than the cutoff goes
+        (its messageId may then be used again), the rest stays."""
+        cutoff = (BASE + datetime.timedelta(seconds=offset)).replace(tzinfo=None)
+        expired = {i for i in self.stored if self.times[i][0] < cutoff}
+        assert apply_retention(cutoff, chunk=chunk) == len(expired)
+        self.stored -= expired
+        for interaction_id in expired:
+            self.by_message.pop(self.times.pop(interaction_id)[1], None)
 
     @invariant()
     def counters_match_interactions(self):

@@ -1,0 +1,137 @@
+"""Data lifecycle (DESIGN §15): erasure of a customer, retention of interactions.
+
+Both delete under the same rule as ingest: at every moment seen from outside a
+transaction, a customer's ``interaction_count`` and ``last_seen_at`` agree with
+its interactions (§4). Each transaction first locks the customers it touches
+(PostgreSQL; SQLite has one writer at a time), so an ingest for them either
+committed before (and is counted here) or waits and counts itself after.
+"""
+import datetime
+import hashlib
+from collections import Counter
+
+from models import Customer, Erasure, Interaction, Organization, db, is_postgres, utcnow
+
+RETENTION_CHUNK = 1000  # interactions deleted per transaction: ingest never waits long
+
+
+def external_id_hash(external_id):
+    return hashlib.sha256(external_id.encode("utf-8")).hexdigest()
+
+
+def erase_customer(organization_id, customer_id):
+    """Delete the customer and every interaction of it, in one transaction.
+
+    Returns False when the organization has no such customer. The external id
+    is remembered (hashed) with the time, so that an older Segment event that
+    arrives late does not bring the customer back (ingest/segment.py).
+    """
+    with db.atomic():
+        customers = _locked(Customer.select(Customer.id, Customer.external_id).where(
+            (Customer.id == customer_id) & (Customer.organization == organization_id)))
+        if not customers:
+            return False
+        customer = customers[0]
+        Interaction.delete().where(Interaction.customer == customer.id).execute()
+        Customer.delete().where(Customer.id == customer.id).execute()
+        if customer.external_id is not None:
+            now = utcnow()
+            (Erasure.insert(organization=organization_id, erased_at=now,
+                            external_id_hash=external_id_hash(customer.external_id))
+             .on_conflict(conflict_target=[Erasure.organization, Erasure.external_id_hash],
+                          update={Erasure.erased_at: now})
+             .execute())
+    return True
+
+
+def erased_since(organization_id, external_ids):
+    """{external id: when it was last erased} for those of ``external_ids`` that were."""
+    hashes = {external_id_hash(external_id): external_id for external_id in external_ids}
+    if not hashes:
+        return {}
+    rows = (Erasure.select(Erasure.external_id_hash, Erasure.erased_at)
+            .where((Erasure.organization == organization_id)
+                   & Erasure.external_id_hash.in_(list(hashes))).tuples())
+    return {hashes[digest]: erased_at for digest, erased_at in rows}
+
+
+def _locked(query):
+    """The rows of ``query``, locked FOR UPDATE on PostgreSQL (in id order, so two
+    transactions locking the same customers never deadlock)."""
+    return list(query.order_by(Customer.id).for_update() if is_postgres() else query)
+
+
+# Retention ------------------------------------------------------------------
+
+def retention_cutoff(days):
+    """The event time before which interactions are ``days`` days old."""
+    return utcnow() - datetime.timedelta(days=days)
+
+
+def count_expired(cutoff, organization_id=None):
+    """How many interactions ``apply_retention`` would delete (for --dry-run)."""
+    return Interaction.select().where(_expired(cutoff, organization_id)).count()
+
+
+def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK):
+    """Delete the interactions whose event time is before ``cutoff`` (naive UTC),
+    oldest first, ``chunk`` per transaction, correcting their customers' counters
+    in the same transaction. Returns how many were deleted."""
+    organizations = ([organization_id] if organization_id else
+                     [org for (org,) in Organization.select(Organization.id).tuples()])
+    deleted = 0
+    for organization in organizations:
+        while True:
+            count = _delete_chunk(cutoff, organization, chunk)
+            deleted += count
+            if count < chunk:
+                break
+    return deleted
+
+
+def _expired(cutoff, organization_id):
+    condition = Interaction.timestamp < cutoff
+    return condition if organization_id is None else condition & (
+        Interaction.organization == organization_id)
+
+
+def _delete_chunk(cutoff, organization_id, chunk):
+    """One transaction: the ``chunk`` oldest expired interactions of the
+    organization, and their customers' counters. Returns how many were deleted.
+
+    Deleting oldest first keeps ``last_seen_at`` (the newest) unchanged until a
+    customer's last interaction goes; it is recomputed anyway, from what remains."""
+    with db.atomic():
+        rows = list(Interaction.select(Interaction.id, Interaction.customer)
+                    .where(_expired(cutoff, organization_id))
+                    .order_by(Interaction.timestamp, Interaction.id).limit(chunk).tuples())
+        if not rows:
+            return 0
+        _locked(Customer.select(Customer.id).where(Customer.id.in_({c for _, c in rows})))
+        gone = Counter(customer for (customer,) in Interaction.delete()
+                       .where(Interaction.id.in_([i for i, _ in rows]))
+                       .returning(Interaction.customer).tuples().execute())
+        if gone:
+            _uncount(gone)
+        return len(rows)
+
+
+def _uncount(gone):
+    """One UPDATE for all customers: count -= n, last_seen_at = the newest left."""
+    customers = list(gone)
+    if is_postgres():
+        sql = UNCOUNT_POSTGRES
+        params = [[Customer.id.db_value(c) for c in customers], [gone[c] for c in customers]]
+    else:
+        sql = UNCOUNT_SQLITE % ", ".join(["(?, ?)"] * len(customers))
+        params = [value for c in customers for value in (Customer.id.db_value(c), gone[c])]
+    db.execute_sql(sql, params)
+
+
+_NEWEST_LEFT = "(SELECT max(i.timestamp) FROM interaction AS i WHERE i.customer_id = customer.id)"
+UNCOUNT_POSTGRES = (
+    "UPDATE customer SET interaction_count = interaction_count - d.n, last_seen_at = "
+    + _NEWEST_LEFT + " FROM unnest(%s::uuid[], %s::int[]) AS d(id, n) WHERE customer.id = d.id")
+UNCOUNT_SQLITE = (
+    "UPDATE customer SET interaction_count = interaction_count - v.column2, last_seen_at = "
+    + _NEWEST_LEFT + " FROM (VALUES %s) AS v WHERE customer.id = v.column1")
