@@ -80,21 +80,42 @@ def _uuid(value):
         raise click.ClickException("not an id: %s" % value) from None
 
 
+DEMO_NAME = "Demo"
 DEMO_CUSTOMERS = (("ada", "Ada Lovelace"), ("grace", "Grace Hopper"), ("alan", "Alan Turing"))
 
 
 def create_demo(base_url):
     """A demo organization with customers and keys; returns what to print."""
-    created = new_organization("Demo")
+    created = new_organization(DEMO_NAME)
     customers = [Customer.create(organization=created["organizationId"], external_id=ext, name=name)
                  for ext, name in DEMO_CUSTOMERS]
-    created["customerIds"] = [str(c.id) for c in customers]
+    return _with_examples(created, [str(c.id) for c in customers], base_url)
+
+
+def first_demo(base_url):
+    """The demo organization made at first start, with fresh keys (keys are shown
+    only once), or None."""
+    org = (Organization.select().where(Organization.name == DEMO_NAME)
+           .order_by(Organization.created_at).first())
+    customers = [str(c.id) for c in Customer.select(Customer.id).where(Customer.organization == org)
+                 .order_by(Customer.created_at)] if org else []
+    if not customers:
+        return None
+    created = {"organizationId": str(org.id),
+               "ingestKey": auth.create_key(org.id, ["ingest"])[0],
+               "readKey": auth.create_key(org.id, ["read"])[0]}
+    return _with_examples(created, customers, base_url)
+
+
+def _with_examples(created, customer_ids, base_url):
+    """``created`` with its customers, a curl line to try and the feed link."""
+    created["customerIds"] = customer_ids
     created["curl"] = (
         "curl -s %s/api/data/ingest -H 'Authorization: Bearer %s' "
         "-H 'Content-Type: application/json' -d '{\"customerId\": \"%s\", "
         "\"timestamp\": \"2026-01-01T12:00:00Z\", \"channel\": \"chat\", "
         "\"eventType\": \"message\", \"content\": \"I love this product!\"}'"
-        % (base_url, created["ingestKey"], customers[0].id))
+        % (base_url, created["ingestKey"], customer_ids[0]))
     created["feedUrl"] = "%s/feed#key=%s" % (base_url, created["readKey"])
     return created
 
@@ -103,7 +124,7 @@ def _demo_text(created):
     return ("demo organization %(organizationId)s\n"
             "ingest key: %(ingestKey)s\nread key:   %(readKey)s\n"
             "try:\n  %(curl)s\nlive feed: %(feedUrl)s\n"
-            "simulated traffic (a new demo organization, with its own feed link):\n"
+            "simulated traffic for this organization, shown by the live feed above:\n"
             "  .venv/bin/flask --app app demo --stream" % created)
 
 
@@ -111,12 +132,14 @@ def _demo_text(created):
 @click.option("--base-url", default="http://127.0.0.1:5000", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--stream", is_flag=True,
-              help="Then post simulated interactions to the server at --base-url.")
+              help="Post simulated interactions to the server at --base-url, for the demo "
+                   "organization made at first start (or a new one).")
 @click.option("--rate", default=5.0, show_default=True, help="Interactions a second, with --stream.")
 @click.option("--count", default=0, help="Stop after this many (default: until Ctrl-C).")
 def demo(base_url, as_json, stream, rate, count):
-    """Create a demo organization with customers and keys, and show how to try it."""
-    created = create_demo(base_url)
+    """Create a demo organization with customers and keys, and show how to try it;
+    with --stream, feed the first-start demo organization simulated traffic."""
+    created = (stream and first_demo(base_url)) or create_demo(base_url)
     _emit(as_json, created, _demo_text(created))
     if stream:
         simulate.stream(base_url, created["ingestKey"], created["customerIds"], rate, count)

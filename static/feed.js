@@ -1,19 +1,27 @@
 // The live feed page (DESIGN §8). Plain JS, no build step. The key is read from
 // the URL fragment (never sent to the server in a URL) or the form, and sent as
-// the socket's first message. Incoming events are queued and applied once per
-// animation frame, and at most MAX_ROWS rows are kept, so thousands of events a
-// second leave the page responsive. Content is always inserted as text.
+// the socket's first message (and, for the read API, in an Authorization header).
+// Incoming events are queued and applied once per animation frame, and at most
+// MAX_ROWS rows are kept, so thousands of events a second leave the page
+// responsive. Content is always inserted as text.
+//
+// Nothing is missed silently: after a reconnect, a `dropped` or a `gap` notice,
+// the page reads what it missed through GET /api/interactions (event time from a
+// minute before the newest it saw) and merges it by id, so no row is shown twice.
 "use strict";
 
 const MAX_ROWS = 500;
 const MAX_BACKOFF_MS = 30000;
 const CHART_SECONDS = 60;
+const CATCH_UP_MARGIN_MS = 60000;
+const MAX_NAMES = 2000;
 
 const $ = (id) => document.getElementById(id);
 const feed = {
   socket: null, key: null, backoff: 500, retryTimer: null,
   paused: false, held: [], queue: [], scheduled: false,
-  rows: new Map(), sentiments: new Map(),
+  rows: new Map(), sentiments: new Map(), names: new Map(),
+  newest: null, openedAt: Date.now(), everReady: false, catchingUp: false, catchUpAgain: false,
   perSecond: new Array(CHART_SECONDS).fill(0), currentSecond: 0, currentCount: 0,
 };
 
@@ -52,14 +60,20 @@ function receive(message) {
   if (message.type === "ready") {
     feed.backoff = 500;
     setState("open", "live");
+    if (feed.everReady) catchUp("reconnected");
+    feed.everReady = true;
     return;
   }
   if (message.type === "dropped") {
-    showNotice(message.count + " events skipped (this page fell behind)");
+    catchUp(message.count + " events skipped while this page fell behind");
     return;
   }
   if (message.type === "gap") {
-    showNotice("events may have been missed: " + message.reason);
+    catchUp("events may have been missed (" + message.reason + ")");
+    return;
+  }
+  if (message.type === "customer.deleted") {
+    removeCustomer(message.data.id);
     return;
   }
   if (message.type === "interaction.created") countEvent();
@@ -87,7 +101,7 @@ function flush() {
   const fragment = document.createDocumentFragment();
   for (const message of batch) {
     if (message.type === "interaction.created") {
-      fragment.prepend(makeRow(message.data));
+      if (!feed.rows.has(message.data.id)) fragment.prepend(makeRow(message.data));
     } else if (message.type === "interaction.analyzed") {
       applySentiment(message.data);
     }
@@ -112,11 +126,16 @@ function makeRow(data) {
   const tr = document.createElement("tr");
   tr.dataset.id = data.id;
   tr.dataset.channel = data.channel;
+  tr.dataset.customer = data.customerId;
   tr.hidden = !matchesFilter(data.channel);
+  tr.tabIndex = 0;
   const time = new Date(data.timestamp);
+  if (!isNaN(time) && (feed.newest === null || time > feed.newest)) feed.newest = time;
+  const customer = cell(data.customerId.slice(0, 8) + "…", "customer");
+  showCustomer(data.customerId, customer);
   tr.append(
     cell(isNaN(time) ? data.timestamp : time.toLocaleTimeString()),
-    cell(data.customerId),
+    customer,
     cell(data.channel),
     cell(data.eventType),
     cell((data.content || "").slice(0, 200)),
@@ -131,7 +150,94 @@ function makeRow(data) {
   feed.rows.set(data.id, badge);
   const early = feed.sentiments.get(data.id);
   if (early) { feed.sentiments.delete(data.id); setBadge(badge, early); }
+  else if (data.analysisStatus && data.analysisStatus !== "pending") setBadge(badge, data);
   return tr;
+}
+
+// The read API, with the key in a header (never in a URL).
+async function api(path) {
+  const response = await fetch(path, { headers: { Authorization: "Bearer " + feed.key } });
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+
+// A customer by name, else external id, else its id; each looked up once.
+function showCustomer(id, td) {
+  if (!feed.names.has(id)) {
+    if (feed.names.size >= MAX_NAMES) feed.names.clear();
+    feed.names.set(id, api("/api/customers/" + encodeURIComponent(id))
+      .then((customer) => customer.name || customer.externalId || id)
+      .catch(() => id));
+  }
+  feed.names.get(id).then((label) => { td.textContent = label; td.title = id; });
+}
+
+function removeCustomer(id) {
+  let removed = 0;
+  for (const tr of [...$("rows").rows]) {
+    if (tr.dataset.customer === id) { feed.rows.delete(tr.dataset.id); tr.remove(); removed += 1; }
+  }
+  feed.names.delete(id);
+  showNotice("a customer was erased: " + removed + " row(s) removed");
+}
+
+// Read what the socket did not bring (newest first, keyset pages), and merge it.
+async function catchUp(reason) {
+  if (feed.catchingUp) { feed.catchUpAgain = true; return; }
+  feed.catchingUp = true;
+  const since = new Date((feed.newest || new Date(feed.openedAt)) - CATCH_UP_MARGIN_MS);
+  const missed = [];
+  let cursor = null, more = true;
+  try {
+    while (more && missed.length < MAX_ROWS) {
+      const query = "?limit=100&since=" + encodeURIComponent(since.toISOString()) +
+        (cursor ? "&cursor=" + encodeURIComponent(cursor) : "");
+      const page = await api("/api/interactions" + query);
+      for (const item of page.items) {
+        if (!feed.rows.has(item.id) && missed.length < MAX_ROWS) missed.push(item);
+      }
+      cursor = page.nextCursor;
+      more = cursor !== null;
+    }
+    missed.reverse().forEach((item) => enqueue({ type: "interaction.created", data: item }));
+    showNotice(reason + ": caught up " + missed.length + " event(s)" + (more ?
+      "; older ones are available through GET /api/interactions" : ""));
+  } catch (error) {
+    showNotice(reason + ": could not catch up (" + error.message + ")");
+  } finally {
+    feed.catchingUp = false;
+    if (feed.catchUpAgain) { feed.catchUpAgain = false; catchUp(reason); }
+  }
+}
+
+async function openDetails(id) {
+  const dialog = $("details");
+  const fields = $("details-fields");
+  fields.replaceChildren();
+  try {
+    const item = await api("/api/interactions/" + encodeURIComponent(id));
+    const customer = await feed.names.get(item.customerId) || item.customerId;
+    const rows = [
+      ["Id", item.id], ["Customer", customer + " (" + item.customerId + ")"],
+      ["Event time", item.timestamp], ["Received", item.receivedAt], ["Channel", item.channel],
+      ["Type", item.eventType], ["Message id", item.messageId], ["Content", item.content],
+      ["Analysis", item.analysisStatus + (item.sentiment ?
+        ": " + item.sentiment.label + " " + item.sentiment.score.toFixed(3) : "")],
+      ["Analysed", item.analyzedAt], ["Analysis error", item.analysisError],
+    ];
+    for (const [name, value] of rows) {
+      if (value == null) continue;
+      const dt = document.createElement("dt");
+      dt.textContent = name;
+      const dd = document.createElement("dd");
+      dd.textContent = String(value);
+      fields.append(dt, dd);
+    }
+    $("details-metadata").textContent = JSON.stringify(item.metadata, null, 2);
+  } catch (error) {
+    $("details-metadata").textContent = "could not load it: " + error.message;
+  }
+  if (!dialog.open) dialog.showModal();
 }
 
 function applySentiment(data) {
@@ -214,6 +320,15 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("channel-filter").addEventListener("change", applyFilter);
   $("pause").addEventListener("click", togglePause);
+  $("rows").addEventListener("click", (event) => {
+    const tr = event.target.closest("tr");
+    if (tr) openDetails(tr.dataset.id);
+  });
+  $("rows").addEventListener("keydown", (event) => {
+    const tr = event.target.closest("tr");
+    if (tr && event.key === "Enter") openDetails(tr.dataset.id);
+  });
+  $("details-close").addEventListener("click", () => $("details").close());
   setInterval(() => tick(Math.floor(Date.now() / 1000)), 1000);
   const key = keyFromFragment();
   if (key) {

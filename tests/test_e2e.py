@@ -61,13 +61,18 @@ def test_ingest_and_read_back_over_http(server, org):
     assert requests.get(server.url + "/readyz").status_code == 200
 
 
-def test_demo_stream_posts_to_a_running_server(app, runner, server):
+def test_demo_stream_feeds_the_first_start_demo_organization(app, runner, server):
+    """`python app.py` printed a demo organization and its feed link; `demo --stream`
+    sends to that organization, so the link shows life."""
+    first = json.loads(runner.invoke(args=["demo", "--json"]).output)
     result = runner.invoke(args=["demo", "--json", "--stream", "--count", "5", "--rate", "50",
                                  "--base-url", server.url])
     assert result.exit_code == 0, result.output
     assert "sent 5 interactions" in result.output
+    assert json.loads(result.output.splitlines()[0])["organizationId"] == first["organizationId"]
     with app.app_context():
         assert Interaction.select().count() == 5
+        assert {str(i.organization_id) for i in Interaction.select()} == {first["organizationId"]}
 
 
 WRITERS = 8
