@@ -117,22 +117,29 @@ def ratios(figures):
     return result
 
 
+def failed(run):
+    """A warning for a wrk run with failed requests: its rate means nothing."""
+    return "; **%d requests failed**" % run["failures"] if run["failures"] else ""
+
+
 def rows(figures):
     """The table's rows for one database: {what: (figures, goal)}."""
     r, s, b, e = ratios(figures), figures["single"], figures["batch"], figures["echo"]
     table = {
         "single ingest / E, 16 conns": (
-            "**%.2f** (%.0f / %.0f req/s), p50 %.1f, p99 %.1f ms" % (
-                r["single"], s["rps"], e["rps"], s["p50_ms"], s["p99_ms"]), ">= 0.5, p99 <= 50 ms"),
+            "**%.2f** (%.0f / %.0f req/s), p50 %.1f, p99 %.1f ms%s" % (
+                r["single"], s["rps"], e["rps"], s["p50_ms"], s["p99_ms"], failed(s)),
+            ">= 0.5, p99 <= 50 ms"),
         "batch of 100 / D, 4 conns": (
-            "**%.2f** (%.0f / %.0f events/s), p50 %.1f, p99 %.1f ms" % (
-                r["batch"], b["rps"] * 100, figures["raw_rows"], b["p50_ms"], b["p99_ms"]),
+            "**%.2f** (%.0f / %.0f events/s), p50 %.1f, p99 %.1f ms%s" % (
+                r["batch"], b["rps"] * 100, figures["raw_rows"], b["p50_ms"], b["p99_ms"], failed(b)),
             ">= 0.5, p99 <= 250 ms"),
     }
     if "growth" in r:
+        full = figures["batch_full"]
         table["batch with 1M stored / empty"] = (
-            "**%.2f** (%.0f / %.0f events/s)" % (r["growth"], figures["batch_full"]["rps"] * 100,
-                                                 b["rps"] * 100), ">= 0.8")
+            "**%.2f** (%.0f / %.0f events/s)%s" % (r["growth"], full["rps"] * 100, b["rps"] * 100,
+                                                   failed(full)), ">= 0.8")
     if "analysis" in figures:
         a = figures["analysis"]
         table["analysis: consumer / VADER loop"] = (

@@ -82,9 +82,9 @@ def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK):
     deleted = 0
     for organization in organizations:
         while True:
-            count = _delete_chunk(cutoff, organization, chunk)
+            found, count = _delete_chunk(cutoff, organization, chunk)
             deleted += count
-            if count < chunk:
+            if found < chunk:
                 break
     return deleted
 
@@ -97,7 +97,8 @@ def _expired(cutoff, organization_id):
 
 def _delete_chunk(cutoff, organization_id, chunk):
     """One transaction: the ``chunk`` oldest expired interactions of the
-    organization, and their customers' counters. Returns how many were deleted.
+    organization, and their customers' counters. Returns how many were found and
+    how many deleted (fewer if some were erased meanwhile).
 
     Deleting oldest first keeps ``last_seen_at`` (the newest) unchanged until a
     customer's last interaction goes; it is recomputed anyway, from what remains."""
@@ -106,14 +107,14 @@ def _delete_chunk(cutoff, organization_id, chunk):
                     .where(_expired(cutoff, organization_id))
                     .order_by(Interaction.timestamp, Interaction.id).limit(chunk).tuples())
         if not rows:
-            return 0
+            return 0, 0
         _locked(Customer.select(Customer.id).where(Customer.id.in_({c for _, c in rows})))
         gone = Counter(customer for (customer,) in Interaction.delete()
                        .where(Interaction.id.in_([i for i, _ in rows]))
                        .returning(Interaction.customer).tuples().execute())
         if gone:
             _uncount(gone)
-        return len(rows)
+        return len(rows), sum(gone.values())
 
 
 def _uncount(gone):

@@ -160,7 +160,7 @@ class IngestService:
         try:
             item = self._prepare(organization_id, validate_interaction(payload))
             bind_context(customer_id=str(item.customer_id))
-            [(status, interaction_id)] = (probe([item], self.known_customers) if dry_run else
+            [(status, interaction_id)] = (probe([item]) if dry_run else
                                           self._store(Job([item], high_priority=True)))
             if status == UNKNOWN_CUSTOMER:
                 raise customer_not_found(item)
@@ -187,7 +187,7 @@ class IngestService:
                 result.errors.append(_item_error(index, error))
         if dry_run:
             valid = [(index, self._prepare(organization_id, data)) for index, data in valid]
-            self._record(valid, probe([item for _, item in valid], self.known_customers), result)
+            self._record(valid, probe([item for _, item in valid]), result)
             result.errors.sort(key=lambda error: error["index"])
             return result
         return self.store_validated(organization_id, valid, result)

@@ -166,12 +166,13 @@ def _write(jobs, known, store):
     return results
 
 
-def probe(items, known):
+def probe(items):
     """What ``write_group`` would answer for ``items`` now, reading only (a dry run):
-    ``[(CREATED|DUPLICATE|UNKNOWN_CUSTOMER, None)]``, by the same rules."""
+    ``[(CREATED|DUPLICATE|UNKNOWN_CUSTOMER, None)]``, by the same rules. Customers are
+    checked in the database, not in a cache: a dry run is not the hot path, and
+    another process may have erased one."""
     pairs = {(item.organization_id, item.customer_id) for item in items}
-    missing = known.unknown(pairs)
-    strangers = missing - _existing(missing) if missing else set()
+    strangers = pairs - _existing(pairs) if pairs else set()
     stored = _stored_ids([item for item in items if item.message_id is not None])
     outcome, seen = [], set()
     for item in items:
