@@ -13,6 +13,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 
 from flask import request
 
@@ -46,6 +47,24 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+    def formatException(self, exc_info):
+        """The traceback without Python 3.11's ``^^^`` markers. Placing them parses
+        each line's source with ``ast``, and CPython 3.11's ast is not thread-safe:
+        a background thread logging an error while another thread parses (Werkzeug
+        compiling its URL rules, say) made the other fail with "AST constructor
+        recursion depth mismatch"."""
+        exception = traceback.TracebackException(*exc_info)
+        pending, seen = [exception], set()
+        while pending:
+            current = pending.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            for frame in current.stack:
+                frame.colno = frame.end_colno = None
+            pending += [chained for chained in (current.__cause__, current.__context__) if chained]
+        return "".join(exception.format()).rstrip("\n")
 
     def _timestamp(self, created):
         second = int(created)

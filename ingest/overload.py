@@ -13,7 +13,7 @@ tokens refilled at 200/s. If Redis cannot be reached, requests are let through
 (the limiter protects the service; it must not take it down) and a warning is
 logged, at most once per FAIL_OPEN_SECONDS.
 
-A Redis round trip per request cost single ingest 20-35 % (bench/overhead.py), so
+A Redis round trip per request cost single ingest 18-35 % (bench/overhead.py), so
 a process takes a key's budget from the store in leases of 1 % of it (at least
 1) and spends them locally for up to LEASE_SECONDS: the limit is never exceeded
 (a lease is counted in the store when taken), and a lease left unspent only
