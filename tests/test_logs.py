@@ -53,9 +53,9 @@ def test_logging_a_traceback_parses_no_source(monkeypatch):
     monkeypatch.setattr(ast, "parse", lambda source, *args, **kwargs: parsed.append(source) or parse(
         source, *args, **kwargs))
     try:
-        looked_up = {}["missing"] + 1
+        _ = {}["missing"] + 1
     except KeyError:
         record = logging.makeLogRecord({"msg": "failed", "exc_info": sys.exc_info()})
     entry = json.loads(JsonFormatter().format(record))
-    assert "looked_up = {}[\"missing\"] + 1" in entry["exception"] and "KeyError" in entry["exception"]
+    assert "_ = {}[\"missing\"] + 1" in entry["exception"] and "KeyError" in entry["exception"]
     assert parsed == []
