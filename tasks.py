@@ -4,7 +4,6 @@
 the web processes import it to enqueue. Both read the same environment.
 """
 import logging
-import os
 import queue
 import signal
 import threading
@@ -18,6 +17,7 @@ from huey.storage import PostgresStorage
 import models
 from ingest import analysis, config, logs
 from ingest.events import bus_for
+from ingest.threads import PerProcess
 
 settings = config.load()
 log = logging.getLogger(__name__)
@@ -116,13 +116,12 @@ class ResultWriter:
 
     def __init__(self):
         self._queue = queue.Queue(self.BACKLOG)
-        self._pid = None
-        self._lock = threading.Lock()
+        self._thread = PerProcess(("analysis-results", self._run))
 
     def submit(self, scored):
         """Write ``scored`` soon, from the writer thread."""
         if scored:
-            self._ensure_thread()
+            self._thread.start()
             self._queue.put(scored)
 
     def write(self, scored):
@@ -135,12 +134,6 @@ class ResultWriter:
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
-
-    def _ensure_thread(self):
-        with self._lock:
-            if self._pid != os.getpid():
-                threading.Thread(target=self._run, name="analysis-results", daemon=True).start()
-                self._pid = os.getpid()
 
     def _run(self):
         while True:

@@ -14,7 +14,6 @@ while the writer goes on to the next.
 """
 import collections
 import logging
-import os
 import queue
 import threading
 import time
@@ -22,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ingest import metrics
+from ingest.threads import PerProcess
 from models import db
 
 log = logging.getLogger(__name__)
@@ -54,28 +54,17 @@ class GroupCommitter:
         self._waiting = collections.OrderedDict()  # organization -> deque of (job, future)
         self._arrived = threading.Condition()
         self._committed = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._pid = None
+        self._threads = PerProcess(("group-commit", self._write), ("after-commit", self._follow))
 
     def submit(self, job):
         """Queue ``job`` for storage; returns a Future of its results. Cancelling
         the future withdraws the job, unless its commit has begun."""
-        self._ensure_threads()
+        self._threads.start()
         future = Future()
         with self._arrived:
             self._waiting.setdefault(job.organization_id, collections.deque()).append((job, future))
             self._arrived.notify()
         return future
-
-    def _ensure_threads(self):
-        # Started lazily and per process: a forked worker inherits no thread.
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid != os.getpid():
-                threading.Thread(target=self._write, name="group-commit", daemon=True).start()
-                threading.Thread(target=self._follow, name="after-commit", daemon=True).start()
-                self._pid = os.getpid()
 
     def _write(self):
         while True:

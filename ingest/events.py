@@ -20,7 +20,6 @@ import collections
 import functools
 import json
 import logging
-import os
 import threading
 import time
 
@@ -29,6 +28,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ingest.fanout import FanOut
+from ingest.threads import PerProcess
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class RedisBus(MemoryBus):
         self._watchers = collections.Counter()  # organization -> its sockets here
         self._positions = {}  # organization -> last stream id read (None: unknown)
         self._failed = set()  # organizations whose events this process failed to publish
-        self._listener_pid = None
+        self._listener = PerProcess(("events-listener", self._listen))
 
     def publish(self, events_by_organization):
         """One pipelined round trip: an XADD per organization (after a gap marker
@@ -112,7 +112,7 @@ class RedisBus(MemoryBus):
         self._failed -= lost
 
     def _joined(self, organization_id):
-        self._ensure_listener()
+        self._listener.start()
         with self._lock:
             self._watchers[organization_id] += 1
             if organization_id in self._positions:
@@ -138,12 +138,6 @@ class RedisBus(MemoryBus):
         except redis.RedisError:
             return None
         return newest[0][0] if newest else b"0-0"
-
-    def _ensure_listener(self):
-        with self._lock:
-            if self._listener_pid != os.getpid():
-                threading.Thread(target=self._listen, name="events-listener", daemon=True).start()
-                self._listener_pid = os.getpid()
 
     def _listen(self):
         client, run_id, delay = None, None, 0.1

@@ -21,7 +21,6 @@ import collections
 import itertools
 import json
 import logging
-import os
 import selectors
 import socket
 import struct
@@ -34,6 +33,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from ingest import metrics
+from ingest.threads import PerProcess
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class FanOut:
         self._lock = threading.Lock()  # guards what other threads read: counts and keys
         self._count = 0
         self._keys = collections.Counter()
-        self._pid = None
+        self._loop = PerProcess(("feed-fanout", self._run), setup=self._set_up)
         self._woken = False
         _loops.add(self)
 
@@ -219,7 +219,7 @@ class FanOut:
 
     def close_all(self, code, reason, timeout=2.0):
         """Close every socket (a worker stopping) and wait until that is done."""
-        if not self._count or self._pid != os.getpid():
+        if not self._count or not self._loop.running:
             return
         done = threading.Event()
         self._post(("close_all", code, reason, done))
@@ -233,7 +233,7 @@ class FanOut:
         return self._count
 
     def _post(self, command):
-        self._ensure_thread()
+        self._loop.start()
         self._inbox.append(command)
         if not self._woken:
             self._woken = True
@@ -242,29 +242,22 @@ class FanOut:
             except BlockingIOError:
                 pass  # already full of wake-ups
 
-    def _ensure_thread(self):
-        # Started lazily and per process: a forked worker inherits no thread.
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._selector = selectors.DefaultSelector()
-            self._wakeup, self._waker = socket.socketpair()
-            self._wakeup.setblocking(False)
-            self._waker.setblocking(False)
-            self._selector.register(self._wakeup, selectors.EVENT_READ, None)
-            self._sockets = set()
-            self._by_org = collections.defaultdict(set)
-            self._next_ping = time.monotonic() + PING_SECONDS
-            self._next_tick = time.monotonic() + 1
-            self._stopping = None
-            self._closing = None  # (code, reason) for every socket, once the process stops
-            self._pending = set()  # sockets with events queued since the last flush pass
-            self._flushed_at = 0.0
-            self._flush_at = None  # when the next pass is due, if one is
-            threading.Thread(target=self._run, name="feed-fanout", daemon=True).start()
-            self._pid = os.getpid()
+    def _set_up(self):
+        """The loop's state, made in the process that runs the loop."""
+        self._selector = selectors.DefaultSelector()
+        self._wakeup, self._waker = socket.socketpair()
+        self._wakeup.setblocking(False)
+        self._waker.setblocking(False)
+        self._selector.register(self._wakeup, selectors.EVENT_READ, None)
+        self._sockets = set()
+        self._by_org = collections.defaultdict(set)
+        self._next_ping = time.monotonic() + PING_SECONDS
+        self._next_tick = time.monotonic() + 1
+        self._stopping = None
+        self._closing = None  # (code, reason) for every socket, once the process stops
+        self._pending = set()  # sockets with events queued since the last flush pass
+        self._flushed_at = 0.0
+        self._flush_at = None  # when the next pass is due, if one is
 
     # The loop thread ----------------------------------------------------------
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 
 from flask import Blueprint, current_app, render_template, request
@@ -34,6 +33,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from ingest.auth import KEY_CACHE_SECONDS, hash_key
 from ingest.fanout import FeedSocket, text_frame
+from ingest.threads import PerProcess
 
 log = logging.getLogger(__name__)
 
@@ -201,18 +201,10 @@ def _close(connection, ws, code, reason):
         connection.close()
 
 
-_key_watch = {"pid": None}
-_key_watch_lock = threading.Lock()
-
-
 def _watch_keys(fanout, keys):
     """Start this process's check of the keys its sockets were opened with: every
     KEY_CACHE_SECONDS, the sockets of a key revoked meanwhile are closed (4401)."""
-    with _key_watch_lock:
-        if _key_watch["pid"] == os.getpid():
-            return
-        _key_watch["pid"] = os.getpid()
-    threading.Thread(target=_check_keys, args=(fanout, keys), name="feed-keys", daemon=True).start()
+    _key_watch.start(fanout, keys)
 
 
 def _check_keys(fanout, keys):
@@ -228,3 +220,6 @@ def _check_keys(fanout, keys):
             continue
         if revoked:
             fanout.close_keys(revoked, 4401, "key revoked")
+
+
+_key_watch = PerProcess(("feed-keys", _check_keys))

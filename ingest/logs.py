@@ -8,16 +8,15 @@ import contextvars
 import io
 import json
 import logging
-import os
 import re
 import sys
-import threading
 import time
 import traceback
 
 from flask import request
 
 from ingest import ids
+from ingest.threads import PerProcess
 
 _context = contextvars.ContextVar("log_context", default={})
 _started = contextvars.ContextVar("request_started", default=0.0)
@@ -85,12 +84,10 @@ class BatchingHandler(logging.StreamHandler):
         super().__init__(io.TextIOWrapper(
             io.BufferedWriter(io.FileIO(sys.stderr.fileno(), "wb", closefd=False), 1 << 16),
             encoding="utf-8", errors="backslashreplace"))
-        self._flusher_pid = None
+        self._flusher = PerProcess(("log-flush", self._flush_often))
 
     def emit(self, record):
-        if self._flusher_pid != os.getpid():  # per process: a fork inherits no thread
-            self._flusher_pid = os.getpid()
-            threading.Thread(target=self._flush_often, name="log-flush", daemon=True).start()
+        self._flusher.start()
         super().emit(record)
         if record.levelno >= logging.WARNING:
             self.drain()

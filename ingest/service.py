@@ -132,10 +132,7 @@ class IngestService:
     def erase_customer(self, organization_id, customer_id):
         """Erase a customer and all its interactions (DESIGN §15); the organization's
         sockets are told. Erasing an unknown (or already erased) id is customer_not_found."""
-        try:
-            customer_uuid = uuid.UUID(str(customer_id))
-        except ValueError:
-            customer_uuid = None
+        customer_uuid = _uuid_or_none(customer_id)
         if customer_uuid is None or not lifecycle.erase_customer(organization_id, customer_uuid):
             raise ServiceError("customer_not_found", "No such customer.")
         self.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
@@ -317,10 +314,16 @@ def _load(schema, payload):
         raise validation_error(details) from None
 
 
-def _get_or_none(model, organization_id, object_id):
+def _uuid_or_none(value):
     try:
-        object_id = uuid.UUID(str(object_id))
+        return uuid.UUID(str(value))
     except ValueError:
+        return None
+
+
+def _get_or_none(model, organization_id, object_id):
+    object_id = _uuid_or_none(object_id)
+    if object_id is None:
         return None
     return (model.select()
             .where((model.id == object_id) & (model.organization == organization_id))
