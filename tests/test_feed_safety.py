@@ -174,7 +174,10 @@ def test_big_events_leave_no_frame_memory_behind(module_stack, org, customer_id)
     watcher.close()
     growth = max(rss_kb(pid) - kb for pid, kb in before.items())
     print("\n2,000 more ~26 KB events through a socket: worker RSS growth %d KiB" % growth)
-    assert growth < 25_000, "a worker grew by %d KiB over 2,000 more events" % growth
+    # The frame cache (4,096 frames) made the worker that serves the socket keep
+    # these 2,000 too: ~52 MB. Allocator arenas warming up on more of its 256
+    # threads were seen to add up to 27 MB without any cache, hence the margin.
+    assert growth < 40_000, "a worker grew by %d KiB over 2,000 more events" % growth
 
 
 def test_a_revoked_key_closes_its_open_sockets_with_4401(module_stack, app, org):
