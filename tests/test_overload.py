@@ -216,11 +216,12 @@ def test_metrics_add_up_across_workers_and_the_consumer(tmp_path, org, customer_
         for sock in sockets:
             assert sock.next()["type"] == "ready"
 
-        def settled():
+        def settled():  # (the backlog is sampled: up to a second behind)
             samples = scrape(web.url)
             done = value(samples, "ingest_analyses_total", outcome="done")
-            return samples if done == 13 and value(samples, "ingest_feed_sockets") == 3 else None
-        samples = wait_until(settled, message="13 analyses and 3 sockets on /metrics")
+            return samples if (done == 13 and value(samples, "ingest_feed_sockets") == 3
+                               and value(samples, "ingest_analysis_backlog") == 0) else None
+        samples = wait_until(settled, message="13 analyses, 3 sockets and no backlog on /metrics")
         for sock in sockets:
             sock.close()
     assert value(samples, "ingest_interactions_total", outcome="stored") == 13
