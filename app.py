@@ -19,10 +19,13 @@ from ingest.service import IngestService
 def create_app(test_config=None):
     """Build the app. ``test_config`` overrides settings read from the environment.
 
-    The queue and the event bus come from the environment only (tasks.py reads
-    it at import), so that web and consumer processes always agree.
+    The queue, the event bus and the sweep come from the environment only
+    (tasks.py reads it at import), so that web and consumer processes always
+    agree; overriding them here is refused (config.ENVIRONMENT_ONLY). The
+    database, the writer thread and the bus are the process's: every app
+    created in one process shares them.
     """
-    settings = config.load(overrides=test_config)
+    settings = config.load(overrides=test_config, fixed=tasks.settings)
     app = Flask(__name__, instance_path=config.INSTANCE_PATH)
     app.config.update(settings)
     app.json.sort_keys = False  # metadata and traits read back in the order they were sent
@@ -48,7 +51,6 @@ def create_app(test_config=None):
     app.register_blueprint(api.api)
     app.register_blueprint(api.segment_api)
     app.register_blueprint(api.health)
-    feed.sock.init_app(app)
     app.register_blueprint(feed.feed)
     cli.init_app(app)
     return app

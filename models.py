@@ -111,10 +111,21 @@ class QueuedWritersSqliteDatabase(SqliteDatabase):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_bound = {}  # the (url, pool_size) the proxy points at -> its database
+
+
 def bind(url, pool_size=10):
-    """Point the proxy at the database of ``url``; returns that database."""
-    database = make_database(url, pool_size)
-    db.initialize(database)
+    """Point the proxy at the database of ``url``; returns that database.
+
+    The database is one per process (the writer and consumer threads use it
+    too): binding again to the same url keeps it and its connections, binding to
+    another url replaces it for everyone."""
+    if (url, pool_size) not in _bound:
+        _bound.clear()
+        _bound[url, pool_size] = make_database(url, pool_size)
+    database = _bound[url, pool_size]
+    if db.obj is not database:
+        db.initialize(database)
     return database
 
 
@@ -202,6 +213,11 @@ class Customer(BaseModel):
         indexes = ((("organization", "external_id"), True),)
 
 
+# An interaction's analysis_status (DESIGN §7): PENDING until analysed, then
+# DONE (with a sentiment) or FAILED (with analysis_error).
+PENDING, DONE, FAILED = "pending", "done", "failed"
+
+
 class Interaction(BaseModel):
     id = UUIDField(primary_key=True, default=uuid.uuid4)
     organization = ForeignKeyField(Organization, on_delete="CASCADE")
@@ -213,7 +229,7 @@ class Interaction(BaseModel):
     event_type = CharField(max_length=100)
     content = TextField(null=True)
     metadata = JSONTextField(default=dict)
-    analysis_status = CharField(max_length=8, default="pending")
+    analysis_status = CharField(max_length=8, default=PENDING)
     sentiment_label = CharField(max_length=8, null=True)
     sentiment_score = DoubleField(null=True)
     analysis_error = TextField(null=True)

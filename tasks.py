@@ -1,7 +1,9 @@
 """The Huey instance, built from QUEUE_URL, and the analysis task (DESIGN §7).
 
 `huey_consumer tasks.huey -w N` imports this one module and finds every task;
-the web processes import it to enqueue. Both read the same environment.
+the web processes import it to enqueue. Both read the same environment, at
+import: the queue, the bus and the sweep's age come from the environment only
+(config.ENVIRONMENT_ONLY), and create_app refuses an override of them.
 """
 import logging
 import queue

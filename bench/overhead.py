@@ -34,9 +34,11 @@ VARIANTS = ("baseline", "metrics", "metrics + limit")
 
 
 def start(name, server_url, baseline_root):
-    if name == "baseline":
-        return Stack(server_url, root=baseline_root)
+    # Each stack runs as in production: metrics in multiprocess mode (a baseline
+    # from before metrics ignores the setting).
     env = {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="ingest-metrics-")}
+    if name == "baseline":
+        return Stack(server_url, env=env, root=baseline_root)
     if name == "metrics + limit":
         env.update(RATE_LIMIT="1000000/s", RATE_LIMIT_URL=REDIS + "/13" if server_url else "memory://")
     return Stack(server_url, env=env)

@@ -15,8 +15,7 @@ import models  # noqa: E402  (after the environment is set)
 from app import create_app  # noqa: E402
 from ingest import simulate  # noqa: E402
 from ingest.cli import create_demo  # noqa: E402
-from tests.servers import Consumer, Gunicorn  # noqa: E402
-from tests.test_page import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.servers import CHROMIUM, CHROMIUM_ARGS, Consumer, Gunicorn  # noqa: E402
 
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feed.png")
 

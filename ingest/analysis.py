@@ -16,7 +16,7 @@ import uuid
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from ingest import metrics
-from models import Interaction, db, is_postgres, utcnow
+from models import DONE, FAILED, PENDING, Interaction, db, is_postgres, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def sentiment_of(content):
     if not (content or "").strip():
         return "skipped", None, None
     compound = analyzer().polarity_scores(readable(content))["compound"]
-    return "done", label_for(compound), compound
+    return DONE, label_for(compound), compound
 
 
 def analyze(ids):
@@ -89,7 +89,7 @@ def score(ids, budget=None):
     scored, failed, unread = [], {}, []
     deadline = None if budget is None else time.monotonic() + budget
     for row_id, org_id, content, status in _pending_rows(ids):
-        if status != "pending":
+        if status != PENDING:
             continue
         if deadline is not None and time.monotonic() > deadline:
             unread.append(_text(row_id))
@@ -152,7 +152,7 @@ PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status FROM int
 
 # "|| ''" keeps PostgreSQL from reading every pending row through the status
 # index (and joining them): the rows come by primary key.
-_STORE_WHERE = "WHERE interaction.id = v.id AND interaction.analysis_status || '' = 'pending' "
+_STORE_WHERE = "WHERE interaction.id = v.id AND interaction.analysis_status || '' = '%s' " % PENDING
 # PostgreSQL: the same text for any number of rows (columns passed as arrays).
 STORE_POSTGRES = (
     "UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
@@ -174,9 +174,9 @@ def mark_failed(ids, error):
     """Record that analysing ``ids`` failed for good, keeping the error."""
     with db.atomic():
         marked = (Interaction
-                  .update(analysis_status="failed", analysis_error=str(error)[:2000],
+                  .update(analysis_status=FAILED, analysis_error=str(error)[:2000],
                           analyzed_at=utcnow())
-                  .where(Interaction.id.in_(list(ids)) & (Interaction.analysis_status == "pending"))
+                  .where(Interaction.id.in_(list(ids)) & (Interaction.analysis_status == PENDING))
                   .execute())
     metrics.ANALYSES.labels("failed").inc(marked)
     return marked
@@ -186,7 +186,7 @@ def stale_pending(older_than_seconds, limit=10_000):
     """Ids of interactions pending for longer than ``older_than_seconds`` (for the sweep)."""
     cutoff = utcnow() - datetime.timedelta(seconds=older_than_seconds)
     return [row[0] for row in Interaction.select(Interaction.id)
-            .where((Interaction.analysis_status == "pending") & (Interaction.received_at < cutoff))
+            .where((Interaction.analysis_status == PENDING) & (Interaction.received_at < cutoff))
             .order_by(Interaction.received_at).limit(limit).tuples()]
 
 
@@ -194,8 +194,8 @@ def requeue_failed():
     """Set failed analyses back to pending; returns their ids."""
     with db.atomic():
         ids = [row[0] for row in Interaction.select(Interaction.id)
-               .where(Interaction.analysis_status == "failed").tuples()]
+               .where(Interaction.analysis_status == FAILED).tuples()]
         if ids:
-            (Interaction.update(analysis_status="pending", analysis_error=None)
+            (Interaction.update(analysis_status=PENDING, analysis_error=None)
              .where(Interaction.id.in_(ids)).execute())
     return ids

@@ -1,17 +1,19 @@
-"""HTTP endpoints (DESIGN §5): thin views over the service.
+"""HTTP endpoints (DESIGN §5): thin views over the workflows.
 
-Each view authenticates, reads the JSON body, calls the service, dumps the
-result. Errors are raised and shaped by ingest.errors.
+Each view authenticates, reads the JSON body, calls the workflow (ingest/service.py
+for writes, ingest/reads.py, ingest/lifecycle.py, ingest/segment.py), and dumps the
+result through the schema that the OpenAPI description publishes for it
+(ingest/schemas.py). Errors are raised and shaped by ingest.errors.
 """
 import functools
 
 from flask import Blueprint, current_app, g, request
 
-from ingest import openapi as openapi_spec, segment
+from ingest import lifecycle, reads, schemas, segment
+from ingest import openapi as openapi_spec
 from ingest.auth import authenticate, key_from_request, require
 from ingest.body import read_json
 from ingest.errors import ApiError, too_many_requests
-from ingest.schemas import customer_out, interaction_out
 from models import db
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -26,14 +28,14 @@ def service():
 @api.post("/customers")
 @require("ingest")
 def create_customer():
-    customer, created = service().create_customer(g.organization_id, read_json())
-    return customer_out.dump(customer), 201 if created else 200
+    customer, created = lifecycle.create_customer(g.organization_id, read_json())
+    return schemas.customer_out.dump(customer), 201 if created else 200
 
 
 @api.get("/customers/<customer_id>")
 @require("read")
 def get_customer(customer_id):
-    return customer_out.dump(service().get_customer(g.organization_id, customer_id))
+    return schemas.customer_out.dump(reads.get_customer(g.organization_id, customer_id))
 
 
 @api.delete("/customers/<customer_id>")
@@ -46,8 +48,8 @@ def erase_customer(customer_id):
 @api.get("/customers")
 @require("read")
 def find_customers():
-    customers = service().find_customers(g.organization_id, request.args.to_dict())
-    return {"items": customer_out.dump(customers, many=True)}
+    customers = reads.find_customers(g.organization_id, request.args.to_dict())
+    return schemas.customer_list.dump({"items": customers})
 
 
 def check_backlog():
@@ -76,19 +78,14 @@ def dry_run():
     return value in ("true", "1")
 
 
-def marked(body, dry):
-    return {**body, "dryRun": True} if dry else body
-
-
 @api.post("/data/ingest")
 @require("ingest")
 @bounded
 def ingest():
     dry = dry_run()
     interaction_id, duplicate = service().ingest(g.organization_id, read_json(), dry_run=dry)
-    if dry:
-        return {"id": None, "duplicate": duplicate, "dryRun": True}, 200
-    return {"id": str(interaction_id), "duplicate": duplicate}, 200 if duplicate else 201
+    body = schemas.ingest_result.dump({"id": interaction_id, "duplicate": duplicate, "dry_run": dry})
+    return body, 200 if duplicate or dry else 201
 
 
 @api.post("/data/ingest/batch")
@@ -96,26 +93,20 @@ def ingest():
 @bounded
 def ingest_batch():
     dry = dry_run()
-    result = service().ingest_batch(g.organization_id, read_json(), dry_run=dry)
-    return marked({
-        "total": result.total, "successful": result.successful, "failed": result.failed,
-        "duplicates": result.duplicates,
-        "ids": [None if i is None else str(i) for i in result.ids],
-        "errors": result.errors,
-    }, dry)
+    return schemas.batch_result.dump(service().ingest_batch(g.organization_id, read_json(), dry_run=dry))
 
 
 @api.get("/interactions")
 @require("read")
 def list_interactions():
-    items, next_cursor = service().list_interactions(g.organization_id, request.args.to_dict())
-    return {"items": interaction_out.dump(items, many=True), "nextCursor": next_cursor}
+    items, next_cursor = reads.list_interactions(g.organization_id, request.args.to_dict())
+    return schemas.interaction_page.dump({"items": items, "next_cursor": next_cursor})
 
 
 @api.get("/interactions/<interaction_id>")
 @require("read")
 def get_interaction(interaction_id):
-    return interaction_out.dump(service().get_interaction(g.organization_id, interaction_id))
+    return schemas.interaction_out.dump(reads.get_interaction(g.organization_id, interaction_id))
 
 
 @segment_api.post("/batch")
@@ -134,8 +125,10 @@ def segment_events(kind=None):
     problems, retry = segment.ingest(service(), g.organization_id, payload, kind, dry_run=dry)
     if retry:
         raise ApiError(503, "storage_error", "Storing failed; retry the batch.",
-                       {"errors": problems}, headers={"Retry-After": "1"})
-    return marked({"success": True, "errors": problems} if problems else {"success": True}, dry), 200
+                       {"errors": segment.problem_out.dump(problems, many=True)},
+                       headers={"Retry-After": "1"})
+    result = {"success": True, "dry_run": dry, **({"errors": problems} if problems else {})}
+    return segment.result_out.dump(result), 200
 
 
 @api.get("/openapi.json")
@@ -145,7 +138,7 @@ def openapi():
 
 @health.get("/healthz")
 def healthz():
-    return {"status": "ok"}
+    return schemas.health.dump({"status": "ok"})
 
 
 @health.get("/readyz")
@@ -153,7 +146,8 @@ def readyz():
     checks = {"database": _check(lambda: db.execute_sql("SELECT 1")),
               "queue": _check(current_app.extensions["queue_size"])}
     ready = all(value == "ok" for value in checks.values())
-    return {"status": "ready" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+    return schemas.health.dump({"status": "ready" if ready else "unavailable", "checks": checks}), \
+        200 if ready else 503
 
 
 def _check(probe):

@@ -1,9 +1,5 @@
-"""API keys: generation, hashing, the cache of live keys, the request check (DESIGN §5).
-
-A key is shown once, at creation; only its SHA-256 is stored (keys are long
-random strings, so a fast hash is as safe as a slow one and costs nothing per
-request). Its first characters, the prefix, name it in listings and
-`revoke-key`.
+"""Authentication: the cache of live keys and the request check (DESIGN §5).
+Keys are created and revoked in ingest/accounts.py.
 
 Live keys are cached per process for KEY_CACHE_SECONDS, so a request or a feed
 socket authenticates without a database round trip, and 1,000 sockets
@@ -12,8 +8,6 @@ working for up to KEY_CACHE_SECONDS on HTTP; open feed sockets are checked
 again every KEY_CACHE_SECONDS, so theirs close within twice that.
 """
 import functools
-import hashlib
-import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -21,44 +15,14 @@ from dataclasses import dataclass
 
 from flask import current_app, g, request
 
+from ingest.accounts import hash_key
 from ingest.errors import ApiError, too_many_requests
 from ingest.logs import bind_context
-from models import ApiKey, connection, db
+from models import ApiKey, connection
 
-SCOPES = ("ingest", "read")
-PREFIX_LENGTH = 12
 KEY_CACHE_SECONDS = 5
 KEY_CACHE_ENTRIES = 10_000
 LOOKUP_WAIT = 30  # seconds a request waits for another thread's lookup of the same key
-
-
-def hash_key(key):
-    """The SHA-256 of a key, or None for anything that cannot be one of ours."""
-    if not isinstance(key, str) or not key:
-        return None
-    try:
-        return hashlib.sha256(key.encode("utf-8")).hexdigest()
-    except UnicodeEncodeError:  # a lone surrogate
-        return None
-
-
-def create_key(organization_id, scopes):
-    """Create a key with ``scopes``; returns (plain key, ApiKey row)."""
-    unknown = set(scopes) - set(SCOPES)
-    if unknown or not scopes:
-        raise ValueError("scopes must be among %s" % ", ".join(SCOPES))
-    key = "ik_" + secrets.token_urlsafe(32)
-    with db.atomic():
-        row = ApiKey.create(organization=organization_id, prefix=key[:PREFIX_LENGTH],
-                            key_hash=hash_key(key), scopes=",".join(sorted(scopes)))
-    return key, row
-
-
-def revoke_key(prefix):
-    """Revoke the live key(s) with this prefix (or whole key); returns how many."""
-    return (ApiKey.update(revoked=True)
-            .where((ApiKey.prefix == prefix[:PREFIX_LENGTH]) & ~ApiKey.revoked)
-            .execute())
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import click
 
 import models
 import tasks
-from ingest import auth, lifecycle, simulate
+from ingest import accounts, lifecycle, simulate
 from ingest.analysis import requeue_failed
-from models import Customer, Organization, db
+from models import Customer, Organization
 
 
 def init_app(app):
@@ -28,21 +28,12 @@ def init_db():
     click.echo("applied: %s" % ", ".join(applied) if applied else "schema is up to date")
 
 
-def new_organization(name):
-    """An organization with an ingest key and a read key; keys are returned once."""
-    with db.atomic():
-        org = Organization.create(name=name)
-        ingest_key, _ = auth.create_key(org.id, ["ingest"])
-        read_key, _ = auth.create_key(org.id, ["read"])
-    return {"organizationId": str(org.id), "ingestKey": ingest_key, "readKey": read_key}
-
-
 @click.command("create-org")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def create_org(name, as_json):
     """Create an organization with an ingest key and a read key."""
-    created = new_organization(name)
+    created = accounts.new_organization(name)
     _emit(as_json, created, "organization %(organizationId)s\ningest key: %(ingestKey)s\n"
                             "read key:   %(readKey)s\n(the keys are shown only now)" % created)
 
@@ -50,14 +41,14 @@ def create_org(name, as_json):
 @click.command("create-key")
 @click.argument("organization_id")
 @click.option("--scope", "scopes", multiple=True, required=True,
-              type=click.Choice(auth.SCOPES), help="ingest and/or read (repeatable).")
+              type=click.Choice(accounts.SCOPES), help="ingest and/or read (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def create_key(organization_id, scopes, as_json):
     """Create an API key for an organization."""
     org = Organization.get_or_none(Organization.id == _uuid(organization_id))
     if org is None:
         raise click.ClickException("no organization %s" % organization_id)
-    key, row = auth.create_key(org.id, scopes)
+    key, row = accounts.create_key(org.id, scopes)
     _emit(as_json, {"organizationId": str(org.id), "key": key, "prefix": row.prefix,
                     "scopes": sorted(scopes)},
           "key: %s\nprefix: %s (to revoke it)\n(the key is shown only now)" % (key, row.prefix))
@@ -67,9 +58,9 @@ def create_key(organization_id, scopes, as_json):
 @click.argument("prefix")
 def revoke_key(prefix):
     """Revoke the key with this prefix (its first 12 characters)."""
-    count = auth.revoke_key(prefix)
+    count = accounts.revoke_key(prefix)
     if not count:
-        raise click.ClickException("no live key with prefix %s" % prefix[:auth.PREFIX_LENGTH])
+        raise click.ClickException("no live key with prefix %s" % prefix[:accounts.PREFIX_LENGTH])
     click.echo("revoked %d key(s)" % count)
 
 
@@ -86,7 +77,7 @@ DEMO_CUSTOMERS = (("ada", "Ada Lovelace"), ("grace", "Grace Hopper"), ("alan", "
 
 def create_demo(base_url):
     """A demo organization with customers and keys; returns what to print."""
-    created = new_organization(DEMO_NAME)
+    created = accounts.new_organization(DEMO_NAME)
     customers = [Customer.create(organization=created["organizationId"], external_id=ext, name=name)
                  for ext, name in DEMO_CUSTOMERS]
     return _with_examples(created, [str(c.id) for c in customers], base_url)
@@ -102,8 +93,8 @@ def first_demo(base_url):
     if not customers:
         return None
     created = {"organizationId": str(org.id),
-               "ingestKey": auth.create_key(org.id, ["ingest"])[0],
-               "readKey": auth.create_key(org.id, ["read"])[0]}
+               "ingestKey": accounts.create_key(org.id, ["ingest"])[0],
+               "readKey": accounts.create_key(org.id, ["read"])[0]}
     return _with_examples(created, customers, base_url)
 
 

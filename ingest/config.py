@@ -1,7 +1,9 @@
 """Configuration, read from the environment in this one place (DESIGN §3).
 
 The web processes and the queue consumers call ``load()`` alike, so both see
-the same database, queue and event bus.
+the same database, queue and event bus. `huey_consumer tasks.huey` gets no
+arguments but the module, so whatever tasks.py acts on at import (the queue,
+the bus, the sweep) comes from the environment only: ENVIRONMENT_ONLY.
 """
 import os
 
@@ -28,17 +30,28 @@ DEFAULTS = {
     "ANALYSIS_BACKLOG_MAX": 100_000,
     "LOG_LEVEL": "INFO",
 }
+# Read by tasks.py at import (the queue and the bus it builds, the sweep's age):
+# create_app refuses an override of these that differs from what the process uses.
+ENVIRONMENT_ONLY = ("QUEUE_URL", "EVENTS_URL", "ANALYSIS_SWEEP_AFTER")
 INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "COMMIT_TIMEOUT",
                 "ANALYSIS_SWEEP_AFTER", "ANALYSIS_BACKLOG_MAX")
 
 
-def load(environ=None, overrides=None):
-    """Return the settings: defaults, then the environment, then ``overrides``."""
+def load(environ=None, overrides=None, fixed=None):
+    """Return the settings: defaults, then the environment, then ``overrides``.
+
+    ``fixed``: settings the process already acted on; an override of one of their
+    ENVIRONMENT_ONLY keys to another value is a ValueError, never ignored.
+    """
     environ = os.environ if environ is None else environ
     settings = dict(DEFAULTS)
     for key in DEFAULTS:
         if environ.get(key):
             settings[key] = environ[key]
+    for key in ENVIRONMENT_ONLY:
+        if fixed is not None and key in (overrides or {}) and str(overrides[key]) != str(fixed[key]):
+            raise ValueError("%s comes from the environment (tasks.py reads it at import, for "
+                             "huey_consumer too); set it there, not in create_app()" % key)
     settings.update(overrides or {})
     for key in INTEGER_KEYS:
         settings[key] = int(settings[key])

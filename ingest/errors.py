@@ -10,8 +10,8 @@ from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
-from ingest import metrics
-from ingest.service import ServiceError
+from ingest import metrics, schemas
+from ingest.problems import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def too_many_requests(reason, message, retry_after, details=None):
 
 
 def error_response(status, code, message, details=None, headers=None):
-    response = jsonify({"error": code, "message": message, "details": details or {}})
+    response = jsonify(schemas.error.dump({"error": code, "message": message, "details": details or {}}))
     response.status_code = status
     response.headers.update(headers or {})
     return response

@@ -31,7 +31,8 @@ from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from ingest.auth import KEY_CACHE_SECONDS, hash_key
+from ingest.accounts import hash_key
+from ingest.auth import KEY_CACHE_SECONDS
 from ingest.fanout import FeedSocket, text_frame
 from ingest.threads import PerProcess
 
@@ -42,6 +43,9 @@ MAX_AUTH_MESSAGE = 4096
 CLOSE_LINGER = 1.0  # seconds to wait for the client's close reply before hanging up
 UNAVAILABLE = (OperationalError, InterfaceError, MaxConnectionsExceeded, TimeoutError)
 
+# The socket route is on the feed blueprint, whose before_request strips the
+# compression offer; Sock.init_app only registers routes made without a
+# blueprint, so the factory registers the blueprint and needs no init_app.
 sock = Sock()
 feed = Blueprint("feed", __name__)
 

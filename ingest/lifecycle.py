@@ -1,6 +1,7 @@
-"""Data lifecycle (DESIGN §15): erasure of a customer, retention of interactions.
+"""A customer's lifecycle: creation (DESIGN §5), erasure of a customer and
+retention of interactions (DESIGN §15).
 
-Both delete under the same rule as ingest: at every moment seen from outside a
+Erasure and retention delete under the same rule as ingest: at every moment seen from outside a
 transaction, a customer's ``interaction_count`` and ``last_seen_at`` agree with
 its interactions (§4). Each transaction first locks the customers it touches
 (PostgreSQL; SQLite has one writer at a time), so an ingest for them either
@@ -10,9 +11,28 @@ import datetime
 import hashlib
 from collections import Counter
 
+from peewee import IntegrityError
+
+from ingest import schemas
+from ingest.problems import load
+from ingest.reads import find_customer
 from models import Customer, Erasure, Interaction, Organization, db, is_postgres, utcnow
 
 RETENTION_CHUNK = 1000  # interactions deleted per transaction: ingest never waits long
+
+
+def create_customer(organization_id, payload):
+    """Create a customer; returns (customer, created). An existing externalId wins."""
+    data = load(schemas.customer_in, payload)
+    if data["external_id"] is not None:
+        existing = find_customer(organization_id, data["external_id"])
+        if existing is not None:
+            return existing, False
+    try:
+        with db.atomic():
+            return Customer.create(organization=organization_id, **data), True
+    except IntegrityError:  # created concurrently under the same externalId
+        return find_customer(organization_id, data["external_id"]), False
 
 
 def external_id_hash(external_id):

@@ -5,7 +5,9 @@ import functools
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from ingest import schemas
+from ingest import segment
+from ingest.schemas import (BatchResult, CustomerIn, CustomerList, CustomerOut, CustomerQuery, Error, Health,
+                            IngestResult, InteractionIn, InteractionOut, InteractionPage, InteractionQuery)
 
 JSON = "application/json"
 ERRORS = {
@@ -29,7 +31,7 @@ def _response(schema, description):
 
 
 def _errors(*codes):
-    return {str(code): _response("Error", ERRORS[code]) for code in codes}
+    return {str(code): _response(Error, ERRORS[code]) for code in codes}
 
 
 def _body(schema, description=""):
@@ -62,16 +64,16 @@ def _id(name):
 PATHS = {
     "/api/customers": {
         "post": _operation("Create a customer (an existing externalId returns it)", "ingest", {
-            "201": _response("CustomerOut", "Created."),
-            "200": _response("CustomerOut", "A customer with this externalId already existed.")},
-            (400, 401, 403, 413, 415), body=_body("CustomerIn")),
+            "201": _response(CustomerOut, "Created."),
+            "200": _response(CustomerOut, "A customer with this externalId already existed.")},
+            (400, 401, 403, 413, 415), body=_body(CustomerIn)),
         "get": _operation("Find customers by external id", "read", {
-            "200": _response("CustomerList", "Matching customers (zero or one).")},
-            (400, 401, 403), parameters=[{"in": "query", "schema": "CustomerQuery"}]),
+            "200": _response(CustomerList, "Matching customers (zero or one).")},
+            (400, 401, 403), parameters=[{"in": "query", "schema": CustomerQuery}]),
     },
     "/api/customers/{customer_id}": {
         "get": _operation("Get a customer with its counters", "read", {
-            "200": _response("CustomerOut", "The customer.")}, (401, 403, 404),
+            "200": _response(CustomerOut, "The customer.")}, (401, 403, 404),
             parameters=[_id("customer_id")]),
         "delete": _operation("Erase a customer and every interaction of it (DESIGN §15)", "ingest", {
             "204": {"description": "Erased; open feed sockets got `customer.deleted`."}}, (401, 403, 404),
@@ -79,52 +81,48 @@ PATHS = {
     },
     "/api/data/ingest": {
         "post": _operation("Ingest one interaction", "ingest", {
-            "201": _response("IngestResult", "Stored."),
-            "200": _response("IngestResult", "A duplicate messageId: the original's id; or a dry run.")},
-            (400, 401, 403, 404, 413, 415, 503), body=_body("InteractionIn"), parameters=[DRY_RUN]),
+            "201": _response(IngestResult, "Stored."),
+            "200": _response(IngestResult, "A duplicate messageId: the original's id; or a dry run.")},
+            (400, 401, 403, 404, 413, 415, 503), body=_body(InteractionIn), parameters=[DRY_RUN]),
     },
     "/api/data/ingest/batch": {
         "post": _operation("Ingest a batch of interactions", "ingest", {
-            "200": _response("BatchResult", "Per-item outcome: ids and errors by index.")},
+            "200": _response(BatchResult, "Per-item outcome: ids and errors by index.")},
             (400, 401, 403, 413, 415), body=_body({
                 "type": "object", "required": ["interactions"], "additionalProperties": False,
                 "properties": {"interactions": {"type": "array", "minItems": 1,
-                                                "items": {"$ref": "#/components/schemas/InteractionIn"}}}}),
+                                                "items": InteractionIn}}}),
             parameters=[DRY_RUN]),
     },
     "/api/interactions": {
         "get": _operation("List interactions, newest first (keyset pagination)", "read", {
-            "200": _response("InteractionPage", "A page; follow nextCursor for the next.")},
-            (400, 401, 403), parameters=[{"in": "query", "schema": "InteractionQuery"}]),
+            "200": _response(InteractionPage, "A page; follow nextCursor for the next.")},
+            (400, 401, 403), parameters=[{"in": "query", "schema": InteractionQuery}]),
     },
     "/api/interactions/{interaction_id}": {
         "get": _operation("Get an interaction with its analysis", "read", {
-            "200": _response("InteractionOut", "The interaction.")}, (401, 403, 404),
+            "200": _response(InteractionOut, "The interaction.")}, (401, 403, 404),
             parameters=[_id("interaction_id")]),
     },
     "/v1/batch": {
         "post": _operation("Segment-compatible batch (write key as Basic user or writeKey)",
-                           "ingest", {"200": _response("SegmentResult", "Accepted; per-event problems.")},
-                           (400, 401, 403, 413, 415, 503), body=_body("SegmentBatch"),
+                           "ingest", {"200": _response(segment.SegmentResult, "Accepted; per-event problems.")},
+                           (400, 401, 403, 413, 415, 503), body=_body(segment.SegmentBatch),
                            parameters=[DRY_RUN]),
     },
     **{"/v1/%s" % kind: {
         "post": _operation("Segment-compatible %s call" % kind, "ingest", {
-            "200": _response("SegmentResult", "Accepted; per-event problems.")},
-            (400, 401, 403, 413, 415, 503), body=_body("SegmentEvent"), parameters=[DRY_RUN])}
+            "200": _response(segment.SegmentResult, "Accepted; per-event problems.")},
+            (400, 401, 403, 413, 415, 503), body=_body(segment.SegmentEvent), parameters=[DRY_RUN])}
        for kind in ("track", "identify", "page")},
     "/healthz": {"get": _operation("The process is up", None, {
-        "200": _response("Health", "Up.")}, ())},
+        "200": _response(Health, "Up.")}, ())},
     "/readyz": {"get": _operation("Database and queue reachable", None, {
-        "200": _response("Health", "Ready."), "503": _response("Health", "Not ready.")}, ())},
+        "200": _response(Health, "Ready."), "503": _response(Health, "Not ready.")}, ())},
     "/metrics": {"get": _operation("Prometheus metrics of every process (text format)", None, {
         "200": {"description": "Prometheus text exposition format 0.0.4.",
                 "content": {"text/plain": {"schema": {"type": "string"}}}}}, ())},
 }
-
-SCHEMAS = ("Error", "IngestResult", "BatchResult", "CustomerIn", "CustomerOut", "CustomerList",
-           "CustomerQuery", "InteractionIn", "InteractionOut", "InteractionPage",
-           "InteractionQuery", "SegmentBatch", "SegmentEvent", "SegmentResult", "Health")
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,21 +133,7 @@ def spec_dict():
                                                "description": "Authorization: Bearer KEY"})
     spec.components.security_scheme("basic", {"type": "http", "scheme": "basic",
                                               "description": "The key as user name, no password."})
-    for name in SCHEMAS:
-        if name not in ("CustomerQuery", "InteractionQuery"):
-            spec.components.schema(name, schema=getattr(schemas, name))
-    for path, operations in PATHS.items():
-        spec.path(path=path, operations=_resolve(operations))
+    for path, operations in PATHS.items():  # the plugin registers each schema it meets
+        spec.path(path=path, operations=operations)
     return spec.to_dict()
 
-
-def _resolve(operations):
-    """Give the plugin schema classes where the table names them."""
-    def fix(value):
-        if isinstance(value, dict):
-            return {k: (getattr(schemas, v) if k == "schema" and isinstance(v, str) else fix(v))
-                    for k, v in value.items()}
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        return value
-    return fix(operations)

@@ -30,7 +30,7 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from models import connection, db
+from models import PENDING, connection, db
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ class Backlog:
         try:
             with connection():
                 self.pending = db.execute_sql(
-                    "SELECT count(*) FROM (SELECT 1 FROM interaction WHERE analysis_status = 'pending' "
-                    "LIMIT %d) AS bounded" % (self.limit + 1)).fetchone()[0]
+                    "SELECT count(*) FROM (SELECT 1 FROM interaction WHERE analysis_status = '%s' "
+                    "LIMIT %d) AS bounded" % (PENDING, self.limit + 1)).fetchone()[0]
         except Exception:  # the database is down: requests find out on their own
             log.warning("sampling the analysis backlog failed", exc_info=True)
         finally:

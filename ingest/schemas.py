@@ -12,7 +12,7 @@ import json
 import math
 import uuid
 
-from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, validate
 
 CHANNELS = ("web", "mobile", "email", "chat", "phone", "social", "in_store", "api", "other")
 MAX_FUTURE = datetime.timedelta(hours=24)
@@ -197,29 +197,40 @@ class InteractionOut(Schema):
 
 
 class Error(Schema):
+    """Every error response (ingest/errors.py)."""
     error = fields.String(required=True, metadata={"description": "A stable code, e.g. validation_error."})
     message = fields.String(required=True)
     details = fields.Dict(required=True, metadata={"description": "Per-field messages, when any."})
 
 
-class IngestResult(Schema):
-    id = fields.UUID(required=True, allow_none=True, metadata={"description": "null in a dry run"})
-    duplicate = fields.Boolean(required=True)
-    dry_run = fields.Boolean(data_key="dryRun", metadata={"description": "present, true, in a dry run"})
-
-
 class ItemError(Error):
+    """One failed item of a batch, by its index in the request."""
     index = fields.Integer(required=True)
 
 
-class BatchResult(Schema):
+class WriteResult(Schema):
+    """An answer to a write that can be a dry run (``?dryRun=true``)."""
+    dry_run = fields.Boolean(data_key="dryRun", metadata={"description": "present, true, in a dry run"})
+
+    @post_dump
+    def _dry_run_last_and_only_when_true(self, data, **kwargs):
+        if data.pop("dryRun", False):
+            data["dryRun"] = True
+        return data
+
+
+class IngestResult(WriteResult):
+    id = fields.UUID(required=True, allow_none=True, metadata={"description": "null in a dry run"})
+    duplicate = fields.Boolean(required=True)
+
+
+class BatchResult(WriteResult):
     total = fields.Integer(required=True)
     successful = fields.Integer(required=True)
     failed = fields.Integer(required=True)
     duplicates = fields.Integer(required=True)
     ids = fields.List(fields.UUID(allow_none=True), required=True)
     errors = fields.List(fields.Nested(ItemError), required=True)
-    dry_run = fields.Boolean(data_key="dryRun", metadata={"description": "present, true, in a dry run"})
 
 
 class CustomerList(Schema):
@@ -229,40 +240,6 @@ class CustomerList(Schema):
 class InteractionPage(Schema):
     items = fields.List(fields.Nested(InteractionOut), required=True)
     next_cursor = fields.String(data_key="nextCursor", allow_none=True, required=True)
-
-
-class SegmentProblem(ItemError):
-    message_id = fields.String(data_key="messageId", allow_none=True)
-
-
-class SegmentResult(Schema):
-    success = fields.Boolean(required=True)
-    errors = fields.List(fields.Nested(SegmentProblem))
-    dry_run = fields.Boolean(data_key="dryRun", metadata={"description": "present, true, in a dry run"})
-
-
-class SegmentBatch(Schema):
-    """Segment's batch envelope; each event is checked on its own."""
-    batch = fields.List(fields.Dict(), required=True)
-    sent_at = fields.String(data_key="sentAt")
-    write_key = fields.String(data_key="writeKey")
-    context = fields.Dict()
-
-
-class SegmentEvent(Schema):
-    """A Segment track/identify/page call; see Segment's HTTP Tracking API."""
-    class Meta:
-        unknown = INCLUDE
-
-    user_id = fields.String(data_key="userId")
-    anonymous_id = fields.String(data_key="anonymousId")
-    event = fields.String()
-    properties = fields.Dict()
-    traits = fields.Dict()
-    context = fields.Dict()
-    timestamp = fields.String()
-    message_id = fields.String(data_key="messageId")
-    write_key = fields.String(data_key="writeKey")
 
 
 class Health(Schema):
@@ -277,3 +254,9 @@ customer_query = CustomerQuery(unknown=EXCLUDE)
 interaction_query = InteractionQuery()
 customer_out = CustomerOut()
 interaction_out = InteractionOut()
+error = Error()
+ingest_result = IngestResult()
+batch_result = BatchResult()
+customer_list = CustomerList()
+interaction_page = InteractionPage()
+health = Health()

@@ -17,12 +17,53 @@ import datetime
 import uuid
 from dataclasses import dataclass
 
-from marshmallow import ValidationError
+from marshmallow import INCLUDE, Schema, ValidationError, fields
 
 from ingest import lifecycle, metrics
-from ingest.schemas import UTC, JsonObject, check_text
-from ingest.service import BatchResult, ServiceError, validate_interaction, validation_error
+from ingest.problems import ServiceError, validation_error
+from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text
+from ingest.service import BatchOutcome, validate_interaction
 from models import Customer, db, is_postgres, utcnow
+
+# Segment's wire shapes, as published in the OpenAPI description. The request
+# bodies are read by the functions below, event by event, so that one bad event
+# never fails the others.
+
+class SegmentProblem(ItemError):
+    message_id = fields.String(data_key="messageId", allow_none=True)
+
+
+class SegmentResult(WriteResult):
+    success = fields.Boolean(required=True)
+    errors = fields.List(fields.Nested(SegmentProblem))
+
+
+class SegmentBatch(Schema):
+    """Segment's batch envelope; each event is checked on its own."""
+    batch = fields.List(fields.Dict(), required=True)
+    sent_at = fields.String(data_key="sentAt")
+    write_key = fields.String(data_key="writeKey")
+    context = fields.Dict()
+
+
+class SegmentEvent(Schema):
+    """A Segment track/identify/page call; see Segment's HTTP Tracking API."""
+    class Meta:
+        unknown = INCLUDE
+
+    user_id = fields.String(data_key="userId")
+    anonymous_id = fields.String(data_key="anonymousId")
+    event = fields.String()
+    properties = fields.Dict()
+    traits = fields.Dict()
+    context = fields.Dict()
+    timestamp = fields.String()
+    message_id = fields.String(data_key="messageId")
+    write_key = fields.String(data_key="writeKey")
+
+
+problem_out = SegmentProblem()
+result_out = SegmentResult()
 
 # Stands for the customer while an event is validated, before any customer exists.
 _PLACEHOLDER = uuid.UUID(int=0)
@@ -72,10 +113,10 @@ def ingest(service, organization_id, payload, kind=None, dry_run=False):
     result = service.store_validated(
         organization_id, [(n, {**event.data, "customer_id": customers[event.user]})
                           for n, event in enumerate(tracks)],
-        BatchResult(total=len(tracks), ids=[None] * len(tracks)))
+        BatchOutcome(total=len(tracks), ids=[None] * len(tracks)))
     for error in result.errors:
         index = tracks[error["index"]].index
-        problems.append({**error, "index": index, "messageId": _message_id(events[index])})
+        problems.append({**error, "index": index, "message_id": _message_id(events[index])})
     problems.sort(key=lambda problem: problem["index"])
     return problems, any(e["error"] == "storage_error" for e in result.errors)
 
@@ -108,7 +149,7 @@ def _not_erased(organization_id, accepted, events, problems):
 
 def _problem(index, event, details):
     return {"index": index, "error": "validation_error", "message": "The event is invalid.",
-            "details": details, "messageId": _message_id(event)}
+            "details": details, "message_id": _message_id(event)}
 
 
 def _message_id(event):

@@ -1,44 +1,29 @@
-"""The ingest workflow (DESIGN §6), free of Flask and HTTP.
+"""The ingest write path (DESIGN §6), free of Flask and HTTP.
 
 validate -> enrich with the organization -> store (one transaction: inserts and
 one set-based UPDATE of the customers, via the process's group committer) -> after commit:
 enqueue the analysis, publish ``interaction.created``.
 
-Failures are raised as ``ServiceError`` with a stable code; the web layer maps
-codes to HTTP statuses.
+Failures are raised as ``ServiceError`` (ingest/problems.py) with a stable code;
+the web layer maps codes to HTTP statuses. Reads are in ingest/reads.py, customer
+creation and erasure in ingest/lifecycle.py, Segment's workflow in ingest/segment.py.
 """
+import functools
 import logging
-import operator
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import reduce
-
-from marshmallow import ValidationError
-from peewee import IntegrityError, Tuple
 
 from ingest import lifecycle, metrics, schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
 from ingest.logs import bind_context
-from ingest.store import (CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, probe,
-                          write_group)
-from models import Customer, Interaction, db, release_connection
+from ingest.problems import ServiceError, load, not_found, uuid_or_none, validation_error
+from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, probe, write_group
+from models import release_connection
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 100
-
-
-class ServiceError(Exception):
-    def __init__(self, code, message, details=None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details or {}
-
-
-def validation_error(details, message="The request is invalid."):
-    return ServiceError("validation_error", message, details)
 
 
 def storage_error():
@@ -70,11 +55,13 @@ def _wait(future, timeout):
 
 
 @dataclass
-class BatchResult:
+class BatchOutcome:
+    """What became of each item of a batch (dumped as schemas.BatchResult)."""
     total: int
     ids: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     duplicates: int = 0
+    dry_run: bool = False
 
     @property
     def failed(self):
@@ -85,69 +72,74 @@ class BatchResult:
         return self.total - self.failed - self.duplicates
 
 
-class IngestService:
-    """The workflow, wired to the analysis queue and the live-event bus.
+class Writer:
+    """The state of a process's write path: the group committer (its writer
+    thread), the cache of known customers, and the work after each commit.
 
-    ``enqueue_analysis(ids_by_organization, high_priority)`` and ``publish(events_by_organization)``
-    are called after commit, once for each committed group of requests, and their
-    failure never fails an ingest that is already stored.
+    ``enqueue_analysis(ids_by_organization, high_priority)`` and
+    ``publish(events_by_organization)`` are called after commit, once for each
+    committed group of requests, and their failure never fails an ingest that is
+    already stored. Use ``writer_for``: one Writer per process and hooks.
     """
 
-    def __init__(self, enqueue_analysis, publish, max_batch_items=1000, commit_timeout=20):
+    def __init__(self, enqueue_analysis, publish):
         self.enqueue_analysis = enqueue_analysis
         self.publish = publish
-        self.max_batch_items = max_batch_items
-        self.commit_timeout = commit_timeout  # seconds a request waits for its commit
         self.known_customers = KnownCustomers()
         self.committer = GroupCommitter(
             lambda jobs: write_group(jobs, self.known_customers), self._after_commit)
 
-    # Customers -----------------------------------------------------------
+    def submit(self, job):
+        """Queue ``job`` for the next group; returns a Future of its results."""
+        return self.committer.submit(job)
 
-    def create_customer(self, organization_id, payload):
-        """Create a customer; returns (customer, created). An existing externalId wins."""
-        data = _load(schemas.customer_in, payload)
-        if data["external_id"] is not None:
-            existing = self.find_customer(organization_id, data["external_id"])
-            if existing is not None:
-                return existing, False
+    def _after_commit(self, committed):
+        """Hand a committed group's new interactions to the live feed (one publish)
+        and to analysis (one enqueue per priority); never raises."""
+        ids = {True: defaultdict(list), False: defaultdict(list)}
+        events = defaultdict(list)
+        outcomes = defaultdict(int)
+        for job, results in committed:
+            for item, (status, _) in zip(job.items, results):
+                outcomes[status] += 1
+                if status == CREATED:
+                    ids[job.high_priority][item.organization_id].append(item.id)
+                    events[item.organization_id].append(
+                        {"type": "interaction.created", "data": schemas.interaction_out.dump(item)})
+        metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
+        metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
+        if events:  # before the analyses are queued, so that "created" precedes "analyzed"
+            self.safely_publish(events)
+        for high_priority, by_organization in ids.items():
+            if by_organization:
+                try:
+                    self.enqueue_analysis(by_organization, high_priority)
+                except Exception:
+                    log.warning("analysis enqueue failed; the sweep will pick these up", exc_info=True,
+                                extra={"count": sum(map(len, by_organization.values()))})
+
+    def safely_publish(self, events_by_organization):
+        """Publish; a failure is logged, never raised (the feed says "gap")."""
         try:
-            with db.atomic():
-                return Customer.create(organization=organization_id, **data), True
-        except IntegrityError:  # created concurrently under the same externalId
-            return self.find_customer(organization_id, data["external_id"]), False
-
-    def get_customer(self, organization_id, customer_id):
-        customer = _get_or_none(Customer, organization_id, customer_id)
-        if customer is None:
-            raise ServiceError("customer_not_found", "No such customer.")
-        return customer
-
-    def find_customer(self, organization_id, external_id):
-        return (Customer.select()
-                .where((Customer.organization == organization_id)
-                       & (Customer.external_id == external_id))
-                .first())
-
-    def erase_customer(self, organization_id, customer_id):
-        """Erase a customer and all its interactions (DESIGN §15); the organization's
-        sockets are told. Erasing an unknown (or already erased) id is customer_not_found."""
-        customer_uuid = _uuid_or_none(customer_id)
-        if customer_uuid is None or not lifecycle.erase_customer(organization_id, customer_uuid):
-            raise ServiceError("customer_not_found", "No such customer.")
-        self.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
-        try:
-            self.publish({organization_id: [{"type": "customer.deleted",
-                                             "data": {"id": str(customer_uuid)}}]})
+            self.publish(events_by_organization)
         except Exception:
             log.warning("publish failed", exc_info=True)
 
-    def find_customers(self, organization_id, query):
-        data = _load(schemas.customer_query, query)
-        customer = self.find_customer(organization_id, data["external_id"])
-        return [customer] if customer else []
 
-    # Interactions -----------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def writer_for(enqueue_analysis, publish):
+    """This process's Writer for these hooks: every app created in a process with
+    the same queue and bus shares one writer thread and one cache."""
+    return Writer(enqueue_analysis, publish)
+
+
+class IngestService:
+    """Single and batch ingest, and erasure, through the process's Writer."""
+
+    def __init__(self, enqueue_analysis, publish, max_batch_items=1000, commit_timeout=20):
+        self.writer = writer_for(enqueue_analysis, publish)
+        self.max_batch_items = max_batch_items
+        self.commit_timeout = commit_timeout  # seconds a request waits for its commit
 
     def ingest(self, organization_id, payload, dry_run=False):
         """Store one interaction; returns (interaction_id, duplicate).
@@ -169,62 +161,69 @@ class IngestService:
         return interaction_id, status == DUPLICATE
 
     def ingest_batch(self, organization_id, payload, dry_run=False):
-        """Validate item by item, store valid ones in chunks; returns a BatchResult
-        (in a dry run, the same result with no ids, and nothing stored)."""
-        return self.ingest_items(organization_id, self._batch_items(payload), dry_run)
-
-    def ingest_items(self, organization_id, raw_items, dry_run=False):
-        """The batch workflow for a list of interaction payloads."""
-        result = BatchResult(total=len(raw_items), ids=[None] * len(raw_items))
+        """Validate item by item, store valid ones in chunks; returns a BatchOutcome
+        (in a dry run, the same outcome with no ids, and nothing stored)."""
+        raw_items = self._batch_items(payload)
+        outcome = BatchOutcome(total=len(raw_items), ids=[None] * len(raw_items), dry_run=dry_run)
         valid = []  # (index, validated data)
         for index, raw in enumerate(raw_items):
             try:
                 valid.append((index, validate_interaction(raw)))
             except ServiceError as error:
-                result.errors.append(_item_error(index, error))
+                outcome.errors.append(item_error(index, error))
         if dry_run:
             valid = [(index, self._prepare(organization_id, data)) for index, data in valid]
-            self._record(valid, probe([item for _, item in valid]), result)
-            result.errors.sort(key=lambda error: error["index"])
-            return result
-        return self.store_validated(organization_id, valid, result)
+            self._record(valid, probe([item for _, item in valid]), outcome)
+            outcome.errors.sort(key=lambda error: error["index"])
+            return outcome
+        return self.store_validated(organization_id, valid, outcome)
 
-    def store_validated(self, organization_id, valid, result):
-        """Store validated items ``[(index, data)]`` in chunks; completes ``result``
-        (a BatchResult whose errors may hold the items that failed validation)."""
+    def store_validated(self, organization_id, valid, outcome):
+        """Store validated items ``[(index, data)]`` in chunks; completes ``outcome``
+        (a BatchOutcome whose errors may hold the items that failed validation)."""
         valid = [(index, self._prepare(organization_id, data)) for index, data in valid]
         chunks = [valid[start:start + CHUNK_SIZE] for start in range(0, len(valid), CHUNK_SIZE)]
-        futures = [self.committer.submit(Job([item for _, item in chunk], high_priority=False))
+        futures = [self.writer.submit(Job([item for _, item in chunk], high_priority=False))
                    for chunk in chunks]
         release_connection()
         for chunk, future in zip(chunks, futures):
             try:
-                self._record(chunk, _wait(future, self.commit_timeout), result)
+                self._record(chunk, _wait(future, self.commit_timeout), outcome)
             except ServiceError as error:
-                result.errors += [_item_error(index, error) for index, _ in chunk]
-        result.errors.sort(key=lambda error: error["index"])
-        metrics.INTERACTIONS.labels("failed").inc(result.failed)
-        bind_context(total=result.total, successful=result.successful,
-                     duplicates=result.duplicates, failed=result.failed)
-        return result
+                outcome.errors += [item_error(index, error) for index, _ in chunk]
+        outcome.errors.sort(key=lambda error: error["index"])
+        metrics.INTERACTIONS.labels("failed").inc(outcome.failed)
+        bind_context(total=outcome.total, successful=outcome.successful,
+                     duplicates=outcome.duplicates, failed=outcome.failed)
+        return outcome
+
+    def erase_customer(self, organization_id, customer_id):
+        """Erase a customer and all its interactions (DESIGN §15); the organization's
+        sockets are told. Erasing an unknown (or already erased) id is customer_not_found."""
+        customer_uuid = uuid_or_none(customer_id)
+        if customer_uuid is None or not lifecycle.erase_customer(organization_id, customer_uuid):
+            raise not_found("customer_not_found")
+        self.writer.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
+        self.writer.safely_publish({organization_id: [{"type": "customer.deleted",
+                                                       "data": {"id": str(customer_uuid)}}]})
 
     def _store(self, job):
-        future = self.committer.submit(job)
+        future = self.writer.submit(job)
         release_connection()
         return _wait(future, self.commit_timeout)
 
     @staticmethod
-    def _record(chunk, outcomes, result):
-        """Enter the outcomes of ``chunk``'s items in ``result``."""
+    def _record(chunk, outcomes, batch):
+        """Enter the outcomes of ``chunk``'s items in ``batch``."""
         for (index, item), (status, interaction_id) in zip(chunk, outcomes):
             if status == UNKNOWN_CUSTOMER:
-                result.errors.append(_item_error(index, customer_not_found(item)))
+                batch.errors.append(item_error(index, customer_not_found(item)))
                 continue
-            result.ids[index] = interaction_id
-            result.duplicates += status == DUPLICATE
+            batch.ids[index] = interaction_id
+            batch.duplicates += status == DUPLICATE
 
     def _batch_items(self, payload):
-        items = _load(schemas.batch_in, payload)["interactions"]
+        items = load(schemas.batch_in, payload)["interactions"]
         if not items:
             raise validation_error({"interactions": ["Must contain at least one item."]})
         if len(items) > self.max_batch_items:
@@ -237,109 +236,17 @@ class IngestService:
         """Enrich validated data with its organization."""
         return NewInteraction(organization_id=uuid.UUID(str(organization_id)), **data)
 
-    def _after_commit(self, committed):
-        """Hand a committed group's new interactions to the live feed (one publish)
-        and to analysis (one enqueue per priority); never raises."""
-        ids = {True: defaultdict(list), False: defaultdict(list)}
-        events = defaultdict(list)
-        outcomes = defaultdict(int)
-        for job, results in committed:
-            for item, (status, _) in zip(job.items, results):
-                outcomes[status] += 1
-                if status == CREATED:
-                    ids[job.high_priority][item.organization_id].append(item.id)
-                    events[item.organization_id].append(
-                        {"type": "interaction.created", "data": schemas.interaction_out.dump(item)})
-        metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
-        metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
-        if events:  # before the analyses are queued, so that "created" precedes "analyzed"
-            try:
-                self.publish(events)
-            except Exception:
-                log.warning("publish failed", exc_info=True)
-        for high_priority, by_organization in ids.items():
-            if by_organization:
-                try:
-                    self.enqueue_analysis(by_organization, high_priority)
-                except Exception:
-                    log.warning("analysis enqueue failed; the sweep will pick these up", exc_info=True,
-                                extra={"count": sum(map(len, by_organization.values()))})
-
-    # Reads ------------------------------------------------------------------
-
-    def list_interactions(self, organization_id, query):
-        """A page of interactions, newest first; returns (items, next_cursor or None).
-
-        Keyset pagination on (timestamp, id): a walk through the pages sees
-        every interaction that existed when it began exactly once, whatever is
-        inserted meanwhile.
-        """
-        data = _load(schemas.interaction_query, query)
-        conditions = [Interaction.organization == organization_id]
-        for name, column in (("customer_id", Interaction.customer), ("channel", Interaction.channel),
-                             ("event_type", Interaction.event_type)):
-            if data[name] is not None:
-                conditions.append(column == data[name])
-        if data["since"] is not None:
-            conditions.append(Interaction.timestamp >= data["since"])
-        if data["until"] is not None:
-            conditions.append(Interaction.timestamp < data["until"])
-        if data["cursor"] is not None:
-            stamp, last_id = data["cursor"]
-            conditions.append(Tuple(Interaction.timestamp, Interaction.id)
-                              < Tuple(Interaction.timestamp.to_value(stamp),
-                                      Interaction.id.to_value(last_id)))
-        rows = list(Interaction.select()
-                    .where(reduce(operator.and_, conditions))
-                    .order_by(Interaction.timestamp.desc(), Interaction.id.desc())
-                    .limit(data["limit"] + 1))
-        items = rows[:data["limit"]]
-        more = len(rows) > data["limit"]
-        return items, schemas.encode_cursor(items[-1].timestamp, items[-1].id) if more else None
-
-    def get_interaction(self, organization_id, interaction_id):
-        interaction = _get_or_none(Interaction, organization_id, interaction_id)
-        if interaction is None:
-            raise ServiceError("interaction_not_found", "No such interaction.")
-        return interaction
-
-
-def _load(schema, payload):
-    try:
-        return schema.load(payload)
-    except ValidationError as error:
-        details = error.messages
-        if not isinstance(details, dict):  # the payload itself was not an object
-            details = {"_schema": details}
-        raise validation_error(details) from None
-
-
-def _uuid_or_none(value):
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
-
-
-def _get_or_none(model, organization_id, object_id):
-    object_id = _uuid_or_none(object_id)
-    if object_id is None:
-        return None
-    return (model.select()
-            .where((model.id == object_id) & (model.organization == organization_id))
-            .first())
-
 
 def validate_interaction(payload):
     """An interaction payload, validated (DESIGN §5), as data; or a ServiceError."""
-    return _load(schemas.interaction_in, payload)
+    return load(schemas.interaction_in, payload)
 
 
 def customer_not_found(item):
-    return ServiceError("customer_not_found", "No such customer.",
-                        {"customerId": [str(item.customer_id)]})
+    return not_found("customer_not_found", {"customerId": [str(item.customer_id)]})
 
 
-def _item_error(index, error):
+def item_error(index, error):
+    """A batch item's ServiceError as its entry in the outcome's errors."""
     return {"index": index, "error": error.code, "message": error.message,
             "details": error.details}

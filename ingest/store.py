@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from peewee import IntegrityError, OperationalError
 
 from ingest import ids
-from models import Customer, Interaction, db, is_postgres, utcnow
+from models import PENDING, Customer, Interaction, db, is_postgres, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class NewInteraction:
     received_at: datetime.datetime = field(default_factory=utcnow)
 
     # How a stored row reads before its analysis (for serialisation).
-    analysis_status = "pending"
+    analysis_status = PENDING
     sentiment_label = sentiment_score = analysis_error = analyzed_at = None
 
     @property

@@ -1,12 +1,18 @@
 """Fixtures: a fresh database per test run (SQLite by default, PostgreSQL when
 DATABASE_URL says so), emptied before each test; `app`, `client`, `runner` as in
-Flask's tutorial; an organization with keys; injected storage faults.
+Flask's tutorial; an organization with keys; injected storage faults; the
+production stack (nginx, gunicorn, huey_consumer, Redis).
+
+Markers (pytest.ini): a test gets `processes`, `redis` and `browser` from the
+fixtures it uses (FIXTURE_MARKERS), or has them written on it; a test that
+starts a process or uses Redis without its marker fails (see _expect_marker).
 
 The environment is set here, before the app and tasks modules are imported,
 because the web app and the queue consumers read their configuration from it.
 """
 import contextlib
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -23,8 +29,7 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 
 import models  # noqa: E402  (after the environment is set)
 from app import create_app  # noqa: E402
-from ingest.cli import new_organization  # noqa: E402
-from models import Customer  # noqa: E402
+from tests.helpers import make_customer, make_organization  # noqa: E402
 
 
 def pytest_sessionstart(session):
@@ -38,6 +43,58 @@ def pytest_sessionfinish(session):
 
 def pytest_report_header(config):
     return "database: %s" % os.environ["DATABASE_URL"]
+
+
+# The markers of a test that uses one of these fixtures, directly or through another.
+FIXTURE_MARKERS = {
+    "stack": ("processes", "redis"),
+    "module_stack": ("processes", "redis"),
+    "make_stack": ("processes",),  # test_consumer: gunicorn and consumers (its Redis queues are marked there)
+    "browser": ("processes", "browser"),  # test_page: Chromium
+    "server": ("processes",),  # test_e2e, test_hardening, test_segment: gunicorn (and nginx)
+    "limited_server": ("processes", "redis"),  # test_overload
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by them
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for marker in {m for name in item.fixturenames for m in FIXTURE_MARKERS.get(name, ())}:
+            item.add_marker(marker)
+
+
+_running = None  # the test whose setup, call or teardown runs now
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _running
+    _running = item
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+def _expect_marker(marker, doing):
+    """Fail the running test if it is doing what its missing ``marker`` says."""
+    if _running is not None and _running.get_closest_marker(marker) is None:
+        raise AssertionError("%s %s but is not marked %r: add it to FIXTURE_MARKERS in tests/conftest.py "
+                             "or write @pytest.mark.%s on the test" % (_running.nodeid, doing, marker, marker))
+
+
+_execute_child = subprocess.Popen._execute_child
+
+
+def _execute_marked_child(self, args, *rest):
+    program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
+    _expect_marker("processes", "starts a process (%s)" % program)
+    if program == "redis-server":
+        _expect_marker("redis", "starts redis-server")
+    return _execute_child(self, args, *rest)
+
+
+subprocess.Popen._execute_child = _execute_marked_child  # every process a test starts goes through here
 
 
 @pytest.fixture
@@ -78,14 +135,12 @@ def service(app):
 @pytest.fixture
 def org(app):
     """An organization with an ingest key and a read key."""
-    with app.app_context():
-        return new_organization("Acme")
+    return make_organization(app, "Acme")
 
 
 @pytest.fixture
 def customer_id(app, org):
-    with app.app_context():
-        return str(Customer.create(organization=org["organizationId"], external_id="c-1").id)
+    return make_customer(app, org, external_id="c-1")
 
 @pytest.fixture
 def storage_faults(app):
@@ -106,6 +161,7 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 def require_redis():
     """Redis for the tests that need it: skipped on a laptop without it, a failure in CI."""
     import redis
+    _expect_marker("redis", "uses Redis")
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError as error:

@@ -1,9 +1,14 @@
-"""Small builders shared by the tests."""
+"""Small builders and requests shared by the tests (and the benchmarks)."""
 import datetime
 import gzip
 import json
 
+import requests
+
 UTC = datetime.timezone.utc
+
+INGEST_PATH = "/api/data/ingest"
+BATCH_PATH = "/api/data/ingest/batch"
 
 
 def iso(dt):
@@ -28,3 +33,53 @@ def bearer(key):
 
 def gzipped(document):
     return gzip.compress(json.dumps(document).encode())
+
+
+# Requests: ``target`` is a Flask test client, or the base URL of a running server
+# (its ``url``), sent to with ``session`` (requests itself, or a requests.Session).
+
+def post_json(target, path, key, document, session=requests):
+    """POST ``document`` as JSON to ``path`` with ``key`` as the bearer token; the response."""
+    if isinstance(target, str):
+        return session.post(target + path, json=document, headers=bearer(key))
+    return target.post(path, json=document, headers=bearer(key))
+
+
+def post_interaction(target, key, customer_id, session=requests, **fields):
+    """POST ``interaction(customer_id, **fields)`` to the ingest endpoint; the response."""
+    return post_json(target, INGEST_PATH, key, interaction(customer_id, **fields), session)
+
+
+def post_batch(target, key, items, session=requests):
+    """POST a batch of ``items`` to the batch ingest endpoint; the response."""
+    return post_json(target, BATCH_PATH, key, {"interactions": items}, session)
+
+
+def ingest(url, key, customer_id, session=requests, **fields):
+    """Store one interaction through the server at ``url``: its id (the answer must be a 201)."""
+    response = post_interaction(url, key, customer_id, session, **fields)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+# The database, in the app's context.
+
+def make_organization(app, name):
+    """A new organization: its id, an ingest key and a read key."""
+    from ingest.accounts import new_organization
+    with app.app_context():
+        return new_organization(name)
+
+
+def make_customer(app, org, external_id=None):
+    """The id of a new customer of ``org`` (as make_organization returns it)."""
+    from models import Customer
+    with app.app_context():
+        return str(Customer.create(organization=org["organizationId"], external_id=external_id).id)
+
+
+def stored_count(app):
+    """How many interactions the database holds."""
+    from models import Interaction
+    with app.app_context():
+        return Interaction.select().count()

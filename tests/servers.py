@@ -1,4 +1,5 @@
-"""Real processes for end-to-end tests: gunicorn serving the app over HTTP."""
+"""Real processes for end-to-end tests: gunicorn serving the app over HTTP, nginx
+in front of it, huey consumers, a private redis-server; where Chromium is."""
 import json
 import os
 import signal
@@ -11,6 +12,11 @@ import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, driven by Playwright (test_page, docs/make_screenshot.py)
+# Chromium flags for a sandbox with no network but loopback (see the machine notes).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def free_port():

@@ -73,6 +73,7 @@ def test_sweep_finds_only_old_pending(service, org, customer_id):
     assert analysis.stale_pending(-1) == [fresh]
 
 
+@pytest.mark.processes
 def test_dev_server_runs_everything_embedded(tmp_path):
     """`python app.py` on an empty instance: demo printed, ingest analysed in-process."""
     port = free_port()

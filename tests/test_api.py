@@ -8,14 +8,9 @@ import uuid
 import pytest
 
 from app import create_app
-from ingest.cli import new_organization
-from ingest.auth import revoke_key
-from models import Interaction
-from tests.helpers import bearer, gzipped, hours_ago, interaction, iso
-
-
-def ingest(client, key, payload, **kwargs):
-    return client.post("/api/data/ingest", json=payload, headers=bearer(key), **kwargs)
+from ingest.accounts import revoke_key
+from tests.helpers import (INGEST_PATH, bearer, gzipped, hours_ago, interaction, iso, make_customer,
+                           make_organization, post_batch, post_interaction, post_json, stored_count)
 
 
 def get_customer(client, org, customer_id):
@@ -30,18 +25,13 @@ def assert_error(response, status, code):
     return body
 
 
-def stored_count(app):
-    with app.app_context():
-        return Interaction.select().count()
-
-
 # Auth --------------------------------------------------------------------------
 
 def test_missing_or_invalid_key_is_401(client, customer_id):
     response = client.post("/api/data/ingest", json=interaction(customer_id))
     assert_error(response, 401, "unauthorized")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert_error(ingest(client, "ik_nope", interaction(customer_id)), 401, "unauthorized")
+    assert_error(post_interaction(client, "ik_nope", customer_id), 401, "unauthorized")
 
 
 def test_basic_auth_with_key_as_user_name(client, org, customer_id):
@@ -54,26 +44,25 @@ def test_basic_auth_with_key_as_user_name(client, org, customer_id):
 def test_revoked_key_is_401(app, client, org, customer_id):
     with app.app_context():
         assert revoke_key(org["ingestKey"]) == 1
-    assert_error(ingest(client, org["ingestKey"], interaction(customer_id)), 401, "unauthorized")
+    assert_error(post_interaction(client, org["ingestKey"], customer_id), 401, "unauthorized")
 
 
 def test_key_without_scope_is_403(client, org, customer_id):
-    assert_error(ingest(client, org["readKey"], interaction(customer_id)), 403, "forbidden")
+    assert_error(post_interaction(client, org["readKey"], customer_id), 403, "forbidden")
     response = client.get("/api/customers/" + customer_id, headers=bearer(org["ingestKey"]))
     assert_error(response, 403, "forbidden")
 
 
 def test_other_organizations_data_is_indistinguishable_from_missing(app, client, org, customer_id):
-    with app.app_context():
-        other = new_organization("Other")
+    other = make_organization(app, "Other")
     unknown = str(uuid.uuid4())
     for target in (customer_id, unknown):
         response = client.get("/api/customers/" + target, headers=bearer(other["readKey"]))
         assert_error(response, 404, "customer_not_found")
-        body = assert_error(ingest(client, other["ingestKey"], interaction(target)),
+        body = assert_error(post_interaction(client, other["ingestKey"], target),
                             404, "customer_not_found")
         assert body["details"] == {"customerId": [target]}
-    interaction_id = ingest(client, org["ingestKey"], interaction(customer_id)).get_json()["id"]
+    interaction_id = post_interaction(client, org["ingestKey"], customer_id).get_json()["id"]
     response = client.get("/api/interactions/" + interaction_id, headers=bearer(other["readKey"]))
     assert_error(response, 404, "interaction_not_found")
     assert get_customer(client, org, customer_id)["interactionCount"] == 1
@@ -136,8 +125,8 @@ def test_customer_lookup_needs_external_id_and_valid_id(client, org):
 
 def test_ingest_stores_and_counts(client, org, customer_id):
     stamp = hours_ago(2)
-    response = ingest(client, org["ingestKey"], interaction(customer_id, timestamp=iso(stamp),
-                                                              metadata={"page": "/pricing"}))
+    response = post_interaction(client, org["ingestKey"], customer_id, timestamp=iso(stamp),
+                                metadata={"page": "/pricing"})
     assert response.status_code == 201
     body = response.get_json()
     assert body["duplicate"] is False
@@ -153,8 +142,7 @@ def test_ingest_stores_and_counts(client, org, customer_id):
 
 
 def test_timestamp_offsets_are_stored_in_utc(client, org, customer_id):
-    response = ingest(client, org["ingestKey"],
-                      interaction(customer_id, timestamp="2024-03-01T12:00:00+05:30"))
+    response = post_interaction(client, org["ingestKey"], customer_id, timestamp="2024-03-01T12:00:00+05:30")
     stored = client.get("/api/interactions/" + response.get_json()["id"],
                         headers=bearer(org["readKey"])).get_json()
     assert stored["timestamp"] == "2024-03-01T06:30:00+00:00"
@@ -162,8 +150,8 @@ def test_timestamp_offsets_are_stored_in_utc(client, org, customer_id):
 
 def test_same_message_id_is_a_duplicate_not_stored_twice(app, client, org, customer_id):
     payload = interaction(customer_id, messageId="msg-1")
-    first = ingest(client, org["ingestKey"], payload)
-    second = ingest(client, org["ingestKey"], payload)
+    first = post_json(client, INGEST_PATH, org["ingestKey"], payload)
+    second = post_json(client, INGEST_PATH, org["ingestKey"], payload)
     assert first.status_code == 201
     assert second.status_code == 200
     assert second.get_json() == {"id": first.get_json()["id"], "duplicate": True}
@@ -172,19 +160,16 @@ def test_same_message_id_is_a_duplicate_not_stored_twice(app, client, org, custo
 
 
 def test_message_ids_are_unique_per_organization_only(app, client, org, customer_id):
-    with app.app_context():
-        other = new_organization("Other")
-        from models import Customer
-        other_customer = str(Customer.create(organization=other["organizationId"]).id)
-    assert ingest(client, org["ingestKey"], interaction(customer_id, messageId="m")).status_code == 201
-    assert ingest(client, other["ingestKey"],
-                  interaction(other_customer, messageId="m")).status_code == 201
+    other = make_organization(app, "Other")
+    other_customer = make_customer(app, other)
+    assert post_interaction(client, org["ingestKey"], customer_id, messageId="m").status_code == 201
+    assert post_interaction(client, other["ingestKey"], other_customer, messageId="m").status_code == 201
 
 
 def test_older_event_never_moves_last_seen_back(client, org, customer_id):
     newer, older = hours_ago(1), hours_ago(5)
-    ingest(client, org["ingestKey"], interaction(customer_id, timestamp=iso(newer)))
-    ingest(client, org["ingestKey"], interaction(customer_id, timestamp=iso(older)))
+    post_interaction(client, org["ingestKey"], customer_id, timestamp=iso(newer))
+    post_interaction(client, org["ingestKey"], customer_id, timestamp=iso(older))
     customer = get_customer(client, org, customer_id)
     assert customer["interactionCount"] == 2
     assert datetime.datetime.fromisoformat(customer["lastSeenAt"]) == newer
@@ -222,7 +207,7 @@ INVALID_INTERACTIONS = [
 
 @pytest.mark.parametrize("fields, field", INVALID_INTERACTIONS)
 def test_invalid_interaction_is_400_naming_the_field(app, client, org, customer_id, fields, field):
-    response = ingest(client, org["ingestKey"], interaction(customer_id, **fields))
+    response = post_interaction(client, org["ingestKey"], customer_id, **fields)
     body = assert_error(response, 400, "validation_error")
     assert field in body["details"]
     assert stored_count(app) == 0
@@ -238,13 +223,13 @@ def test_lone_surrogate_is_400_on_every_database(app, client, org, customer_id):
 
 
 def test_timestamp_just_under_24h_ahead_is_accepted(client, org, customer_id):
-    response = ingest(client, org["ingestKey"], interaction(customer_id, timestamp=_future(23.9)))
+    response = post_interaction(client, org["ingestKey"], customer_id, timestamp=_future(23.9))
     assert response.status_code == 201
 
 
 def test_body_that_is_not_an_object_is_400(client, org):
     for document in ([1, 2], "text", 3, False):
-        response = ingest(client, org["ingestKey"], document)
+        response = post_json(client, INGEST_PATH, org["ingestKey"], document)
         assert_error(response, 400, "validation_error")
     assert_error(post_raw(client, org["ingestKey"], b"null"), 400, "validation_error")
     assert_error(post_raw(client, org["ingestKey"], b""), 400, "invalid_json")
@@ -314,13 +299,9 @@ def test_request_id_is_returned_and_propagated(client):
 
 # Batch ---------------------------------------------------------------------------
 
-def batch(client, key, items):
-    return client.post("/api/data/ingest/batch", json={"interactions": items}, headers=bearer(key))
-
-
 def test_batch_reports_each_item(app, client, org, customer_id):
     key = org["ingestKey"]
-    existing = ingest(client, key, interaction(customer_id, messageId="seen")).get_json()["id"]
+    existing = post_interaction(client, key, customer_id, messageId="seen").get_json()["id"]
     unknown = str(uuid.uuid4())
     items = [
         interaction(customer_id, messageId="a"),        # 0 stored
@@ -330,7 +311,7 @@ def test_batch_reports_each_item(app, client, org, customer_id):
         interaction(unknown),                            # 4 unknown customer
         interaction(customer_id),                        # 5 stored
     ]
-    response = batch(client, key, items)
+    response = post_batch(client, key, items)
     assert response.status_code == 200
     body = response.get_json()
     assert (body["total"], body["successful"], body["duplicates"], body["failed"]) == (6, 2, 2, 2)
@@ -347,8 +328,8 @@ def test_batch_reports_each_item(app, client, org, customer_id):
 
 def test_replaying_a_batch_stores_nothing_new(app, client, org, customer_id):
     items = [interaction(customer_id, messageId="m-%d" % i) for i in range(150)]
-    first = batch(client, org["ingestKey"], items).get_json()
-    again = batch(client, org["ingestKey"], items).get_json()
+    first = post_batch(client, org["ingestKey"], items).get_json()
+    again = post_batch(client, org["ingestKey"], items).get_json()
     assert first["successful"] == 150
     assert (again["successful"], again["duplicates"]) == (0, 150)
     assert again["ids"] == first["ids"]
@@ -358,7 +339,7 @@ def test_replaying_a_batch_stores_nothing_new(app, client, org, customer_id):
 def test_large_batch_is_written_in_chunks(app, client, org, customer_id):
     stamps = [hours_ago(h / 10) for h in range(250)]
     items = [interaction(customer_id, timestamp=iso(s)) for s in stamps]
-    body = batch(client, org["ingestKey"], items).get_json()
+    body = post_batch(client, org["ingestKey"], items).get_json()
     assert body["successful"] == 250 and body["errors"] == []
     customer = get_customer(client, org, customer_id)
     assert customer["interactionCount"] == 250
@@ -378,14 +359,14 @@ def test_invalid_batch_envelope_is_400(app, client, org, envelope, field):
 
 def test_batch_over_max_items_is_400(client, org, customer_id):
     items = [interaction(customer_id)] * 1001
-    response = batch(client, org["ingestKey"], items)
+    response = post_batch(client, org["ingestKey"], items)
     assert "interactions" in assert_error(response, 400, "validation_error")["details"]
 
 
 def test_failed_chunk_is_rolled_back_whole_others_stand(app, client, org, customer_id, storage_faults):
     items = [interaction(customer_id) for _ in range(250)]
     items[130]["content"] = storage_faults.FAIL_INSERT       # poisons the second chunk
-    body = batch(client, org["ingestKey"], items).get_json()
+    body = post_batch(client, org["ingestKey"], items).get_json()
     assert (body["successful"], body["failed"]) == (150, 100)
     failed = [e["index"] for e in body["errors"]]
     assert failed == list(range(100, 200))
@@ -398,8 +379,7 @@ def test_failed_chunk_is_rolled_back_whole_others_stand(app, client, org, custom
 
 def test_failed_single_ingest_is_503_retryable_and_stores_nothing(app, client, org, customer_id,
                                                                     storage_faults):
-    response = ingest(client, org["ingestKey"],
-                      interaction(customer_id, content=storage_faults.FAIL_INSERT))
+    response = post_interaction(client, org["ingestKey"], customer_id, content=storage_faults.FAIL_INSERT)
     assert_error(response, 503, "storage_error")
     assert response.headers["Retry-After"]
     assert stored_count(app) == 0

@@ -3,7 +3,7 @@ import json
 
 from ingest.auth import KEY_CACHE_SECONDS
 from models import ApiKey, Customer, Organization
-from tests.helpers import bearer, interaction
+from tests.helpers import bearer, post_interaction
 from tests.servers import wait_until
 
 
@@ -35,8 +35,7 @@ def test_create_key_and_revoke_it(runner, client, org, customer_id):
     assert result.exit_code == 0, result.output
     created = json.loads(result.output)
     assert created["scopes"] == ["ingest", "read"]
-    assert client.post("/api/data/ingest", json=interaction(customer_id),
-                       headers=bearer(created["key"])).status_code == 201
+    assert post_interaction(client, created["key"], customer_id).status_code == 201
 
     result = runner.invoke(args=["revoke-key", created["prefix"]])
     assert result.exit_code == 0 and "revoked 1" in result.output
@@ -44,8 +43,7 @@ def test_create_key_and_revoke_it(runner, client, org, customer_id):
     wait_until(lambda: client.get("/api/customers/" + customer_id,
                                   headers=bearer(created["key"])).status_code == 401,
                timeout=KEY_CACHE_SECONDS + 2, interval=0.2, message="the key to be refused")
-    assert client.post("/api/data/ingest", json=interaction(customer_id),
-                       headers=bearer(created["key"])).status_code == 401
+    assert post_interaction(client, created["key"], customer_id).status_code == 401
     assert runner.invoke(args=["revoke-key", created["prefix"]]).exit_code != 0
 
 

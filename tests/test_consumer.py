@@ -16,13 +16,14 @@ from models import Interaction, db
 from tests import dbs
 from tests.conftest import require_redis
 from tests.faulty_consumer import BROKEN, FLAKY
-from tests.helpers import bearer, interaction
+from tests.helpers import ingest, interaction, make_customer, make_organization, post_batch
 from tests.servers import ROOT, Consumer, Gunicorn, RedisServer, free_port, wait_until
 
 HEAVY = ("I really love how quickly the support team answered, but the delivery was late "
          "and the box was damaged. ") * 15
 
-QUEUES = ["sqlite", "redis"] + (["postgres"] if dbs.is_postgres_url(os.environ["DATABASE_URL"]) else [])
+REDIS = pytest.param("redis", marks=pytest.mark.redis)
+QUEUES = ["sqlite", REDIS] + (["postgres"] if dbs.is_postgres_url(os.environ["DATABASE_URL"]) else [])
 
 
 def queue_url(kind, tmp_path):
@@ -77,18 +78,10 @@ def customer(org, customer_id):
     return customer_id
 
 
-def ingest(stack, org, customer, **fields):
-    response = requests.post(stack.web.url + "/api/data/ingest",
-                             json=interaction(customer, **fields), headers=bearer(org["ingestKey"]))
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
 def ingest_batches(stack, org, customer, batches, content=HEAVY):
     for _ in range(batches):
-        response = requests.post(stack.web.url + "/api/data/ingest/batch", headers=bearer(org["ingestKey"]),
-                                 json={"interactions": [interaction(customer, content=content)
-                                                        for _ in range(100)]})
+        response = post_batch(stack.web.url, org["ingestKey"],
+                              [interaction(customer, content=content) for _ in range(100)])
         assert response.json()["successful"] == 100
 
 
@@ -115,8 +108,9 @@ def test_consumer_analyses_what_was_ingested(make_stack, org, customer, tmp_path
     texts = {"positive": "I love this product, it is wonderful!",
              "negative": "This is terrible and I hate it.",
              "neutral": "The package arrived on Tuesday."}
-    ids = {label: ingest(stack, org, customer, content=text) for label, text in texts.items()}
-    ids["skipped"] = ingest(stack, org, customer, content="")
+    ids = {label: ingest(stack.web.url, org["ingestKey"], customer, content=text)
+           for label, text in texts.items()}
+    ids["skipped"] = ingest(stack.web.url, org["ingestKey"], customer, content="")
     stack.consumer()
     for expected, interaction_id in ids.items():
         row = wait_until(lambda: analysed(interaction_id), message="analysis of " + expected)
@@ -139,10 +133,11 @@ def test_killed_consumer_loses_nothing(make_stack, org, customer, tmp_path):
     assert status_counts() == {"done": 2000}
 
 
+@pytest.mark.redis
 def test_queue_down_during_ingest_then_back(make_stack, org, customer, tmp_path):
     queue = RedisServer(free_port())
     stack = make_stack(queue.url)
-    interaction_id = ingest(stack, org, customer, content="What a great day")
+    interaction_id = ingest(stack.web.url, org["ingestKey"], customer, content="What a great day")
     assert requests.get(stack.web.url + "/readyz").status_code == 503
     assert status_counts() == {"pending": 1}
 
@@ -159,8 +154,9 @@ def test_queue_down_during_ingest_then_back(make_stack, org, customer, tmp_path)
 
 def test_retries_then_failed_then_analysis_retry(make_stack, org, customer, tmp_path):
     stack = make_stack(queue_url("sqlite", tmp_path))
-    flaky = ingest(stack, org, customer, content=FLAKY + " this works on the third try, great")
-    broken = ingest(stack, org, customer, content=BROKEN + " this never works, sadly")
+    flaky = ingest(stack.web.url, org["ingestKey"], customer,
+                   content=FLAKY + " this works on the third try, great")
+    broken = ingest(stack.web.url, org["ingestKey"], customer, content=BROKEN + " this never works, sadly")
     faulty = stack.consumer("faulty", module="tests.faulty_consumer", workers=1)
     # Backoff from 2 s: the flaky one succeeds after 2 + 4 s, the broken one fails after 2 + 4 + 8 s.
     assert wait_until(lambda: analysed(flaky), timeout=30).analysis_status == "done"
@@ -177,11 +173,12 @@ def test_retries_then_failed_then_analysis_retry(make_stack, org, customer, tmp_
     assert fixed.analysis_status == "done" and fixed.analysis_error is None
 
 
-@pytest.mark.parametrize("queue", ["sqlite", "redis"])
+@pytest.mark.parametrize("queue", ["sqlite", REDIS])
 def test_single_ingest_is_analysed_before_a_batch_backlog(make_stack, org, customer, tmp_path, queue):
     stack = make_stack(queue_url(queue, tmp_path))
     ingest_batches(stack, org, customer, 20)
-    single = ingest(stack, org, customer, content="Support was fantastic, thank you!")
+    single = ingest(stack.web.url, org["ingestKey"], customer,
+                    content="Support was fantastic, thank you!")
     stack.consumer(workers=1)
     wait_until(lambda: analysed(single), timeout=60, message="the single ingest's analysis")
     assert status_counts().get("pending", 0) > 1000, "the single waited behind the backlog"
@@ -193,14 +190,12 @@ def test_one_tenants_costly_texts_never_hold_back_anothers_analysis(make_stack, 
     their number), then one plain message of another organization. Each text is
     read only so far, and the victim's message is analysed while the attack's
     are still in the queue or just done."""
-    from ingest.cli import new_organization
-    from models import Customer
     stack = make_stack(queue_url("sqlite", tmp_path))
-    with app.app_context():
-        victim = new_organization("Victim")
-        victim_customer = str(Customer.create(organization=victim["organizationId"]).id)
-    attack = [ingest(stack, org, customer, content="😀" * 10_000) for _ in range(6)]
-    plain = ingest(stack, victim, victim_customer, content="Thanks, that was quick and helpful!")
+    victim = make_organization(app, "Victim")
+    victim_customer = make_customer(app, victim)
+    attack = [ingest(stack.web.url, org["ingestKey"], customer, content="😀" * 10_000) for _ in range(6)]
+    plain = ingest(stack.web.url, victim["ingestKey"], victim_customer,
+                   content="Thanks, that was quick and helpful!")
     stack.consumer(workers=1)
     assert wait_until(lambda: analysed(plain), timeout=20).analysis_status == "done"
     assert wait_until(lambda: all(analysed(i) for i in attack), timeout=20)

@@ -13,7 +13,7 @@ import requests
 
 from models import Interaction
 from tests import dbs
-from tests.helpers import bearer, hours_ago, interaction, iso
+from tests.helpers import bearer, hours_ago, interaction, iso, post_interaction
 from tests.servers import Production
 
 
@@ -49,8 +49,7 @@ def test_ingest_and_read_back_over_http(server, org):
     assert batch.status_code == 200
     assert (batch.json()["successful"], batch.json()["failed"]) == (1, 1)
 
-    bad = requests.post(server.url + "/api/data/ingest", json=interaction(customer, channel="fax"),
-                        headers=bearer(org["ingestKey"]))
+    bad = post_interaction(server.url, org["ingestKey"], customer, channel="fax")
     assert bad.status_code == 400 and "channel" in bad.json()["details"]
     huge = requests.post(server.url + "/api/data/ingest", data=b"x" * (2 * 1024 * 1024),
                          headers={**bearer(org["ingestKey"]), "Content-Type": "application/json"})

@@ -1,7 +1,10 @@
 """The live feed's WebSocket (DESIGN §8) against gunicorn with 2 workers, a
 `huey_consumer` process and Redis as the event bus: events from either worker
 and from the consumer reach sockets on both workers; organizations are
-isolated; erasures reach every socket; the close codes; a socket that stops reading never slows ingest."""
+isolated; erasures reach every socket; the close codes; a socket that stops reading never slows ingest.
+
+One stack serves the module (each test has its own organization), but for the
+test that takes Redis away."""
 import time
 
 import pytest
@@ -10,11 +13,10 @@ import simple_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from ingest.cli import new_organization
 from ingest.fanout import text_frame
-from models import Customer
 from tests.feed_client import FeedClient, RawSocket
-from tests.helpers import bearer, interaction
+from tests.helpers import (bearer, ingest, interaction, make_customer, make_organization, post_batch,
+                           post_interaction)
 from tests.servers import Gunicorn, RedisServer, free_port, wait_until
 
 
@@ -33,12 +35,12 @@ def sockets_on_both_workers(web, key, org_id):
     raise AssertionError("sockets never landed on two workers")
 
 
-def test_events_reach_every_socket_on_every_worker(stack, org, customer_id):
-    clients = sockets_on_both_workers(stack, org["readKey"], org["organizationId"])
+def test_events_reach_every_socket_on_every_worker(module_stack, org, customer_id):
+    clients = sockets_on_both_workers(module_stack, org["readKey"], org["organizationId"])
     ids = []
     for n in range(6):  # a fresh connection each: spread over both workers
-        response = requests.post(stack.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
-                                 json=interaction(customer_id, content="I love number %d" % n))
+        response = post_interaction(module_stack.url, org["ingestKey"], customer_id,
+                                    content="I love number %d" % n)
         ids.append(response.json()["id"])
     for client in clients:
         created, analyzed = set(), set()
@@ -55,9 +57,9 @@ def test_events_reach_every_socket_on_every_worker(stack, org, customer_id):
         client.close()
 
 
-def test_erasure_reaches_every_socket_of_the_organization(stack, org, customer_id):
-    clients = sockets_on_both_workers(stack, org["readKey"], org["organizationId"])
-    assert requests.delete(stack.url + "/api/customers/" + customer_id,
+def test_erasure_reaches_every_socket_of_the_organization(module_stack, org, customer_id):
+    clients = sockets_on_both_workers(module_stack, org["readKey"], org["organizationId"])
+    assert requests.delete(module_stack.url + "/api/customers/" + customer_id,
                            headers=bearer(org["ingestKey"])).status_code == 204
     for client in clients:
         notice = client.until(lambda m: m["type"] == "customer.deleted")[-1]
@@ -65,32 +67,30 @@ def test_erasure_reaches_every_socket_of_the_organization(stack, org, customer_i
         client.close()
 
 
-def test_a_socket_sees_only_its_organization(stack, app, org, customer_id):
-    with app.app_context():
-        other = new_organization("Other")
-        other_customer = str(Customer.create(organization=other["organizationId"]).id)
-    watcher = FeedClient(stack.url, other["readKey"])
+def test_a_socket_sees_only_its_organization(module_stack, app, org, customer_id):
+    other = make_organization(app, "Other")
+    other_customer = make_customer(app, other)
+    watcher = FeedClient(module_stack.url, other["readKey"])
     assert watcher.next() == {"type": "ready", "organizationId": other["organizationId"]}
-    requests.post(stack.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
-                  json=interaction(customer_id, content="secret of Acme"))
-    marker = requests.post(stack.url + "/api/data/ingest", headers=bearer(other["ingestKey"]),
-                           json=interaction(other_customer, content="ours")).json()["id"]
+    post_interaction(module_stack.url, org["ingestKey"], customer_id, content="secret of Acme")
+    marker = post_interaction(module_stack.url, other["ingestKey"], other_customer,
+                              content="ours").json()["id"]
     messages = watcher.until(lambda m: m["type"] == "interaction.created")
     assert [m["data"]["id"] for m in messages] == [marker]
     watcher.close()
 
 
-def test_close_codes(stack, org):
-    assert FeedClient(stack.url, "ik_not_a_key").close_code()[0] == 4401
-    assert FeedClient(stack.url, org["ingestKey"]).close_code()[0] == 4403
+def test_close_codes(module_stack, org):
+    assert FeedClient(module_stack.url, "ik_not_a_key").close_code()[0] == 4401
+    assert FeedClient(module_stack.url, org["ingestKey"]).close_code()[0] == 4403
     for first_message in ("not json", '{"type": "auth", "token": "\\ud800"}', '{"type": "auth", "token": 7}'):
-        garbled = FeedClient(stack.url)
+        garbled = FeedClient(module_stack.url)
         garbled.ws.send(first_message)
         assert garbled.close_code()[0] == 4401
 
 
-def test_a_socket_that_authenticates_late_or_never_is_closed(stack, org):
-    silent, late = FeedClient(stack.url), FeedClient(stack.url)
+def test_a_socket_that_authenticates_late_or_never_is_closed(module_stack, org):
+    silent, late = FeedClient(module_stack.url), FeedClient(module_stack.url)
     started = time.monotonic()
     code, reason = silent.close_code(timeout=15)
     assert code == 4401 and "timed out" in reason
@@ -103,29 +103,31 @@ def test_a_socket_that_authenticates_late_or_never_is_closed(stack, org):
 def timed_batches(url, key, customer_id, batches):
     started = time.monotonic()
     for _ in range(batches):
-        response = requests.post(url + "/api/data/ingest/batch", headers=bearer(key),
-                                 json={"interactions": [interaction(customer_id) for _ in range(500)]})
+        response = post_batch(url, key, [interaction(customer_id) for _ in range(500)])
         assert response.status_code == 200 and response.json()["successful"] == 500
     return time.monotonic() - started
 
 
-def test_a_socket_that_stops_reading_never_slows_ingest(stack, org, customer_id):
+def test_a_socket_that_stops_reading_never_slows_ingest(module_stack, org, customer_id):
     """Straight to gunicorn: through nginx the stall is first absorbed by nginx's
     socket buffers (all 5,000 events fit), and nothing is dropped."""
-    baseline = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
-    stalled = RawSocket(stack.web.url, org["readKey"])
-    with_stalled = timed_batches(stack.url, org["ingestKey"], customer_id, 10)
+    baseline = timed_batches(module_stack.url, org["ingestKey"], customer_id, 10)
+    stalled = RawSocket(module_stack.web.url, org["readKey"])
+    with_stalled = timed_batches(module_stack.url, org["ingestKey"], customer_id, 10)
     print("\ningest of 5,000 events: %.2f s alone, %.2f s with a stalled socket" % (
         baseline, with_stalled))
     assert with_stalled < baseline * 3 + 1
-    live = FeedClient(stack.url, org["readKey"])  # a healthy socket is still served
+    live = FeedClient(module_stack.url, org["readKey"])  # a healthy socket is still served
     assert live.next()["type"] == "ready"
     live.close()
     assert '"count"' in stalled.resume_until_dropped()
     stalled.sock.close()
 
 
-def test_losing_redis_never_breaks_ingest_and_the_bus_comes_back_and_restarts_close_sockets(app, org, customer_id, tmp_path):
+@pytest.mark.processes
+@pytest.mark.redis
+def test_losing_redis_never_breaks_ingest_and_the_bus_comes_back_and_restarts_close_sockets(app, org, customer_id,
+                                                                                         tmp_path):
     bus = RedisServer(free_port()).start()
     web = Gunicorn(tmp_path / "web.log", workers=1, env={
         "EVENTS_URL": bus.url, "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db")})
@@ -133,25 +135,22 @@ def test_losing_redis_never_breaks_ingest_and_the_bus_comes_back_and_restarts_cl
         watcher = FeedClient(web.url, org["readKey"])
         assert watcher.next()["type"] == "ready"
 
-        def ingest():
-            response = requests.post(web.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
-                                     json=interaction(customer_id))
-            assert response.status_code == 201
-            return response.json()["id"]
+        def send():
+            return ingest(web.url, org["ingestKey"], customer_id)
 
-        first = ingest()
+        first = send()
         watcher.until(lambda m: m.get("data", {}).get("id") == first)
         bus.stop()
         started = time.monotonic()
         for _ in range(5):
-            ingest()  # the bus is down: stored all the same, and quickly
+            send()  # the bus is down: stored all the same, and quickly
         assert time.monotonic() - started < 5
         bus.start()
 
         seen = []
 
         def delivered_again():  # a restarted Redis kept nothing: those 5 events are gone
-            marker = ingest()
+            marker = send()
             try:
                 watcher.until(lambda m: seen.append(m) or m.get("data", {}).get("id") == marker,
                               timeout=0.5)

@@ -9,29 +9,24 @@ import signal
 import threading
 import time
 
+import pytest
 import redis
 import requests
 from wsproto.events import CloseConnection, Pong, TextMessage
 
-from ingest import auth
+from ingest import accounts
 from tests.conftest import require_redis
 from tests.dbs import is_postgres_url
 from tests.feed_client import FeedClient, RawSocket
-from tests.helpers import bearer, interaction
+from tests.helpers import bearer, ingest, interaction, post_batch
 from tests.servers import Gunicorn, rss_kb
 from tests.swarm import Swarm
 
 
 def ingest_many(url, org, customer_id, count, **fields):
-    """``count`` single ingests; their ids."""
+    """``count`` single ingests (over one connection); their ids."""
     session = requests.Session()
-    session.headers.update(bearer(org["ingestKey"]))
-    ids = []
-    for _ in range(count):
-        response = session.post(url + "/api/data/ingest", json=interaction(customer_id, **fields))
-        assert response.status_code == 201, response.text
-        ids.append(response.json()["id"])
-    return ids
+    return [ingest(url, org["ingestKey"], customer_id, session, **fields) for _ in range(count)]
 
 
 def test_a_reconnect_storm_is_served_whole_and_again_after_sigterm(module_stack, org, customer_id):
@@ -69,6 +64,7 @@ def test_a_failing_first_message_is_answered_in_websocket_frames_only(module_sta
     assert raw.close_code() == 4401
 
 
+@pytest.mark.processes
 def test_database_down_during_auth_closes_with_1013(app, tmp_path):
     """No database at all: the socket is closed with 1013 (try again later), in
     WebSocket frames; nothing else is written on it."""
@@ -156,8 +152,7 @@ def test_big_events_leave_no_frame_memory_behind(module_stack, org, customer_id)
         items = [interaction(customer_id, content="%s-%d " % (tag, n) + "y" * 9_980,
                              metadata={"blob": "z" * 16_000}) for n in range(25)]
         for _ in range(40):  # 25 a batch keeps each body under MAX_CONTENT_LENGTH
-            response = requests.post(module_stack.url + "/api/data/ingest/batch",
-                                     json={"interactions": items}, headers=bearer(org["ingestKey"]))
+            response = post_batch(module_stack.url, org["ingestKey"], items)
             assert response.json()["successful"] == 25
         accounted = 0  # events received, or dropped for this slow reader and said so
         while accounted < 1000:
@@ -184,7 +179,7 @@ def test_a_revoked_key_closes_its_open_sockets_with_4401(module_stack, app, org)
     watcher = FeedClient(module_stack.url, org["readKey"])
     assert watcher.next()["type"] == "ready"
     with app.app_context():
-        assert auth.revoke_key(org["readKey"]) == 1
+        assert accounts.revoke_key(org["readKey"]) == 1
     started = time.monotonic()
     assert watcher.close_code(timeout=60)[0] == 4401
     print("\nrevoked key's socket closed after %.1f s" % (time.monotonic() - started))

@@ -17,12 +17,10 @@ import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app import create_app
-from ingest.cli import new_organization
 from models import Customer, Interaction
 from tests.dbs import is_postgres_url
-from tests.helpers import bearer, interaction
+from tests.helpers import bearer, interaction, make_customer, make_organization, post_interaction
 from tests.servers import Gunicorn, wait_until
-
 
 
 def json_like(floats):
@@ -183,8 +181,7 @@ def test_a_commit_that_times_out_is_answered_honestly(org, customer_id):
     answers = {}
 
     def post(message_id):
-        response = app.test_client().post("/api/data/ingest", headers=bearer(org["ingestKey"]),
-                                          json=interaction(customer_id, messageId=message_id))
+        response = post_interaction(app.test_client(), org["ingestKey"], customer_id, messageId=message_id)
         answers[message_id] = response
 
     with writes_blocked():
@@ -206,17 +203,15 @@ def test_a_commit_that_times_out_is_answered_honestly(org, customer_id):
             return Interaction.select().where(Interaction.message_id == message_id).count()
     wait_until(lambda: stored("in-flight") == 1, message="the in-flight commit to land")
     assert stored("queued") == 0
-    retry = app.test_client().post("/api/data/ingest", headers=bearer(org["ingestKey"]),
-                                   json=interaction(customer_id, messageId="in-flight"))
+    retry = post_interaction(app.test_client(), org["ingestKey"], customer_id, messageId="in-flight")
     assert retry.status_code == 200 and retry.json["duplicate"] is True
 
 
 def test_the_group_commit_serves_organizations_in_turn(app, service, org, customer_id):
     """One organization's 3,000 queued items do not hold back another's single
     ingest: the writer takes each organization's jobs in turn."""
-    with app.app_context():
-        other = new_organization("Other")
-        other_customer = str(Customer.create(organization=other["organizationId"]).id)
+    other = make_organization(app, "Other")
+    other_customer = make_customer(app, other)
     finished = []
 
     def heavy():

@@ -8,8 +8,9 @@ import threading
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ingest import analysis, lifecycle
-from ingest.cli import new_organization
-from ingest.service import IngestService, ServiceError
+from ingest.accounts import new_organization
+from ingest.problems import ServiceError
+from ingest.service import IngestService
 from models import Customer, Interaction, utcnow
 from tests import dbs
 from tests.helpers import bearer, hours_ago, interaction, iso

@@ -5,9 +5,10 @@ checked against the spec, by the `client` fixture.)"""
 import os
 import subprocess
 
+import pytest
 from openapi_spec_validator import validate
 
-from ingest.auth import create_key
+from ingest.accounts import create_key
 from tests.servers import BIN, ROOT, Gunicorn
 
 EXAMPLES = os.environ.get("SCHEMATHESIS_EXAMPLES", "25")
@@ -30,6 +31,7 @@ def test_spec_is_valid_openapi_3_and_covers_every_endpoint(app, client):
         ingest["responses"])
 
 
+@pytest.mark.processes
 def test_schemathesis_finds_no_server_error_and_nothing_outside_the_spec(app, org, customer_id,
                                                                            tmp_path):
     with app.app_context():

@@ -17,13 +17,8 @@ from ingest.overload import RateLimit
 from models import Interaction
 from tests.conftest import production_stack, require_redis
 from tests.feed_client import FeedClient
-from tests.helpers import bearer, interaction
+from tests.helpers import bearer, interaction, post_batch, post_interaction, stored_count
 from tests.servers import Gunicorn, wait_until
-
-
-def stored(app):
-    with app.app_context():
-        return Interaction.select().count()
 
 
 def assert_refused(response, code):
@@ -36,14 +31,13 @@ def assert_refused(response, code):
 def test_a_key_over_its_rate_limit_gets_429_and_nothing_it_sent_is_stored(org, customer_id):
     app = create_app({"TESTING": True, "RATE_LIMIT": "5/min"})
     client = app.test_client()
-    answers = [client.post("/api/data/ingest", headers=bearer(org["ingestKey"]),
-                           json=interaction(customer_id, messageId="m-%d" % n)) for n in range(8)]
+    answers = [post_interaction(client, org["ingestKey"], customer_id, messageId="m-%d" % n) for n in range(8)]
     assert [a.status_code for a in answers[:5]] == [201] * 5
     refused = [a for a in answers[5:] if a.status_code != 201]
     assert refused, "the sixth request in a minute went through"
     assert_refused(refused[0], "rate_limited")
     assert refused[0].get_json()["details"]["limit"] == "5/min"
-    assert stored(app) == sum(a.status_code == 201 for a in answers)
+    assert stored_count(app) == sum(a.status_code == 201 for a in answers)
     # Another key has its own budget; health checks have none.
     assert client.get("/api/interactions", headers=bearer(org["readKey"])).status_code == 200
     assert client.get("/healthz").status_code == 200
@@ -54,11 +48,11 @@ def test_a_batch_over_the_limit_is_refused_whole(org, customer_id):
     client = app.test_client()
 
     def batch(tag):
-        return client.post("/api/data/ingest/batch", headers=bearer(org["ingestKey"]), json={
-            "interactions": [interaction(customer_id, messageId="%s-%d" % (tag, n)) for n in range(50)]})
+        return post_batch(client, org["ingestKey"],
+                          [interaction(customer_id, messageId="%s-%d" % (tag, n)) for n in range(50)])
     assert batch("first").status_code == 200
     assert_refused(batch("second"), "rate_limited")
-    assert stored(app) == 50
+    assert stored_count(app) == 50
 
 
 def test_an_unreachable_limit_store_lets_requests_through(org, customer_id):
@@ -66,8 +60,7 @@ def test_an_unreachable_limit_store_lets_requests_through(org, customer_id):
     app = create_app({"TESTING": True, "RATE_LIMIT": "1/min", "RATE_LIMIT_URL": "redis://127.0.0.1:1"})
     client = app.test_client()
     for n in range(3):
-        response = client.post("/api/data/ingest", headers=bearer(org["ingestKey"]),
-                               json=interaction(customer_id, messageId="m-%d" % n))
+        response = post_interaction(client, org["ingestKey"], customer_id, messageId="m-%d" % n)
         assert response.status_code == 201
 
 
@@ -76,22 +69,21 @@ def test_a_backlog_over_its_bound_refuses_ingest_but_not_reads(org, customer_id)
     app = create_app({"TESTING": True, "ANALYSIS_BACKLOG_MAX": 3})
     client = app.test_client()
     for n in range(4):
-        assert client.post("/api/data/ingest", headers=bearer(org["ingestKey"]),
-                           json=interaction(customer_id)).status_code == 201
+        assert post_interaction(client, org["ingestKey"], customer_id).status_code == 201
 
     backlog = app.extensions["backlog"]
     wait_until(backlog.retry_after, message="the sampled backlog (sampled each second) to pass 3")
-    refused = client.post("/api/data/ingest/batch", headers=bearer(org["ingestKey"]), json={
-        "interactions": [interaction(customer_id) for _ in range(10)]})
+    refused = post_batch(client, org["ingestKey"], [interaction(customer_id) for _ in range(10)])
     assert_refused(refused, "analysis_backlog_full")
     segment = client.post("/v1/batch", auth=(org["ingestKey"], ""), json={
         "batch": [{"type": "track", "userId": "u-1", "event": "Clicked"}]})
     assert segment.status_code == 429 and segment.headers["Retry-After"]
-    assert stored(app) == 4
+    assert stored_count(app) == 4
     assert client.get("/api/interactions", headers=bearer(org["readKey"])).status_code == 200
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.redis
 def test_leased_budgets_are_never_exceeded_and_barely_stricter():
     """Two processes' limiters sharing a key's budget of 1,000 a minute in Redis, each
     taking leases of 10: together they let through at most 1,000 and lose at most
@@ -114,8 +106,7 @@ def limited_server(tmp_path_factory):
 def test_workers_share_one_budget_per_key(limited_server, org, customer_id):
     accepted = 0
     for n in range(40):  # a new connection each: both workers serve some
-        response = requests.post(limited_server.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
-                                 json=interaction(customer_id, messageId="m-%d" % n))
+        response = post_interaction(limited_server.url, org["ingestKey"], customer_id, messageId="m-%d" % n)
         assert response.status_code in (201, 429)
         accepted += response.status_code == 201
     # 20 in the minute, give or take one where the sliding window crosses a boundary
@@ -123,6 +114,8 @@ def test_workers_share_one_budget_per_key(limited_server, org, customer_id):
     assert 20 <= accepted <= 21
 
 
+@pytest.mark.processes
+@pytest.mark.redis
 def test_reads_and_health_answer_while_ingest_is_refused(tmp_path, org, customer_id):
     """8 clients retry ingest in a tight loop on a key far over its limit (100/s);
     meanwhile every read (another key, under its own limit) and health check is
@@ -134,9 +127,8 @@ def test_reads_and_health_answer_while_ingest_is_refused(tmp_path, org, customer
     def hammer():
         session = requests.Session()
         while not stop.is_set():
-            hammered.append(session.post(limited_server.url + "/api/data/ingest",
-                                         headers=bearer(org["ingestKey"]),
-                                         json=interaction(customer_id)).status_code)
+            hammered.append(post_interaction(limited_server.url, org["ingestKey"], customer_id,
+                                             session).status_code)
     threads = [threading.Thread(target=hammer) for _ in range(8)]
     for thread in threads:
         thread.start()
@@ -161,6 +153,8 @@ def test_reads_and_health_answer_while_ingest_is_refused(tmp_path, org, customer
     assert set(hammered) <= {201, 429}
 
 
+@pytest.mark.processes
+@pytest.mark.redis
 def test_the_segment_client_backs_off_and_delivers_every_event_once(app, tmp_path, org):
     """A key limited to 2 requests a second; the client sends 10 batches as fast as
     it can, is told 429 + Retry-After, waits, and gets every event in once."""
@@ -195,23 +189,20 @@ def value(samples, name, **labels):
     return samples.get((name, tuple(sorted(labels.items()))), 0)
 
 
+@pytest.mark.processes
+@pytest.mark.redis
 def test_metrics_add_up_across_workers_and_the_consumer(tmp_path, org, customer_id):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     with production_stack(tmp_path, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}) as web:
-        session = requests.Session()
-        session.headers["Authorization"] = "Bearer " + org["ingestKey"]
+        key, session = org["ingestKey"], requests.Session()
         for n in range(10):  # new connections: both workers take some
-            assert requests.post(web.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
-                                 json=interaction(customer_id, messageId="m-%d" % n)).status_code == 201
-        assert session.post(web.url + "/api/data/ingest",
-                            json=interaction(customer_id, messageId="m-0")).status_code == 200
-        assert session.post(web.url + "/api/data/ingest",
-                            json=interaction(customer_id, channel="fax")).status_code == 400
+            assert post_interaction(web.url, key, customer_id, messageId="m-%d" % n).status_code == 201
+        assert post_interaction(web.url, key, customer_id, session, messageId="m-0").status_code == 200
+        assert post_interaction(web.url, key, customer_id, session, channel="fax").status_code == 400
         batch = [interaction(customer_id, messageId="b-%d" % n) for n in range(3)]
         batch += [interaction(customer_id, messageId="m-1"), interaction(customer_id, channel="fax")]
-        assert session.post(web.url + "/api/data/ingest/batch", json={"interactions": batch}).json()[
-            "failed"] == 1
+        assert post_batch(web.url, key, batch, session).json()["failed"] == 1
         sockets = [FeedClient(web.url, org["readKey"]) for _ in range(3)]
         for sock in sockets:
             assert sock.next()["type"] == "ready"

@@ -3,7 +3,10 @@ connects from #key= and from the form, shows events as they arrive with the
 customer's name and their sentiment when it lands, opens a row's details,
 filters and pauses, renders content as text, catches up what it missed while
 its socket was gone (each interaction shown exactly once), drops an erased
-customer's rows, and raises no JavaScript error."""
+customer's rows, and raises no JavaScript error.
+
+One stack serves the module (each test has its own organization), but for the
+test that restarts a worker."""
 import collections
 import os
 import re
@@ -14,12 +17,8 @@ import time
 import pytest
 import requests
 
-from tests.helpers import bearer, interaction
-
-CHROMIUM = "/usr/bin/chromium"
-# Chromium flags for a sandbox with no network but loopback (see the machine notes).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from tests.helpers import bearer, ingest, interaction
+from tests.servers import CHROMIUM, CHROMIUM_ARGS, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +49,6 @@ def page(browser):
     assert page.errors == [], "JavaScript errors: %s" % page.errors
 
 
-def ingest(stack, org, customer_id, **fields):
-    response = requests.post(stack.url + "/api/data/ingest", headers=bearer(org["ingestKey"]),
-                             json=interaction(customer_id, **fields))
-    assert response.status_code == 201
-    return response.json()["id"]
-
-
 def ingest_surely(stack, org, customer_id, message_id):
     """Ingest, retrying with the same messageId while a worker restarts (nginx may
     answer 502 for a request on a connection the dying worker closed)."""
@@ -76,10 +68,11 @@ def row(page, interaction_id):
     return page.locator('#rows tr[data-id="%s"]' % interaction_id)
 
 
-def test_connects_from_fragment_and_shows_events_live(stack, page, org, customer_id):
-    page.goto(stack.url + "/feed#key=" + org["readKey"])
+def test_connects_from_fragment_and_shows_events_live(module_stack, page, org, customer_id):
+    page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    interaction_id = ingest(stack, org, customer_id, content="Absolutely wonderful support!")
+    interaction_id = ingest(module_stack.url, org["ingestKey"], customer_id,
+                            content="Absolutely wonderful support!")
     ingested = time.monotonic()
     row(page, interaction_id).wait_for(timeout=1000)
     print("\nrow visible %.0f ms after the ingest response" % ((time.monotonic() - ingested) * 1000))
@@ -92,13 +85,13 @@ def test_connects_from_fragment_and_shows_events_live(stack, page, org, customer
     assert not any(org["readKey"] in url for url in page.urls), "the key went into a URL"
 
 
-def test_form_connect_filter_and_pause(stack, page, org, customer_id):
-    page.goto(stack.url + "/feed")
+def test_form_connect_filter_and_pause(module_stack, page, org, customer_id):
+    page.goto(module_stack.url + "/feed")
     page.get_by_label("Read key").fill(org["readKey"])
     page.get_by_role("button", name="Connect").click()
     page.wait_for_selector("#state.state-open")
-    chat = ingest(stack, org, customer_id, channel="chat")
-    email = ingest(stack, org, customer_id, channel="email")
+    chat = ingest(module_stack.url, org["ingestKey"], customer_id, channel="chat")
+    email = ingest(module_stack.url, org["ingestKey"], customer_id, channel="email")
     row(page, chat).wait_for()
     row(page, email).wait_for()
 
@@ -108,41 +101,41 @@ def test_form_connect_filter_and_pause(stack, page, org, customer_id):
     assert row(page, chat).is_visible()
 
     page.get_by_role("button", name="Pause").click()
-    held = ingest(stack, org, customer_id, content="arrives while paused")
+    held = ingest(module_stack.url, org["ingestKey"], customer_id, content="arrives while paused")
     page.wait_for_function("() => feed.held.length === 1")  # it arrived, and was held back
     assert row(page, held).count() == 0
     page.get_by_role("button", name="Resume").click()
     row(page, held).wait_for(timeout=2000)
 
 
-def test_content_is_text_never_html(stack, page, org, customer_id):
-    page.goto(stack.url + "/feed#key=" + org["readKey"])
+def test_content_is_text_never_html(module_stack, page, org, customer_id):
+    page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
     payload = '<img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script>'
-    interaction_id = ingest(stack, org, customer_id, content=payload)
+    interaction_id = ingest(module_stack.url, org["ingestKey"], customer_id, content=payload)
     row(page, interaction_id).wait_for()
     assert row(page, interaction_id).locator("td").nth(4).inner_text() == payload
     assert page.locator("#rows img, #rows script").count() == 0
     assert page.evaluate("window.__pwned") is None
 
 
-def test_bad_key_shows_state_and_does_not_retry(stack, page, org):
-    page.goto(stack.url + "/feed#key=ik_wrong")
+def test_bad_key_shows_state_and_does_not_retry(module_stack, page, org):
+    page.goto(module_stack.url + "/feed#key=ik_wrong")
     page.wait_for_selector("#state.state-error")
     assert page.locator("#state").inner_text() == "invalid key"
 
 
-def test_page_sends_a_csp_forbidding_inline_scripts(stack):
-    response = requests.get(stack.url + "/feed")
+def test_page_sends_a_csp_forbidding_inline_scripts(module_stack):
+    response = requests.get(module_stack.url + "/feed")
     policy = response.headers["Content-Security-Policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy
 
 
-def test_a_row_opens_the_whole_interaction(stack, page, org, customer_id):
-    page.goto(stack.url + "/feed#key=" + org["readKey"])
+def test_a_row_opens_the_whole_interaction(module_stack, page, org, customer_id):
+    page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    interaction_id = ingest(stack, org, customer_id, content="Thanks!", messageId="order-7",
-                            metadata={"order": {"id": 7, "items": ["tea"]}})
+    interaction_id = ingest(module_stack.url, org["ingestKey"], customer_id, content="Thanks!",
+                            messageId="order-7", metadata={"order": {"id": 7, "items": ["tea"]}})
     row(page, interaction_id).click()
     page.wait_for_selector("#details[open]")
     assert page.locator("#details-metadata").inner_text() == (
@@ -166,9 +159,10 @@ def test_after_its_socket_is_cut_the_page_shows_every_interaction_exactly_once(s
     page.wait_for_selector("#state.state-open")
     sent = [ingest_surely(stack, org, customer_id, "before-%d" % n) for n in range(5)]
     page.wait_for_function("n => document.querySelectorAll('#rows tr').length === n", arg=5)
-    worker = next(line["pid"] for line in reversed(stack.log_lines())
-                  if line.get("message") == "feed socket connected"
-                  and line.get("organization_id") == org["organizationId"])
+    worker = wait_until(lambda: next((line["pid"] for line in reversed(stack.log_lines())
+                                      if line.get("message") == "feed socket connected"
+                                      and line.get("organization_id") == org["organizationId"]), None),
+                        timeout=5, message="the log line of the page's socket")  # logs are written by a thread
     os.kill(worker, signal.SIGTERM)
     page.wait_for_selector("#state.state-reconnecting")
     sent += [ingest_surely(stack, org, customer_id, "during-%d" % n) for n in range(20)]
@@ -183,15 +177,15 @@ def test_after_its_socket_is_cut_the_page_shows_every_interaction_exactly_once(s
     assert caught_up >= 1, "nothing was missed: the test proves nothing"
 
 
-def test_an_erased_customers_rows_leave_the_page(stack, page, org, customer_id):
-    page.goto(stack.url + "/feed#key=" + org["readKey"])
+def test_an_erased_customers_rows_leave_the_page(module_stack, page, org, customer_id):
+    page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    gone = ingest(stack, org, customer_id)
+    gone = ingest(module_stack.url, org["ingestKey"], customer_id)
     row(page, gone).wait_for()
     # Its name is looked up first: a lookup after the erasure would be a (harmless)
     # 404, which the browser reports as a console error.
     page.wait_for_function("() => document.querySelector('#rows td.customer').textContent === 'c-1'")
-    assert requests.delete(stack.url + "/api/customers/" + customer_id,
+    assert requests.delete(module_stack.url + "/api/customers/" + customer_id,
                            headers=bearer(org["ingestKey"])).status_code == 204
     row(page, gone).wait_for(state="detached", timeout=5000)
     assert "erased" in page.locator("#notice").inner_text()

@@ -12,9 +12,9 @@ import json
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from ingest.cli import new_organization
+from ingest.accounts import new_organization
 from ingest.lifecycle import apply_retention
-from ingest.service import ServiceError
+from ingest.problems import ServiceError
 from models import Customer, Interaction
 from tests import dbs
 

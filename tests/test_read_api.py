@@ -6,8 +6,7 @@ import uuid
 
 import pytest
 
-from ingest.cli import new_organization
-from tests.helpers import bearer, interaction
+from tests.helpers import bearer, interaction, make_organization
 
 BASE = datetime.datetime(2026, 3, 1, 12, 0, tzinfo=datetime.timezone.utc)
 
@@ -71,8 +70,7 @@ def test_pages_cover_everything_once_including_equal_timestamps(client, org, sto
 
 
 def test_other_organizations_see_nothing(app, client, stored):
-    with app.app_context():
-        other = new_organization("Other")
+    other = make_organization(app, "Other")
     assert listing(client, other)["items"] == []
 
 

@@ -10,9 +10,8 @@ import pytest
 from segment.analytics import Client
 
 from models import Customer, Interaction
+from tests.helpers import UTC
 from tests.servers import Gunicorn
-
-UTC = datetime.timezone.utc
 
 
 def basic(key):
@@ -134,9 +133,10 @@ def test_storage_failure_asks_the_client_to_retry(client, org, storage_faults):
     assert response.status_code == 503 and response.headers["Retry-After"]
 
 
-@pytest.fixture
-def server(app, tmp_path):
-    web = Gunicorn(tmp_path / "web.log", workers=2)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """gunicorn with 2 workers, for the module (each test has its own organization)."""
+    web = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "web.log", workers=2)
     yield web
     web.stop()
 

@@ -1,0 +1,79 @@
+"""Reads (DESIGN §5): customers and interactions of one organization, as plain
+queries over the models. Arguments come from the request as received; they are
+validated here and a wrong one is a validation_error naming it."""
+import operator
+from functools import reduce
+
+from peewee import Tuple
+
+from ingest import schemas
+from ingest.problems import load, not_found, uuid_or_none
+from models import Customer, Interaction
+
+
+def get_customer(organization_id, customer_id):
+    customer = _get_or_none(Customer, organization_id, customer_id)
+    if customer is None:
+        raise not_found("customer_not_found")
+    return customer
+
+
+def find_customer(organization_id, external_id):
+    """The organization's customer with this external id, or None."""
+    return (Customer.select()
+            .where((Customer.organization == organization_id)
+                   & (Customer.external_id == external_id))
+            .first())
+
+
+def find_customers(organization_id, query):
+    data = load(schemas.customer_query, query)
+    customer = find_customer(organization_id, data["external_id"])
+    return [customer] if customer else []
+
+
+def list_interactions(organization_id, query):
+    """A page of interactions, newest first; returns (items, next_cursor or None).
+
+    Keyset pagination on (timestamp, id): a walk through the pages sees
+    every interaction that existed when it began exactly once, whatever is
+    inserted meanwhile.
+    """
+    data = load(schemas.interaction_query, query)
+    conditions = [Interaction.organization == organization_id]
+    for name, column in (("customer_id", Interaction.customer), ("channel", Interaction.channel),
+                         ("event_type", Interaction.event_type)):
+        if data[name] is not None:
+            conditions.append(column == data[name])
+    if data["since"] is not None:
+        conditions.append(Interaction.timestamp >= data["since"])
+    if data["until"] is not None:
+        conditions.append(Interaction.timestamp < data["until"])
+    if data["cursor"] is not None:
+        stamp, last_id = data["cursor"]
+        conditions.append(Tuple(Interaction.timestamp, Interaction.id)
+                          < Tuple(Interaction.timestamp.to_value(stamp),
+                                  Interaction.id.to_value(last_id)))
+    rows = list(Interaction.select()
+                .where(reduce(operator.and_, conditions))
+                .order_by(Interaction.timestamp.desc(), Interaction.id.desc())
+                .limit(data["limit"] + 1))
+    items = rows[:data["limit"]]
+    more = len(rows) > data["limit"]
+    return items, schemas.encode_cursor(items[-1].timestamp, items[-1].id) if more else None
+
+
+def get_interaction(organization_id, interaction_id):
+    interaction = _get_or_none(Interaction, organization_id, interaction_id)
+    if interaction is None:
+        raise not_found("interaction_not_found")
+    return interaction
+
+
+def _get_or_none(model, organization_id, object_id):
+    object_id = uuid_or_none(object_id)
+    if object_id is None:
+        return None
+    return (model.select()
+            .where((model.id == object_id) & (model.organization == organization_id))
+            .first())
