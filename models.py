@@ -111,7 +111,8 @@ class QueuedWritersSqliteDatabase(SqliteDatabase):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-_bound = {}  # the (url, pool_size) the proxy points at -> its database
+_bound = {}  # (process, url, pool_size) the proxy points at -> its database
+_binding = threading.Lock()
 
 
 def bind(url, pool_size=10):
@@ -119,13 +120,16 @@ def bind(url, pool_size=10):
 
     The database is one per process (the writer and consumer threads use it
     too): binding again to the same url keeps it and its connections, binding to
-    another url replaces it for everyone."""
-    if (url, pool_size) not in _bound:
-        _bound.clear()
-        _bound[url, pool_size] = make_database(url, pool_size)
-    database = _bound[url, pool_size]
-    if db.obj is not database:
-        db.initialize(database)
+    another url replaces it for everyone. A forked child never reuses its
+    parent's connections."""
+    key = (os.getpid(), url, pool_size)
+    with _binding:
+        if key not in _bound:
+            _bound.clear()
+            _bound[key] = make_database(url, pool_size)
+        database = _bound[key]
+        if db.obj is not database:
+            db.initialize(database)
     return database
 
 
@@ -214,8 +218,8 @@ class Customer(BaseModel):
 
 
 # An interaction's analysis_status (DESIGN §7): PENDING until analysed, then
-# DONE (with a sentiment) or FAILED (with analysis_error).
-PENDING, DONE, FAILED = "pending", "done", "failed"
+# DONE (with a sentiment), SKIPPED (no text to read) or FAILED (with analysis_error).
+PENDING, DONE, SKIPPED, FAILED = "pending", "done", "skipped", "failed"
 
 
 class Interaction(BaseModel):
@@ -234,6 +238,13 @@ class Interaction(BaseModel):
     sentiment_score = DoubleField(null=True)
     analysis_error = TextField(null=True)
     analyzed_at = DateTimeField(null=True)
+
+    @property
+    def sentiment(self):
+        """``{"label", "score"}`` once analysed, else None."""
+        if self.sentiment_label is None:
+            return None
+        return {"label": self.sentiment_label, "score": self.sentiment_score}
 
     class Meta:
         indexes = (

@@ -1,4 +1,4 @@
-"""Organizations and their API keys: creation and revocation (DESIGN §3, §10).
+"""Organizations and their API keys: creation and revocation (DESIGN §5, §10).
 
 The CLI, the tests and the benchmarks create tenants through this one module.
 A key is shown once, at creation; only its SHA-256 is stored (keys are long

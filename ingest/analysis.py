@@ -16,7 +16,7 @@ import uuid
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from ingest import metrics
-from models import DONE, FAILED, PENDING, Interaction, db, is_postgres, utcnow
+from models import DONE, FAILED, PENDING, SKIPPED, Interaction, db, is_postgres, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _emoji_pattern():
 def sentiment_of(content):
     """``(status, label, score)`` for a text: ``skipped`` when there is nothing to read."""
     if not (content or "").strip():
-        return "skipped", None, None
+        return SKIPPED, None, None
     compound = analyzer().polarity_scores(readable(content))["compound"]
     return DONE, label_for(compound), compound
 

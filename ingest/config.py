@@ -48,13 +48,14 @@ def load(environ=None, overrides=None, fixed=None):
     for key in DEFAULTS:
         if environ.get(key):
             settings[key] = environ[key]
-    for key in ENVIRONMENT_ONLY:
-        if fixed is not None and key in (overrides or {}) and str(overrides[key]) != str(fixed[key]):
-            raise ValueError("%s comes from the environment (tasks.py reads it at import, for "
-                             "huey_consumer too); set it there, not in create_app()" % key)
     settings.update(overrides or {})
     for key in INTEGER_KEYS:
         settings[key] = int(settings[key])
+    for key in ENVIRONMENT_ONLY:
+        if fixed is not None and settings[key] != fixed[key]:
+            raise ValueError("%s=%r, but this process uses %r: it comes from the environment as it "
+                             "was when tasks.py was imported (huey_consumer reads it there too), "
+                             "and cannot be overridden in create_app()" % (key, settings[key], fixed[key]))
     if not settings["RATE_LIMIT_URL"]:
         events = settings["EVENTS_URL"]
         settings["RATE_LIMIT_URL"] = events if events.startswith("redis") else "memory://"

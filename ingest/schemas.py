@@ -186,14 +186,9 @@ class InteractionOut(Schema):
     content = fields.String(allow_none=True)
     metadata = fields.Dict()
     analysis_status = fields.String(data_key="analysisStatus")
-    sentiment = fields.Method("get_sentiment", allow_none=True)
+    sentiment = fields.Nested(SentimentOut, allow_none=True)
     analysis_error = fields.String(data_key="analysisError", allow_none=True)
     analyzed_at = UtcDateTime(data_key="analyzedAt", allow_none=True)
-
-    def get_sentiment(self, obj):
-        if obj.sentiment_label is None:
-            return None
-        return {"label": obj.sentiment_label, "score": obj.sentiment_score}
 
 
 class Error(Schema):

@@ -6,10 +6,11 @@ enqueue the analysis, publish ``interaction.created``.
 
 Failures are raised as ``ServiceError`` (ingest/problems.py) with a stable code;
 the web layer maps codes to HTTP statuses. Reads are in ingest/reads.py, customer
-creation and erasure in ingest/lifecycle.py, Segment's workflow in ingest/segment.py.
+creation and the erasure's SQL in ingest/lifecycle.py, Segment's workflow in
+ingest/segment.py.
 """
-import functools
 import logging
+import threading
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -126,11 +127,18 @@ class Writer:
             log.warning("publish failed", exc_info=True)
 
 
-@functools.lru_cache(maxsize=None)
+_writers = {}
+_writers_lock = threading.Lock()
+
+
 def writer_for(enqueue_analysis, publish):
     """This process's Writer for these hooks: every app created in a process with
     the same queue and bus shares one writer thread and one cache."""
-    return Writer(enqueue_analysis, publish)
+    with _writers_lock:
+        key = (enqueue_analysis, publish)
+        if key not in _writers:
+            _writers[key] = Writer(enqueue_analysis, publish)
+        return _writers[key]
 
 
 class IngestService:

@@ -59,7 +59,7 @@ class NewInteraction:
 
     # How a stored row reads before its analysis (for serialisation).
     analysis_status = PENDING
-    sentiment_label = sentiment_score = analysis_error = analyzed_at = None
+    sentiment = sentiment_label = sentiment_score = analysis_error = analyzed_at = None
 
     @property
     def key(self):

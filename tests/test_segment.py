@@ -128,9 +128,11 @@ def test_absurd_clock_skew_is_a_problem_of_that_event_only(app, client, org):
 
 
 def test_storage_failure_asks_the_client_to_retry(client, org, storage_faults):
-    event = track("u-1", properties={"content": storage_faults.FAIL_INSERT})
+    event = track("u-1", properties={"content": storage_faults.FAIL_INSERT}, messageId="m-1")
     response = post(client, "/v1/batch", {"batch": [event]}, basic(org["ingestKey"]))
     assert response.status_code == 503 and response.headers["Retry-After"]
+    [problem] = response.get_json()["details"]["errors"]
+    assert (problem["index"], problem["error"], problem["messageId"]) == (0, "storage_error", "m-1")
 
 
 @pytest.fixture(scope="module")
