@@ -31,7 +31,7 @@ DEFAULTS = {
     "LOG_LEVEL": "INFO",
 }
 # Read by tasks.py at import (the queue and the bus it builds, the sweep's age):
-# create_app refuses an override of these that differs from what the process uses.
+# create_app refuses a value of these that differs from what the process uses.
 ENVIRONMENT_ONLY = ("QUEUE_URL", "EVENTS_URL", "ANALYSIS_SWEEP_AFTER")
 INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "COMMIT_TIMEOUT",
                 "ANALYSIS_SWEEP_AFTER", "ANALYSIS_BACKLOG_MAX")
@@ -40,8 +40,9 @@ INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "COMMIT
 def load(environ=None, overrides=None, fixed=None):
     """Return the settings: defaults, then the environment, then ``overrides``.
 
-    ``fixed``: settings the process already acted on; an override of one of their
-    ENVIRONMENT_ONLY keys to another value is a ValueError, never ignored.
+    ``fixed``: settings the process already acted on (tasks.settings). An
+    ENVIRONMENT_ONLY key that ends up different from it, by an override or by an
+    environment changed since, is a ValueError, never ignored.
     """
     environ = os.environ if environ is None else environ
     settings = dict(DEFAULTS)
