@@ -47,7 +47,12 @@ def revoke_key(prefix):
 def new_organization(name):
     """An organization with an ingest key and a read key; keys are returned once."""
     with db.atomic():
-        org = Organization.create(name=name)
-        ingest_key, _ = create_key(org.id, ["ingest"])
-        read_key, _ = create_key(org.id, ["read"])
-    return {"organizationId": str(org.id), "ingestKey": ingest_key, "readKey": read_key}
+        return new_keys(Organization.create(name=name).id)
+
+
+def new_keys(organization_id):
+    """A new ingest key and read key for an organization; keys are returned once."""
+    with db.atomic():
+        return {"organizationId": str(organization_id),
+                "ingestKey": create_key(organization_id, ["ingest"])[0],
+                "readKey": create_key(organization_id, ["read"])[0]}

@@ -178,7 +178,7 @@ def mark_failed(ids, error):
                           analyzed_at=utcnow())
                   .where(Interaction.id.in_(list(ids)) & (Interaction.analysis_status == PENDING))
                   .execute())
-    metrics.ANALYSES.labels("failed").inc(marked)
+    metrics.ANALYSES.labels(FAILED).inc(marked)
     return marked
 
 

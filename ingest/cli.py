@@ -92,10 +92,7 @@ def first_demo(base_url):
                  .order_by(Customer.created_at)] if org else []
     if not customers:
         return None
-    created = {"organizationId": str(org.id),
-               "ingestKey": accounts.create_key(org.id, ["ingest"])[0],
-               "readKey": accounts.create_key(org.id, ["read"])[0]}
-    return _with_examples(created, customers, base_url)
+    return _with_examples(accounts.new_keys(org.id), customers, base_url)
 
 
 def _with_examples(created, customer_ids, base_url):

@@ -29,7 +29,7 @@ ANALYSES = Counter("ingest_analyses_total", "Analyses finished, by outcome: done
                    ["outcome"])
 SOCKETS = Gauge("ingest_feed_sockets", "Live-feed sockets open.", multiprocess_mode="livesum")
 DROPPED = Counter("ingest_feed_dropped_events_total", "Events dropped for sockets that fell behind.")
-REFUSED = Counter("ingest_refused_total", "Requests answered 429, by reason: rate_limit or backlog.",
+REFUSED = Counter("ingest_refused_total", "Requests answered 429, by reason: rate_limited or analysis_backlog_full.",
                   ["reason"])
 
 

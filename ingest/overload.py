@@ -124,6 +124,8 @@ class Backlog:
         return BACKLOG_RETRY_AFTER if self.pending > self.limit else None
 
     def _sample_if_stale(self):
+        if self._sampling or time.monotonic() - self._sampled_at < BACKLOG_SAMPLE_SECONDS:
+            return  # the common case, decided without the lock every request would take
         with self._lock:
             if self._sampling or time.monotonic() - self._sampled_at < BACKLOG_SAMPLE_SECONDS:
                 return
