@@ -6,7 +6,7 @@ The texts are ingested first (batches through the HTTP API, nothing analysed
 yet), then one consumer with its documented settings drains them; its rate is
 taken from the analysed_at stamps, after its first task.
 
-    .venv/bin/python -m bench.analysis [--count 20000] [--workers 1] [--databases sqlite,postgres]
+    .venv/bin/python -m bench.analysis [--count 20000] [--workers 4] [--databases sqlite,postgres]
 """
 import argparse
 import json
@@ -19,6 +19,7 @@ from bench import raw
 from bench.common import Stack, database_arguments, servers, texts
 from tests.servers import Consumer
 
+WORKERS = 4  # worker threads, as the README's production command runs a consumer (-w 4)
 
 
 def vader_rate(samples):
@@ -80,7 +81,7 @@ def bench(server_url, count, workers):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20000)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=WORKERS)
     database_arguments(parser)
     args = parser.parse_args()
     results = [bench(server, args.count, args.workers)

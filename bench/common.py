@@ -77,6 +77,7 @@ class Stack:
                     "QUEUE_URL": queue, "EVENTS_URL": REDIS + "/15", "LOG_LEVEL": "INFO",
                     "ANALYSIS_BACKLOG_MAX": str(10 ** 12), **(env or {})}
         self.root = root
+        self._empty_queue()  # tasks a stack before this one left, which its consumer would work through
         self.flask("init-db")
         self.web = Gunicorn(os.path.join(self.dir, "web.log"), workers=workers, env=self.env, root=root)
         self.url = self.web.url
@@ -99,11 +100,18 @@ class Stack:
             for n in range(customers)]
         return created
 
+    def _empty_queue(self):
+        """A Redis queue is shared by every stack on the server (a SQLite one is the stack's own file)."""
+        if self.env["QUEUE_URL"].startswith("redis"):
+            import redis
+            redis.Redis.from_url(self.env["QUEUE_URL"]).flushdb()
+
     def stop(self):
         from tests.dbs import drop_database, is_postgres_url
 
         if self.consumer:
             self.consumer.stop()
         self.web.stop()
+        self._empty_queue()
         if is_postgres_url(self.database_url):
             drop_database(self.database_url)

@@ -142,7 +142,7 @@ def rows(figures):
                                                    failed(full)), ">= 0.8")
     if "analysis" in figures:
         a = figures["analysis"]
-        table["analysis: consumer / VADER loop"] = (
+        table["analysis: consumer (-w %d) / VADER loop" % a["workers"]] = (
             "**%.2f** (%d / %d per s)" % (a["ratio"], a["consumer"], a["vader_loop"]), ">= 0.8")
     for row in figures.get("feed", {}).get("delivery", ()):
         table["live, %d sockets x %d events/s" % (row["sockets"], row["rate"])] = (
@@ -183,7 +183,7 @@ def main():
         figures = ingest_figures(server, seconds, "growth" not in skip)
         if "analysis" not in skip:
             log("%s: analysis" % figures["database"])
-            figures["analysis"] = analysis.bench(server, 20000, workers=1)
+            figures["analysis"] = analysis.bench(server, 20000, analysis.WORKERS)
         if "feed" not in skip:
             log("%s: live delivery" % figures["database"])
             figures["feed"] = feed.bench(server, feed.ROWS, seconds, feed.HOLD)

@@ -76,10 +76,12 @@ def _check_json(value, depth=0):
 class JsonObject(fields.Dict):
     """A JSON object of at most 16 KiB serialised, storable on every database."""
 
+    _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one for every value
+
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
         _check_json(value)
-        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        size = len(self._encoder.encode(value).encode("utf-8"))
         if size > MAX_JSON_BYTES:
             raise ValidationError("Larger than %d bytes serialised." % MAX_JSON_BYTES)
         return value
