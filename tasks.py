@@ -34,7 +34,7 @@ BATCH_LANE = 10
 REQUEUE_LANE = 0
 SHARE_WINDOW = 10
 SHARE_STEP = 500
-CHUNK = 250  # ids a task
+CHUNK = 500  # ids a task: per-task work (dequeue, one SELECT, one UPDATE, one publish) shared by more texts
 TASK_BUDGET = 1.0  # seconds a task scores before it queues the rest of its ids again
 
 

@@ -8,6 +8,7 @@ so that a consumer can overlap them: ``score`` (one SELECT, then VADER) and
 import collections
 import datetime
 import functools
+import json
 import logging
 import re
 import time
@@ -110,7 +111,9 @@ def store(scored):
         return []
     rows = [(row_id, status, label, value) for row_id, _, (status, label, value) in scored]
     if is_postgres():
-        sql, params = STORE_POSTGRES, [utcnow(), *map(list, zip(*rows))]
+        sql, params = STORE_POSTGRES, [utcnow(), json.dumps(
+            [{"id": row_id, "status": status, "label": label, "score": value}
+             for row_id, status, label, value in rows])]
     else:
         sql, params = _store_sqlite(len(rows)), [utcnow(), *(value for row in rows for value in row)]
     written = {row[0] for row in db.execute_sql(sql, params)}
@@ -130,7 +133,7 @@ def _pending_rows(ids):
     gives them (they go back to it); organizations become their canonical text."""
     ids = [Interaction.id.db_value(i) for i in ids]
     if is_postgres():
-        sql, params = PENDING_POSTGRES, [ids]
+        sql, params = PENDING_POSTGRES, [json.dumps(ids)]
     else:
         sql, params = PENDING_SQLITE % ", ".join(["?"] * len(ids)), ids
     organizations = {}
@@ -144,8 +147,11 @@ def _text(stored_id):
     return stored_id if len(stored_id) == 36 else str(uuid.UUID(hex=stored_id))
 
 
-PENDING_POSTGRES = ("SELECT id::text, organization_id::text, content, analysis_status "
-                    "FROM interaction WHERE id = ANY(%s::uuid[])")
+# PostgreSQL takes a task's ids, and stores its results, as one JSON parameter:
+# psycopg adapts a Python list to an array in Python, item by item, which took
+# a consumer several percent of its time next to VADER; json.dumps is C.
+PENDING_POSTGRES = ("SELECT id::text, organization_id::text, content, analysis_status FROM interaction "
+                    "WHERE id = ANY(ARRAY(SELECT json_array_elements_text(%s::json)::uuid))")
 PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status FROM interaction "
                   "WHERE id IN (%s)")
 
@@ -153,11 +159,11 @@ PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status FROM int
 # "|| ''" keeps PostgreSQL from reading every pending row through the status
 # index (and joining them): the rows come by primary key.
 _STORE_WHERE = "WHERE interaction.id = v.id AND interaction.analysis_status || '' = '%s' " % PENDING
-# PostgreSQL: the same text for any number of rows (columns passed as arrays).
+# PostgreSQL: the same text for any number of rows.
 STORE_POSTGRES = (
     "UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
     "sentiment_score = v.score, analysis_error = NULL, analyzed_at = %s "
-    "FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::float8[]) AS v(id, status, label, score) "
+    "FROM json_to_recordset(%s::json) AS v(id uuid, status text, label text, score float8) "
     + _STORE_WHERE + "RETURNING interaction.id::text")
 
 
