@@ -19,6 +19,7 @@ once, and building them costs nothing.
 """
 import datetime
 import functools
+import json
 import logging
 import threading
 import time
@@ -222,14 +223,17 @@ def _insert_then_count(items):
     return inserted
 
 
-# PostgreSQL: one statement for any number of rows, the columns passed as arrays
-# (its text never changes, so psycopg parses it once and the server prepares it).
+# PostgreSQL: one statement for any number of rows, the rows passed as one JSON
+# parameter (its text never changes, so psycopg parses it once and the server
+# prepares it). JSON, not one array per column: psycopg adapts a list to an array
+# item by item in Python, which cost the writer 23 ms for 500 rows against 7 ms.
 # The counts come from the rows actually inserted (RETURNING), so a conflict is
 # never counted; last_seen_at only ever moves forward.
 INSERT_AND_COUNT = (
-    "WITH inserted AS (INSERT INTO interaction (%s) SELECT * FROM unnest("
-    "%%s::uuid[], %%s::uuid[], %%s::uuid[], %%s::text[], %%s::timestamp[], %%s::timestamp[], "
-    "%%s::text[], %%s::text[], %%s::text[], %%s::text[], %%s::text[]) "
+    "WITH inserted AS (INSERT INTO interaction (%s) SELECT * FROM json_to_recordset(%%s::json) "
+    "AS v(id uuid, organization_id uuid, customer_id uuid, message_id text, \"timestamp\" timestamp, "
+    "received_at timestamp, channel text, event_type text, content text, metadata text, "
+    "analysis_status text) "
     "ON CONFLICT (organization_id, message_id) DO NOTHING "
     "RETURNING id, customer_id, timestamp), "
     "counted AS (SELECT customer_id, COUNT(*) AS n, MAX(timestamp) AS newest "
@@ -246,8 +250,9 @@ def _insert_and_count(items):
     trip, atomic on its own); returns the ids inserted."""
     if not items:
         return set()
-    columns = [list(values) for values in zip(*map(_values, _in_key_order(items)))]
-    return {row[0] for row in db.execute_sql(INSERT_AND_COUNT, columns)}
+    rows = json.dumps([dict(zip(COLUMNS, _values(item))) for item in _in_key_order(items)],
+                      ensure_ascii=False, default=datetime.datetime.isoformat)
+    return {row[0] for row in db.execute_sql(INSERT_AND_COUNT, [rows])}
 
 
 def _stored_ids(items):
