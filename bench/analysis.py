@@ -3,8 +3,9 @@ on the same texts, in the same run (DESIGN §12: goal >= 0.8 of the loop), on
 SQLite (SQLite queue) and on PostgreSQL + Redis (Redis queue).
 
 The texts are ingested first (batches through the HTTP API, nothing analysed
-yet), then one consumer with its documented settings drains them; its rate is
-taken from the analysed_at stamps, after its first task.
+yet), then one consumer with its documented settings (-w 4, pinned to one CPU
+with taskset) drains them; its rate is taken from the analysed_at stamps, after
+its first task.
 
     .venv/bin/python -m bench.analysis [--count 20000] [--workers 4] [--databases sqlite,postgres]
 """
@@ -19,7 +20,9 @@ from bench import raw
 from bench.common import Stack, database_arguments, servers, texts
 from tests.servers import Consumer
 
-WORKERS = 4  # worker threads, as the README's production command runs a consumer (-w 4)
+# As the README's production command runs a consumer: -w 4, on one CPU (taskset).
+WORKERS = 4
+CPU = max(os.sched_getaffinity(0))
 
 
 def vader_rate(samples):
@@ -43,7 +46,8 @@ def consumer_rate(server_url, samples, workers):
                      for text in samples[start:start + 1000]]
             assert session.post(stack.url + "/api/data/ingest/batch",
                                 json={"interactions": items}).json()["successful"] == len(items)
-        consumer = Consumer(os.path.join(stack.dir, "analysis.log"), env=stack.env, workers=workers)
+        consumer = Consumer(os.path.join(stack.dir, "analysis.log"), env=stack.env, workers=workers,
+                            cpu=CPU)
         try:
             return stack.kind, _drained_rate(stack.database_url, len(samples))
         finally:

@@ -147,11 +147,14 @@ class Production:
 
 
 class Consumer:
-    """`huey_consumer tasks.huey -w N` (or a module of ours that wraps it)."""
+    """`huey_consumer tasks.huey -w N` (or a module of ours that wraps it); on one
+    CPU (`taskset -c CPU`, as the README runs it) if ``cpu`` is given."""
 
-    def __init__(self, log_path, env=None, workers=2, module=None, args=()):
+    def __init__(self, log_path, env=None, workers=2, module=None, args=(), cpu=None):
         command = ([sys.executable, "-m", module] if module else
                    [os.path.join(BIN, "huey_consumer"), "tasks.huey"])
+        if cpu is not None:
+            command = ["taskset", "-c", str(cpu)] + command
         self.process = subprocess.Popen(
             command + ["-w", str(workers), "-k", "thread", *args],
             cwd=ROOT, env={**os.environ, **(env or {})},

@@ -3,7 +3,9 @@ concurrency promise of DESIGN §6: many writers on the same customers, every
 count exact, no 5xx, no "database is locked" reaching a client."""
 import gzip
 import json
+import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -14,7 +16,7 @@ import requests
 from models import Interaction
 from tests import dbs
 from tests.helpers import bearer, hours_ago, interaction, iso, post_interaction
-from tests.servers import Production
+from tests.servers import Production, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +206,30 @@ def test_a_slowloris_does_not_starve_the_server(server):
     finally:
         for sock in slow:
             sock.close()
+
+
+def allowed_cpus(pid):
+    """The CPUs the scheduler may run ``pid`` on (its main thread's, which its threads inherit)."""
+    with open("/proc/%d/status" % pid) as status:
+        listed = next(line.split()[1] for line in status if line.startswith("Cpus_allowed_list"))
+    cpus = set()
+    for part in listed.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def test_each_worker_has_a_cpu_of_its_own_and_a_replacement_takes_the_freed_one(server):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs for 2 workers")
+    pids = server.worker_pids()
+    assert len(pids) == 2
+    placed = {pid: allowed_cpus(pid) for pid in pids}
+    assert all(len(cpus) == 1 for cpus in placed.values()), placed
+    assert placed[pids[0]] != placed[pids[1]]
+
+    os.kill(pids[0], signal.SIGKILL)
+    wait_until(lambda: len(set(server.worker_pids()) - {pids[0]}) == 2, message="a replacement worker")
+    [replacement] = set(server.worker_pids()) - set(pids)
+    wait_until(lambda: allowed_cpus(replacement) == placed[pids[0]], message="the freed CPU")
+    wait_until(lambda: requests.get(server.url + "/healthz").ok)
