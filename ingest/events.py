@@ -99,21 +99,31 @@ class RedisBus(MemoryBus):
     def publish(self, events_by_organization):
         """One pipelined round trip: an XADD per organization (after a gap marker
         where an earlier publish of this process failed)."""
-        pipe = self._redis.pipeline(transaction=False)
         lost = self._failed & set(events_by_organization)
-        for organization_id, events in events_by_organization.items():
-            key = STREAM_PREFIX + str(organization_id)
-            if organization_id in lost:
-                pipe.xadd(key, {GAP_FIELD: b"1"}, maxlen=STREAM_LENGTH, approximate=True)
-            pipe.xadd(key, {EVENTS_FIELD: "\n".join(encode(events))},
-                      maxlen=STREAM_LENGTH, approximate=True)
-            pipe.expire(key, STREAM_TTL)
+        entries = [(STREAM_PREFIX + str(organization_id), organization_id in lost,
+                    "\n".join(encode(events)))
+                   for organization_id, events in events_by_organization.items()]
         try:
-            pipe.execute()
+            try:
+                self._append(entries)
+            except redis.ConnectionError:
+                # redis-py retries a command on a new connection, but not taking
+                # from its pool a connection that Redis closed meanwhile (as it
+                # does to clients it kills): that is tried once more here.
+                self._append(entries)
         except redis.RedisError:
             self._failed |= set(events_by_organization)
             raise
         self._failed -= lost
+
+    def _append(self, entries):
+        pipe = self._redis.pipeline(transaction=False)
+        for key, after_gap, text in entries:
+            if after_gap:
+                pipe.xadd(key, {GAP_FIELD: b"1"}, maxlen=STREAM_LENGTH, approximate=True)
+            pipe.xadd(key, {EVENTS_FIELD: text}, maxlen=STREAM_LENGTH, approximate=True)
+            pipe.expire(key, STREAM_TTL)
+        pipe.execute()
 
     def _joined(self, organization_id):
         self._listener.start()

@@ -8,13 +8,14 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 import redis
 import requests
 from wsproto.events import CloseConnection, Pong, TextMessage
 
-from ingest import accounts
+from ingest import accounts, events
 from tests.conftest import require_redis
 from tests.dbs import is_postgres_url
 from tests.feed_client import FeedClient, RawSocket
@@ -183,6 +184,29 @@ def test_a_revoked_key_closes_its_open_sockets_with_4401(module_stack, app, org)
     started = time.monotonic()
     assert watcher.close_code(timeout=60)[0] == 4401
     print("\nrevoked key's socket closed after %.1f s" % (time.monotonic() - started))
+
+
+@pytest.mark.redis
+def test_a_publish_whose_connection_redis_closed_is_sent_again(monkeypatch):
+    """redis-py retries a command, not taking a pooled connection that Redis closed
+    meanwhile; such a publish is sent once more, not reported as a gap."""
+    bus = events.RedisBus(require_redis())
+    sent, append = [], bus._append
+
+    def closed_once(entries):  # the fault: the connection taken from the pool was closed
+        sent.append(entries)
+        if len(sent) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        append(entries)
+
+    monkeypatch.setattr(bus, "_append", closed_once)
+    organization_id = str(uuid.uuid4())
+    event = {"type": "interaction.created", "data": {"id": "i-1"}}
+    bus.publish({organization_id: [event]})
+    stream = redis.Redis.from_url(require_redis()).xrange(events.STREAM_PREFIX + organization_id)
+    text = json.dumps(event, separators=(",", ":")).encode()
+    assert [fields for _, fields in stream] == [{events.EVENTS_FIELD: text}]
+    assert len(sent) == 2
 
 
 def test_a_dropped_bus_connection_loses_no_event(module_stack, org, customer_id):
