@@ -12,6 +12,7 @@ its first task.
 import argparse
 import json
 import os
+import shutil
 import time
 
 import requests
@@ -20,9 +21,10 @@ from bench import raw
 from bench.common import Stack, database_arguments, servers, texts
 from tests.servers import Consumer
 
-# As the README's production command runs a consumer: -w 4, on one CPU (taskset).
+# As the README's production command runs a consumer: -w 4, on one CPU (taskset,
+# where there is one: Linux).
 WORKERS = 4
-CPU = max(os.sched_getaffinity(0))
+CPU = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and shutil.which("taskset") else None
 
 
 def vader_rate(samples):
