@@ -224,8 +224,9 @@ PENDING, DONE, SKIPPED, FAILED = "pending", "done", "skipped", "failed"
 
 class Interaction(BaseModel):
     id = UUIDField(primary_key=True, default=uuid.uuid4)
-    organization = ForeignKeyField(Organization, on_delete="CASCADE")
-    customer = ForeignKeyField(Customer, backref="interactions", on_delete="CASCADE")
+    # No index of their own: each leads a composite index below (migration 0003).
+    organization = ForeignKeyField(Organization, on_delete="CASCADE", index=False)
+    customer = ForeignKeyField(Customer, backref="interactions", on_delete="CASCADE", index=False)
     message_id = CharField(max_length=128, null=True)
     timestamp = DateTimeField()
     received_at = DateTimeField(default=utcnow)
