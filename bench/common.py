@@ -61,9 +61,10 @@ class Stack:
     server (Redis queue), Redis as the bus, gunicorn (gunicorn.conf.py) with
     ``workers``, and a huey_consumer if asked. Nothing is imported from the app:
     it is set up with its own CLI and driven over HTTP. ``root``: another checkout
-    of the project to run instead of this one."""
+    of the project to run instead of this one; ``app``: the gunicorn app to serve."""
 
-    def __init__(self, server_url=None, workers=2, consumer=False, env=None, root=ROOT):
+    def __init__(self, server_url=None, workers=2, consumer=False, env=None, root=ROOT,
+                 app="app:create_app()"):
         from tests.dbs import create_scratch_database
         from tests.servers import Consumer, Gunicorn
 
@@ -79,7 +80,8 @@ class Stack:
         self.root = root
         self._empty_queue()  # tasks a stack before this one left, which its consumer would work through
         self.flask("init-db")
-        self.web = Gunicorn(os.path.join(self.dir, "web.log"), workers=workers, env=self.env, root=root)
+        self.web = Gunicorn(os.path.join(self.dir, "web.log"), workers=workers, env=self.env,
+                            app=app, root=root)
         self.url = self.web.url
         self.consumer = Consumer(os.path.join(self.dir, "consumer.log"), env=self.env) if consumer else None
 

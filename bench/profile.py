@@ -2,7 +2,7 @@
 where its CPU time goes (samples of the thread holding the GIL: inclusive and own
 time per function, per thread).
 
-    .venv/bin/python -m bench.profile [single|batch] [--postgres URL] [--seconds 10]
+    .venv/bin/python -m bench.profile [single|batch] [--postgres URL] [--seconds 10] [--rate 100]
 
 py-spy comes from the package index (pip install py-spy); the raw profile is kept
 for flame graphs (see the path printed).
@@ -41,6 +41,7 @@ def main():
     parser.add_argument("scenario", choices=("single", "batch"), nargs="?", default="single")
     parser.add_argument("--postgres", help="PostgreSQL server (default: SQLite)")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     args = parser.parse_args()
     stack = Stack(args.postgres)
     try:
@@ -54,7 +55,8 @@ def main():
         worker = stack.web.worker_pids()[0]
         output = os.path.join(stack.dir, "profile-%s.txt" % args.scenario)
         subprocess.run([os.path.join(BIN, "py-spy"), "record", "-p", str(worker), "-d",
-                        str(args.seconds), "-f", "raw", "-o", output, "--nonblocking", "--gil"],
+                        str(args.seconds), "-f", "raw", "-o", output, "--nonblocking", "--gil",
+                        "--rate", str(args.rate)],
                        check=True, capture_output=True)
         load.join()
         summarize(output)
