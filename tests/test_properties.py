@@ -4,17 +4,22 @@ Random sequences of valid, invalid, duplicate and failing ingests, single and
 batch, run through the service; storage failures are injected by real
 database triggers part-way through chunks. After every step, for every
 customer, count and last_seen_at match its interactions, and exactly the
-interactions reported stored exist.
+interactions reported stored exist. Also: what validates reads back unchanged,
+and a live event carries the interaction exactly as the read API dumps it.
 """
 import datetime
 import json
+import uuid
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
+from ingest import schemas
 from ingest.accounts import new_organization
 from ingest.lifecycle import apply_retention
 from ingest.problems import ServiceError
+from ingest.store import NewInteraction
 from models import Customer, Interaction
 from tests import dbs
 
@@ -159,3 +164,26 @@ def test_what_validates_reads_back_exactly(app, client, org, customer_id, conten
     assert (stored["content"], stored["eventType"]) == (content, event_type)
     assert stored["metadata"] == metadata
     assert json.dumps(stored["metadata"]) == json.dumps(metadata)
+
+
+naive_times = st.datetimes(min_value=datetime.datetime(1, 1, 2), max_value=datetime.datetime(9999, 12, 30))
+
+
+@settings(max_examples=200, deadline=None)
+@given(customer_id=st.uuids(), timestamp=naive_times, received_at=naive_times,
+       channel=st.sampled_from(schemas.CHANNELS), event_type=st.text(min_size=1),
+       content=st.none() | st.text(), message_id=st.none() | st.text(min_size=1),
+       metadata=st.dictionaries(st.text(), json_values, max_size=5))
+def test_a_live_event_carries_the_interaction_as_the_read_api_shows_it(
+        customer_id, timestamp, received_at, channel, event_type, content, message_id, metadata):
+    """The event's data (schemas.dump_interaction, the fast path) is exactly the
+    schema's dump of the same interaction."""
+    item = NewInteraction(organization_id=uuid.uuid4(), customer_id=customer_id, timestamp=timestamp,
+                          received_at=received_at, channel=channel, event_type=event_type,
+                          content=content, message_id=message_id, metadata=metadata)
+    assert schemas.dump_interaction(item) == schemas.interaction_out.dump(item)
+
+
+def test_the_fast_dump_refuses_a_schema_whose_hooks_it_would_skip():
+    with pytest.raises(ValueError, match="dump hooks"):
+        schemas.DirectDump(schemas.batch_result)
