@@ -13,6 +13,7 @@ import math
 import uuid
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, validate
+from marshmallow.decorators import POST_DUMP, PRE_DUMP
 
 CHANNELS = ("web", "mobile", "email", "chat", "phone", "social", "in_store", "api", "other")
 MAX_FUTURE = datetime.timedelta(hours=24)
@@ -268,7 +269,7 @@ class DirectDump:
     tests/test_properties.py holds the result equal to ``schema.dump``."""
 
     def __init__(self, schema):
-        if schema._hooks["pre_dump"] or schema._hooks["post_dump"]:
+        if schema._hooks[PRE_DUMP] or schema._hooks[POST_DUMP]:
             raise ValueError("%s has dump hooks" % type(schema).__name__)
         self._fields = [(field.data_key or name, field.attribute or name, field)
                         for name, field in schema.dump_fields.items()]
