@@ -208,28 +208,17 @@ def test_a_slowloris_does_not_starve_the_server(server):
             sock.close()
 
 
-def allowed_cpus(pid):
-    """The CPUs the scheduler may run ``pid`` on (its main thread's, which its threads inherit)."""
-    with open("/proc/%d/status" % pid) as status:
-        listed = next(line.split()[1] for line in status if line.startswith("Cpus_allowed_list"))
-    cpus = set()
-    for part in listed.split(","):
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
-
-
 def test_each_worker_has_a_cpu_of_its_own_and_a_replacement_takes_the_freed_one(server):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs for 2 workers")
     pids = server.worker_pids()
     assert len(pids) == 2
-    placed = {pid: allowed_cpus(pid) for pid in pids}
+    placed = {pid: os.sched_getaffinity(pid) for pid in pids}
     assert all(len(cpus) == 1 for cpus in placed.values()), placed
     assert placed[pids[0]] != placed[pids[1]]
 
     os.kill(pids[0], signal.SIGKILL)
     wait_until(lambda: len(set(server.worker_pids()) - {pids[0]}) == 2, message="a replacement worker")
     [replacement] = set(server.worker_pids()) - set(pids)
-    wait_until(lambda: allowed_cpus(replacement) == placed[pids[0]], message="the freed CPU")
+    wait_until(lambda: os.sched_getaffinity(replacement) == placed[pids[0]], message="the freed CPU")
     wait_until(lambda: requests.get(server.url + "/healthz").ok)
