@@ -3,7 +3,7 @@
 Worker class: gthread (flask-sock on gunicorn needs a threaded worker). A
 request thread waits on the group commit, so a worker needs as many threads as
 ingest requests it serves at once. A live-feed WebSocket holds a thread only for
-its handshake and auth message; then the worker's fan-out thread serves it
+its handshake; then the worker's fan-out thread serves it, auth message included
 (ingest/fanout.py), so sockets are not limited by threads. gevent would make
 sqlite3 and the commit thread block its event loop. See the README.
 
@@ -14,7 +14,7 @@ import os
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
-# Concurrent requests (and feed sockets still authenticating), per worker.
+# Concurrent requests (and feed sockets being upgraded), per worker.
 threads = int(os.environ.get("WEB_THREADS", "256"))
 worker_connections = threads + 100
 keepalive = 5

@@ -1,7 +1,12 @@
 """Fan-out of live events to this process's feed sockets (DESIGN §8, §12).
 
-Once a feed socket is authenticated it belongs to one thread of its process, the
-fan-out loop, for the rest of its life:
+From its upgrade on, a feed socket belongs to one thread of its process, the
+fan-out loop, for the rest of its life; the request thread that upgraded it is free
+at once, so sockets that never authenticate hold no thread either:
+
+- it waits for the socket's auth message (AUTH_TIMEOUT, MAX_AUTH_MESSAGE) and hands
+  it to a small pool of auth threads, the only place that may wait on the database;
+  at most MAX_UNAUTHENTICATED sockets of a process wait for theirs at once;
 
 - it is the only thread that writes to the socket (events, pings, pongs, close
   frames), so frames never interleave;
@@ -18,6 +23,7 @@ that makes no progress for STALL_SECONDS, or sends nothing (not even a pong) for
 SILENT_SECONDS, is cut off.
 """
 import collections
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -49,6 +55,10 @@ MAX_MESSAGE = 64 * 1024  # a client message larger than this: 1009
 INBOUND_BURST = 64 * 1024  # bytes a client may send at once after auth...
 INBOUND_RATE = 1024  # ...and per second on average, beyond which it is cut off (1008)
 MAX_SOCKETS = 10_000  # per process; more are refused with 1013
+AUTH_TIMEOUT = 10  # seconds from the upgrade to the auth message
+MAX_AUTH_MESSAGE = 4096
+MAX_UNAUTHENTICATED = 5_000  # per process: sockets waiting for their auth message
+AUTH_THREADS = 4  # per process: the threads that check auth messages against the key cache
 # Events arriving within this long of the last send pass wait for the next one,
 # so that under load each socket gets a few events per write, not one each.
 COALESCE_SECONDS = 0.005
@@ -74,17 +84,36 @@ def notice_frame(kind, **fields):
     return text_frame(json.dumps({"type": kind, **fields}))
 
 
-class FeedSocket:
-    """One authenticated socket: its connection, its wsproto state, its outbox.
+class Refused(Exception):
+    """Close the socket with ``code`` and ``reason``."""
 
-    Touched only by the loop thread once adopted.
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# A socket's states: made, waiting for its auth message, having it checked, serving events.
+NEW, GREETING, CHECKING, OPEN = "new", "greeting", "checking", "open"
+
+
+class FeedSocket:
+    """One socket: its connection, its wsproto state, its outbox.
+
+    Touched only by the loop thread, but for ``authenticated`` (an auth thread).
     """
 
-    def __init__(self, sock, ws, organization_id, key_hash):
+    def __init__(self, sock, ws, organization_id=None, key_hash=None):
         self.sock = sock
         self.ws = ws
-        self.organization_id = str(organization_id)
-        self.key_hash = key_hash
+        self.state = NEW
+        self.auth_deadline = time.monotonic() + AUTH_TIMEOUT
+        self.auth_parts = []
+        self.auth_text = None
+        self.registered = self.discarded = False
+        self.organization_id = self.key_hash = None
+        if organization_id is not None:
+            self.authenticated(organization_id, key_hash)
         self.outbox = collections.deque()
         self.queued = 0
         self.dropped = 0
@@ -94,6 +123,15 @@ class FeedSocket:
         self.closing_until = None  # set when the close handshake starts
         self.shut = False  # our side sent FIN
         self.writing = False  # registered for EVENT_WRITE
+
+    def authenticated(self, organization_id, key_hash):
+        self.organization_id = str(organization_id)
+        self.key_hash = key_hash
+
+    def take_auth_message(self):
+        """The auth message, once, when it has arrived whole; else None."""
+        text, self.auth_text = self.auth_text, None
+        return text
 
     def control(self, data):
         """Queue a control frame or notice; these are small and never dropped."""
@@ -152,10 +190,19 @@ class FeedSocket:
                 return event.code, event.reason or ""
             elif isinstance(event, (TextMessage, BytesMessage)):
                 self.message_bytes += len(event.data)
+                if self.state is GREETING:
+                    if isinstance(event, BytesMessage):
+                        return 4401, "authentication failed"
+                    if self.message_bytes > MAX_AUTH_MESSAGE:
+                        return 1009, "the auth message is too big"
+                    self.auth_parts.append(event.data)
                 if self.message_bytes > MAX_MESSAGE:
                     return 1009, "message too big"
                 if event.message_finished:
                     self.message_bytes = 0
+                    if self.state is GREETING:
+                        self.state, self.auth_text = CHECKING, "".join(self.auth_parts)
+                        self.auth_parts = []
         return None
 
     def begin_close(self, code, reason, now):
@@ -176,15 +223,16 @@ class FeedSocket:
 class FanOut:
     """This process's feed sockets and the thread that serves them.
 
-    ``adopt``, ``dispatch``, ``notify``, ``close_keys`` and ``close_all`` may be
-    called from any thread; they queue a command for the loop and return.
+    ``greet``, ``adopt``, ``dispatch``, ``notify``, ``close_keys`` and ``close_all``
+    may be called from any thread; they queue a command for the loop and return.
     """
 
     def __init__(self, on_leave=None):
         self._on_leave = on_leave  # called with an organization id when its last socket goes
         self._inbox = collections.deque()
         self._lock = threading.Lock()  # guards what other threads read: counts and keys
-        self._count = 0
+        self._count = 0  # sockets adopted
+        self._unauthenticated = 0  # sockets greeted and not yet adopted or gone
         self._keys = collections.Counter()
         self._loop = PerProcess(("feed-fanout", self._run), setup=self._set_up)
         self._woken = False
@@ -192,9 +240,23 @@ class FanOut:
 
     # Any thread -------------------------------------------------------------
 
+    def greet(self, feed_socket, authenticate):
+        """Take over a socket just upgraded and wait for its auth message;
+        ``authenticate(feed_socket, message)`` is then called on an auth thread, and
+        adopts it (``adopt``) or raises Refused. Returns False (and takes nothing)
+        when MAX_UNAUTHENTICATED sockets of the process wait already."""
+        with self._lock:
+            if self._unauthenticated >= MAX_UNAUTHENTICATED:
+                return False
+            self._unauthenticated += 1
+        feed_socket.state = GREETING
+        self._post(("greet", feed_socket, authenticate))
+        return True
+
     def adopt(self, feed_socket, greeting):
-        """Take over ``feed_socket``; ``greeting`` is the first frame it is sent.
-        Returns False (and takes nothing) when the process holds MAX_SOCKETS."""
+        """Serve ``feed_socket`` (authenticated) its events; ``greeting`` is the first
+        frame it is sent. Returns False (and takes nothing) when the process holds
+        MAX_SOCKETS."""
         with self._lock:
             if self._count >= MAX_SOCKETS:
                 return False
@@ -250,6 +312,7 @@ class FanOut:
         self._waker.setblocking(False)
         self._selector.register(self._wakeup, selectors.EVENT_READ, None)
         self._sockets = set()
+        self._auth_pool = concurrent.futures.ThreadPoolExecutor(AUTH_THREADS, "feed-auth")
         self._by_org = collections.defaultdict(set)
         self._next_ping = time.monotonic() + PING_SECONDS
         self._next_tick = time.monotonic() + 1
@@ -314,22 +377,56 @@ class FanOut:
                 self._flush(feed_socket)
         self._flushed_at, self._flush_at = now, None
 
-    def _on_adopt(self, touched, feed_socket, greeting):
+    def _on_greet(self, touched, feed_socket, authenticate):
+        feed_socket.authenticate = authenticate
+        if self._register(feed_socket) and self._closing is not None:
+            feed_socket.begin_close(*self._closing, time.monotonic())
+            touched.add(feed_socket)
+
+    def _register(self, feed_socket):
+        """Serve ``feed_socket`` from this loop; False if it is gone already."""
         self._sockets.add(feed_socket)
-        metrics.SOCKETS.inc()
-        self._by_org[feed_socket.organization_id].add(feed_socket)
+        feed_socket.registered = True
         try:
             feed_socket.sock.setblocking(False)
             feed_socket.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             self._selector.register(feed_socket.sock, selectors.EVENT_READ, feed_socket)
         except (OSError, ValueError):  # the client left before we got to it
             self._discard(feed_socket)
+            return False
+        return True
+
+    def _on_adopt(self, touched, feed_socket, greeting):
+        if feed_socket.discarded:  # the client left while its key was checked
+            self._forget(feed_socket)
+            return
+        if feed_socket.state is not NEW:
+            self._uncount_unauthenticated()
+        feed_socket.state = OPEN
+        metrics.SOCKETS.inc()
+        self._by_org[feed_socket.organization_id].add(feed_socket)
+        if not feed_socket.registered and not self._register(feed_socket):
             return
         if self._closing is None:
             feed_socket.control(greeting)
         else:  # authenticated while this process stops: off to another one
             feed_socket.begin_close(*self._closing, time.monotonic())
         touched.add(feed_socket)
+
+    def _on_refuse(self, touched, feed_socket, code, reason):
+        if not feed_socket.discarded:
+            feed_socket.begin_close(code, reason, time.monotonic())
+            touched.add(feed_socket)
+
+    def _check(self, feed_socket, message):
+        """On an auth thread: have ``message`` checked; refuse the socket if it fails."""
+        try:
+            feed_socket.authenticate(feed_socket, message)
+        except Refused as refused:
+            self._post(("refuse", feed_socket, refused.code, refused.reason))
+        except Exception:
+            log.exception("feed socket authentication failed")
+            self._post(("refuse", feed_socket, 1011, "unexpected error"))
 
     def _on_events(self, touched, organization_id, messages):
         subscribers = self._by_org.get(organization_id)
@@ -380,6 +477,9 @@ class FanOut:
             close = (1002, "protocol error")
         if close:
             feed_socket.begin_close(*close, time.monotonic())
+        message = feed_socket.take_auth_message()
+        if message is not None:
+            self._auth_pool.submit(self._check, feed_socket, message)
         if feed_socket.outbox:
             self._flush(feed_socket)
 
@@ -413,13 +513,17 @@ class FanOut:
         if now >= self._next_ping:
             self._next_ping = now + PING_SECONDS
             for feed_socket in self._sockets:
-                if feed_socket.closing_until is None:
+                if feed_socket.closing_until is None and feed_socket.state is OPEN:
                     feed_socket.control(feed_socket.ws.send(Ping()))
             for feed_socket in list(self._sockets):
                 self._flush(feed_socket)
         for feed_socket in list(self._sockets):
             if feed_socket.closing_until is not None:
                 expired = now > feed_socket.closing_until
+            elif feed_socket.state is GREETING and now > feed_socket.auth_deadline:
+                feed_socket.begin_close(4401, "authentication timed out", now)
+                self._flush(feed_socket)
+                continue
             else:
                 expired = ((feed_socket.outbox and now - feed_socket.progress_at > STALL_SECONDS)
                            or now - feed_socket.heard_at > SILENT_SECONDS)
@@ -437,24 +541,35 @@ class FanOut:
         if feed_socket not in self._sockets:
             return
         self._sockets.discard(feed_socket)
-        metrics.SOCKETS.dec()
+        feed_socket.discarded = True
         try:
             self._selector.unregister(feed_socket.sock)
         except (KeyError, ValueError):
             pass  # never registered
         feed_socket.sock.close()
-        organization_id = feed_socket.organization_id
-        subscribers = self._by_org[organization_id]
+        if feed_socket.state is not OPEN:
+            self._uncount_unauthenticated()
+            return  # an adoption under way is undone when it arrives (_on_adopt)
+        metrics.SOCKETS.dec()
+        subscribers = self._by_org[feed_socket.organization_id]
         subscribers.discard(feed_socket)
         if not subscribers:
-            del self._by_org[organization_id]
+            del self._by_org[feed_socket.organization_id]
+        self._forget(feed_socket)
+
+    def _forget(self, feed_socket):
+        """Undo what ``adopt`` counted for a socket that is gone."""
         with self._lock:
             self._count -= 1
             self._keys[feed_socket.key_hash] -= 1
             if not self._keys[feed_socket.key_hash]:
                 del self._keys[feed_socket.key_hash]
-        if not subscribers and self._on_leave is not None:
-            self._on_leave(organization_id)
+        if feed_socket.organization_id not in self._by_org and self._on_leave is not None:
+            self._on_leave(feed_socket.organization_id)
+
+    def _uncount_unauthenticated(self):
+        with self._lock:
+            self._unauthenticated -= 1
 
 
 def close_all(code=1001, reason="server restarting"):

@@ -8,10 +8,12 @@ socket fell behind and events were dropped for it, and {"type": "gap"} when
 events may have been missed upstream (the page then catches up through the read
 API). A revoked key's sockets are closed with 4401.
 
-A server thread runs the view only for the handshake and the auth message: the
-view takes the connection away from the WSGI server, authenticates it from the
-key cache, and hands it to this process's fan-out loop (ingest/fanout.py),
-which serves it from then on; the thread is free again. From the upgrade on,
+A server thread runs the view only for the handshake: the view takes the
+connection away from the WSGI server and hands it to this process's fan-out loop
+(ingest/fanout.py), which waits for the auth message and serves the socket from
+then on; the thread is free again at once, so sockets that never authenticate
+cost no thread. The loop hands the auth message to ``authenticate`` here, on one
+of its auth threads (the key cache may ask the database). From the upgrade on,
 the socket is answered in WebSocket frames only: any failure closes it with a
 close code (1009 message too big, 1011 unexpected error, 1013 try again later:
 database unavailable or process full), never with an HTTP response.
@@ -19,6 +21,7 @@ database unavailable or process full), never with an HTTP response.
 permessage-deflate is never negotiated: every socket of an organization is
 sent the same uncompressed frame, and nothing a client sends is ever inflated.
 """
+import functools
 import json
 import logging
 import os
@@ -29,18 +32,16 @@ from flask import Blueprint, current_app, render_template, request
 from flask_sock import Sock
 from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import CloseConnection
 
 from ingest.accounts import hash_key
 from ingest.auth import KEY_CACHE_SECONDS
-from ingest.fanout import FeedSocket, text_frame
+from ingest.fanout import FeedSocket, Refused, text_frame
 from ingest.threads import PerProcess
 
 log = logging.getLogger(__name__)
 
-AUTH_TIMEOUT = 10
-MAX_AUTH_MESSAGE = 4096
-CLOSE_LINGER = 1.0  # seconds to wait for the client's close reply before hanging up
+REFUSE_TIMEOUT = 0.1  # seconds a request thread spends sending a refusal's close frame
 UNAVAILABLE = (OperationalError, InterfaceError, MaxConnectionsExceeded, TimeoutError)
 
 # The socket route is on the feed blueprint, whose before_request strips the
@@ -65,19 +66,6 @@ class NoReaderThread:
         pass
 
 
-class Refused(Exception):
-    """Close the socket with ``code`` and ``reason``."""
-
-    def __init__(self, code, reason):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-class Gone(Exception):
-    """The client closed or vanished."""
-
-
 @feed.get("/feed")
 def page():
     response = current_app.make_response(render_template("feed.html"))
@@ -99,15 +87,9 @@ def websocket(ws):
         log.exception("could not take over a feed socket")
         ws.close(1013, "try again later")
         return
-    try:
-        _serve(connection, ws.ws)
-    except Refused as refused:
-        _close(connection, ws.ws, refused.code, refused.reason)
-    except Gone:
-        connection.close()
-    except Exception:
-        log.exception("feed socket failed")
-        _close(connection, ws.ws, 1011, "unexpected error")
+    bus, keys = current_app.extensions["bus"], current_app.extensions["keys"]
+    if not bus.fanout.greet(FeedSocket(connection, ws.ws), functools.partial(authenticate, bus, keys)):
+        _refuse(connection, ws.ws, 1013, "this server holds all the sockets it can; try again later")
 
 
 def take_over(ws):
@@ -131,75 +113,37 @@ def take_over(ws):
     return connection
 
 
-def _serve(connection, ws):
-    raw = _first_message(connection, ws)
+def authenticate(bus, keys, feed_socket, message):
+    """Check a socket's auth message and hand the socket to the bus; raises Refused.
+    Runs on one of the fan-out's auth threads."""
     try:
-        message = json.loads(raw)
-        token = message.get("token") if message.get("type") == "auth" else None
+        parsed = json.loads(message)
+        token = parsed.get("token") if parsed.get("type") == "auth" else None
     except (ValueError, AttributeError, RecursionError):
         token = None
     key_hash = hash_key(token)
     try:
-        principal = current_app.extensions["keys"].principal(key_hash) if key_hash else None
+        principal = keys.principal(key_hash) if key_hash else None
     except UNAVAILABLE:
         raise Refused(1013, "database unavailable; try again later") from None
     if principal is None:
         raise Refused(4401, "authentication failed")
     if "read" not in principal.scopes:
         raise Refused(4403, "this key lacks the read scope")
-    organization_id = principal.organization_id
-    greeting = text_frame(json.dumps({"type": "ready", "organizationId": organization_id}))
-    bus = current_app.extensions["bus"]
-    connection.settimeout(None)
-    if not bus.attach(FeedSocket(connection, ws, organization_id, key_hash), greeting):
+    feed_socket.authenticated(principal.organization_id, key_hash)
+    greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id}))
+    if not bus.attach(feed_socket, greeting):
         raise Refused(1013, "this server holds all the sockets it can; try again later")
-    _watch_keys(bus.fanout, current_app.extensions["keys"])
-    log.info("feed socket connected", extra={"organization_id": organization_id})
+    _watch_keys(bus.fanout, keys)
+    log.info("feed socket connected", extra={"organization_id": principal.organization_id})
 
 
-def _first_message(connection, ws):
-    """The client's first message (its auth), answering its pings meanwhile."""
-    deadline = time.monotonic() + AUTH_TIMEOUT
-    parts, size = [], 0
-    while True:
-        for event in ws.events():
-            if isinstance(event, Ping):
-                connection.sendall(ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                raise Gone()
-            elif isinstance(event, BytesMessage):
-                raise Refused(4401, "authentication failed")
-            elif isinstance(event, TextMessage):
-                parts.append(event.data)
-                size += len(event.data)
-                if size > MAX_AUTH_MESSAGE:
-                    raise Refused(1009, "the auth message is too big")
-                if event.message_finished:
-                    return "".join(parts)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise Refused(4401, "authentication timed out")
-        connection.settimeout(remaining)
-        try:
-            data = connection.recv(65536)
-        except socket.timeout:
-            continue
-        except OSError:
-            raise Gone() from None
-        if not data:
-            raise Gone()
-        ws.receive_data(data)
-
-
-def _close(connection, ws, code, reason):
-    """Send a close frame, wait briefly for the client's reply, hang up."""
+def _refuse(connection, ws, code, reason):
+    """Send a close frame if the client takes it at once, and hang up."""
     try:
-        connection.settimeout(CLOSE_LINGER)
+        connection.settimeout(REFUSE_TIMEOUT)
         connection.sendall(ws.send(CloseConnection(code=code, reason=reason)))
-        connection.shutdown(socket.SHUT_WR)
-        while connection.recv(4096):
-            pass
-    except Exception:  # the client is gone or slow: hang up all the same
+    except OSError:
         pass
     finally:
         connection.close()

@@ -172,15 +172,16 @@ def require_redis():
 
 
 @contextlib.contextmanager
-def production_stack(directory, env=None):
+def production_stack(directory, env=None, sockets_per_address=None):
     """The production shape: nginx in front of gunicorn with 2 workers, a
     huey_consumer process, Redis as the event bus; yields the web front.
-    ``env``: more settings for both processes."""
+    ``env``: more settings for both processes; ``sockets_per_address``: nginx's
+    bound on one address's feed sockets, if not deploy/nginx.conf's."""
     from tests.servers import Consumer, Production
 
     env = {"EVENTS_URL": require_redis(), "QUEUE_URL": "sqlite:///%s" % (directory / "queue.db"),
            **(env or {})}
-    web = Production(directory, workers=2, env=env)
+    web = Production(directory, workers=2, env=env, sockets_per_address=sockets_per_address)
     consumer = Consumer(directory / "consumer.log", env=env)
     try:
         yield web
@@ -197,6 +198,8 @@ def stack(app, tmp_path):
 
 @pytest.fixture(scope="module")
 def module_stack(tmp_path_factory):
-    """One production stack for a module whose tests do not disturb each other."""
-    with production_stack(tmp_path_factory.mktemp("stack")) as web:
+    """One production stack for a module whose tests do not disturb each other.
+    Its feed tests hold up to 2,000 sockets from 127.0.0.1, as that many browsers
+    behind one office's address would."""
+    with production_stack(tmp_path_factory.mktemp("stack"), sockets_per_address=2500) as web:
         yield web

@@ -100,17 +100,24 @@ class Nginx:
     """deploy/nginx.conf in front of a Gunicorn, on a free port (the production topology).
 
     The repository's config is used as it is, but for the two addresses (its
-    listen port and gunicorn's) and where nginx keeps its pid file."""
+    listen port and gunicorn's), where nginx keeps its pid file and, if given,
+    ``sockets_per_address`` (for tests whose thousands of browsers all come from
+    127.0.0.1)."""
 
     CONFIG = os.path.join(ROOT, "deploy", "nginx.conf")
+    SOCKETS_PER_ADDRESS = "limit_conn feed_sockets 500;"
 
-    def __init__(self, directory, upstream):
+    def __init__(self, directory, upstream, sockets_per_address=None):
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         config = (open(self.CONFIG).read()
                   .replace("listen 8080 ", "listen 127.0.0.1:%d " % self.port)
                   .replace("server 127.0.0.1:8000;", "server 127.0.0.1:%d;" % upstream.port)
                   .replace("pid /run/nginx-ingest.pid;", "pid %s;" % os.path.join(directory, "nginx.pid")))
+        assert self.SOCKETS_PER_ADDRESS in config
+        if sockets_per_address is not None:
+            config = config.replace(self.SOCKETS_PER_ADDRESS,
+                                    "limit_conn feed_sockets %d;" % sockets_per_address)
         path = os.path.join(directory, "nginx.conf")
         with open(path, "w") as file:
             file.write(config)
@@ -133,9 +140,9 @@ class Nginx:
 class Production:
     """nginx in front of gunicorn: ``url`` is nginx's; the rest is gunicorn's."""
 
-    def __init__(self, directory, workers=2, env=None):
+    def __init__(self, directory, workers=2, env=None, sockets_per_address=None):
         self.web = Gunicorn(os.path.join(directory, "web.log"), workers=workers, env=env)
-        self.proxy = Nginx(directory, self.web)
+        self.proxy = Nginx(directory, self.web, sockets_per_address)
         self.url = self.proxy.url
 
     def __getattr__(self, name):  # log_lines, worker_pids, process, ...

@@ -1,0 +1,83 @@
+"""Feed sockets that never authenticate (hardening round 3, issue 21 #1): a socket
+waiting for its auth message holds no request thread, so thousands of them, opened
+without a key, leave /healthz and every tenant's ingest as fast as without them."""
+import time
+
+import pytest
+import requests
+
+from tests.helpers import interaction, make_customer, make_organization
+from tests.idle_sockets import IdleSockets
+from tests.servers import Gunicorn, wait_until
+
+REQUESTS = 150
+TIMEOUT = 15.0  # a request that takes longer counts as this long
+FLOOR = 0.010  # p99s under 10 ms are noise on a shared 2-core machine: compared as 10 ms
+
+
+def p99s(url, key, customer_id):
+    """p99 latency (seconds) of /healthz and of single ingest, sent in turn."""
+    session = requests.Session()
+    took = {"health": [], "ingest": []}
+    for _ in range(REQUESTS):
+        for name, send in (("health", lambda: session.get(url + "/healthz", timeout=TIMEOUT)),
+                           ("ingest", lambda: session.post(
+                               url + "/api/data/ingest", json=interaction(customer_id),
+                               headers={"Authorization": "Bearer " + key}, timeout=TIMEOUT))):
+            start = time.monotonic()
+            try:
+                response = send()
+                assert response.status_code in (200, 201), response.text
+            except requests.Timeout:
+                pass
+            took[name].append(time.monotonic() - start)
+    return {name: sorted(values)[int(len(values) * 0.99) - 1] for name, values in took.items()}
+
+
+def assert_within_twice(control, attacked):
+    for name in control:
+        assert attacked[name] <= 2 * max(control[name], FLOOR), (name, control, attacked)
+
+
+@pytest.fixture
+def tenant(app):
+    org = make_organization(app, "Bystander")
+    return org["ingestKey"], make_customer(app, org)
+
+
+@pytest.mark.processes
+def test_five_thousand_idle_unauthenticated_sockets_hold_no_request_thread(app, tenant, tmp_path):
+    """gunicorn alone (2 workers of WEB_THREADS threads each): 5,000 upgraded sockets
+    that never send their auth message, re-opened as soon as they are closed."""
+    web = Gunicorn(tmp_path / "web.log", workers=2)
+    try:
+        control = p99s(web.url, *tenant)
+        idle = IdleSockets(web.url, 5000)
+        try:
+            wait_until(lambda: idle.open >= 4900, timeout=60, message="5,000 idle sockets")
+            attacked = p99s(web.url, *tenant)
+            print("p99 control %s, with %d idle sockets %s" % (control, idle.open, attacked))
+            assert idle.open >= 4900
+        finally:
+            idle.close()
+        assert_within_twice(control, attacked)
+    finally:
+        web.stop()
+
+
+def test_through_nginx_one_address_holds_a_bounded_number_of_idle_sockets(tenant, stack):
+    """The production front: 5,000 sockets without a key from one address. nginx lets
+    500 of them (its per-address bound) through and answers the rest 429; health and
+    another tenant's ingest keep their p99."""
+    control = p99s(stack.url, *tenant)
+    idle = IdleSockets(stack.url, 5000, refused_pause=2.0)
+    try:
+        wait_until(lambda: idle.open >= 500 and idle.refusals >= 4500, timeout=60,
+                   message="500 idle sockets and 4,500 refusals")
+        attacked = p99s(stack.url, *tenant)
+        print("p99 control %s, with %d idle sockets (%d refusals) %s"
+              % (control, idle.open, idle.refusals, attacked))
+        assert idle.open <= 500
+    finally:
+        idle.close()
+    assert_within_twice(control, attacked)
