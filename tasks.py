@@ -158,8 +158,8 @@ class ResultWriter:
         for result in written:
             by_organization[result["organization_id"]].append({
                 "type": "interaction.analyzed", "data": {
-                    "id": result["id"], "analysisStatus": result["analysis_status"],
-                    "sentiment": result["sentiment"]}})
+                    "id": result["id"], "customerId": result["customer_id"],
+                    "analysisStatus": result["analysis_status"], "sentiment": result["sentiment"]}})
         bus_for(settings["EVENTS_URL"]).publish(by_organization)
 
 

@@ -105,8 +105,8 @@ def score(ids, budget=None):
 def store(scored):
     """Write scores with one statement (atomic on its own: no BEGIN and COMMIT),
     leaving alone rows that another task analysed meanwhile. Returns a result
-    ``{"id", "organization_id", "analysis_status", "sentiment"}`` for each row
-    written (the ids as text, as events carry them)."""
+    ``{"id", "organization_id", "customer_id", "analysis_status", "sentiment"}`` for
+    each row written (the ids as text, as events carry them)."""
     if not scored:
         return []
     rows = [(row_id, status, label, value) for row_id, _, (status, label, value) in scored]
@@ -116,8 +116,8 @@ def store(scored):
              for row_id, status, label, value in rows])]
     else:
         sql, params = _store_sqlite(len(rows)), [utcnow(), *(value for row in rows for value in row)]
-    written = {row[0] for row in db.execute_sql(sql, params)}
-    results = [{"id": _text(row_id), "organization_id": org_id,
+    written = dict(db.execute_sql(sql, params))  # id -> customer id
+    results = [{"id": _text(row_id), "organization_id": org_id, "customer_id": _text(written[row_id]),
                 "analysis_status": status,
                 "sentiment": None if label is None else {"label": label, "score": value}}
                for row_id, org_id, (status, label, value) in scored if row_id in written]
@@ -164,7 +164,7 @@ STORE_POSTGRES = (
     "UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
     "sentiment_score = v.score, analysis_error = NULL, analyzed_at = %s "
     "FROM json_to_recordset(%s::json) AS v(id uuid, status text, label text, score float8) "
-    + _STORE_WHERE + "RETURNING interaction.id::text")
+    + _STORE_WHERE + "RETURNING interaction.id::text, interaction.customer_id::text")
 
 
 @functools.lru_cache(maxsize=128)
@@ -173,7 +173,7 @@ def _store_sqlite(rows):
             "sentiment_score = v.score, analysis_error = NULL, analyzed_at = ? "
             "FROM (SELECT column1 AS id, column2 AS status, column3 AS label, column4 AS score "
             "FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + ")) AS v " + _STORE_WHERE +
-            "RETURNING interaction.id")
+            "RETURNING interaction.id, interaction.customer_id")
 
 
 def mark_failed(ids, error):

@@ -20,7 +20,9 @@ Publishing only queues events for the loop, so a slow or dead browser never slow
 ingestion. Each socket's outbox is bounded in bytes: a browser that falls behind
 has events dropped for it alone and is told {"type": "dropped", "count": N}; one
 that makes no progress for STALL_SECONDS, or sends nothing (not even a pong) for
-SILENT_SECONDS, is cut off.
+SILENT_SECONDS, is cut off. Events about a customer that arrive after its
+``customer.deleted`` (a publish after a commit can overtake the erasure's) are not
+sent (Erasures).
 """
 import collections
 import concurrent.futures
@@ -63,6 +65,8 @@ AUTH_THREADS = 4  # per process: the threads that check auth messages against th
 # so that under load each socket gets a few events per write, not one each.
 COALESCE_SECONDS = 0.005
 SENDMSG_BUFFERS = 64
+ERASURE_MEMORY_SECONDS = 600  # how long a process drops late events about an erased customer
+ERASURES_KEPT = 10_000
 
 _loops = weakref.WeakSet()
 
@@ -220,6 +224,60 @@ class FeedSocket:
             pass
 
 
+class Erasures:
+    """The customers erased lately, by organization, to drop the events about them
+    that arrive after their ``customer.deleted``. Events are screened as the JSON
+    texts they travel as: only an organization with a recent erasure pays for
+    parsing them."""
+
+    DELETED = '{"type":"customer.deleted",'
+
+    def __init__(self):
+        self._erased = collections.OrderedDict()  # (organization, customer) -> when
+        self._organizations = collections.Counter()
+
+    def screen(self, organization_id, messages):
+        """``messages`` less those about a customer erased earlier."""
+        if not self._organizations[organization_id]:
+            if not any(self._is_deletion(message) for message in messages):
+                return messages
+        self._expire()
+        kept = []
+        for message in messages:
+            event = json.loads(message)
+            customer_id = event["data"].get("customerId")
+            if self._is_deletion(message):
+                self._remember(organization_id, event["data"]["id"])
+            elif customer_id is not None and (organization_id, customer_id) in self._erased:
+                continue
+            kept.append(message)
+        return kept
+
+    def _is_deletion(self, message):
+        prefix = self.DELETED if isinstance(message, str) else self.DELETED.encode()
+        return message.startswith(prefix)
+
+    def _remember(self, organization_id, customer_id):
+        key = (organization_id, customer_id)
+        if key not in self._erased:
+            self._organizations[organization_id] += 1
+        self._erased[key] = time.monotonic()
+        self._erased.move_to_end(key)
+        if len(self._erased) > ERASURES_KEPT:
+            self._forget_oldest()
+
+    def _expire(self):
+        horizon = time.monotonic() - ERASURE_MEMORY_SECONDS
+        while self._erased and next(iter(self._erased.values())) < horizon:
+            self._forget_oldest()
+
+    def _forget_oldest(self):
+        (organization_id, _), _ = self._erased.popitem(last=False)
+        self._organizations[organization_id] -= 1
+        if not self._organizations[organization_id]:
+            del self._organizations[organization_id]
+
+
 class FanOut:
     """This process's feed sockets and the thread that serves them.
 
@@ -312,6 +370,7 @@ class FanOut:
         self._waker.setblocking(False)
         self._selector.register(self._wakeup, selectors.EVENT_READ, None)
         self._sockets = set()
+        self._erasures = Erasures()
         self._auth_pool = concurrent.futures.ThreadPoolExecutor(AUTH_THREADS, "feed-auth")
         self._by_org = collections.defaultdict(set)
         self._next_ping = time.monotonic() + PING_SECONDS
@@ -431,6 +490,9 @@ class FanOut:
     def _on_events(self, touched, organization_id, messages):
         subscribers = self._by_org.get(organization_id)
         if not subscribers:
+            return
+        messages = self._erasures.screen(organization_id, messages)
+        if not messages:
             return
         frames = [text_frame(message) for message in messages]
         chunk = frames[0] if len(frames) == 1 else b"".join(frames)

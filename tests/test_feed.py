@@ -5,6 +5,7 @@ isolated; erasures reach every socket; the close codes; a socket that stops read
 
 One stack serves the module (each test has its own organization), but for the
 test that takes Redis away."""
+import threading
 import time
 
 import pytest
@@ -64,6 +65,42 @@ def test_erasure_reaches_every_socket_of_the_organization(module_stack, org, cus
     for client in clients:
         notice = client.until(lambda m: m["type"] == "customer.deleted")[-1]
         assert notice["data"] == {"id": customer_id}
+        client.close()
+
+
+def test_no_event_about_a_customer_arrives_after_its_deletion_notice(module_stack, app, org,
+                                                                    customer_id):
+    """Rounds of: 6 clients ingest for a customer while it is erased. Whatever a
+    socket on either worker was sent about the customer came before customer.deleted
+    (the publish after a commit used to overtake the erasure's notice)."""
+    clients = sockets_on_both_workers(module_stack, org["readKey"], org["organizationId"])
+    for _ in range(10):
+        erased = make_customer(app, org)
+        stop = []
+
+        def send():
+            session = requests.Session()
+            while not stop:
+                post_interaction(module_stack.url, org["ingestKey"], erased, session)
+        senders = [threading.Thread(target=send) for _ in range(6)]
+        for sender in senders:
+            sender.start()
+        time.sleep(0.2)  # ingest under way
+        assert requests.delete(module_stack.url + "/api/customers/" + erased,
+                               headers=bearer(org["ingestKey"])).status_code == 204
+        time.sleep(0.2)  # ingest goes on (404s) while the last publishes land
+        stop.append(True)
+        for sender in senders:
+            sender.join()
+        marker = post_interaction(module_stack.url, org["ingestKey"], customer_id).json()["id"]
+        for client in clients:
+            messages = client.until(lambda m: m["type"] == "interaction.created"
+                                    and m["data"]["id"] == marker, timeout=20)
+            about = [m["type"] for m in messages if m["data"].get("customerId") == erased
+                     or m["data"] == {"id": erased}]
+            assert "customer.deleted" in about
+            assert about[-1] == "customer.deleted", about[about.index("customer.deleted"):]
+    for client in clients:
         client.close()
 
 
