@@ -9,12 +9,19 @@ know: one call for everything a commit (or an analysis task) produced.
 - ``redis://``: one Redis stream per organization. A listener thread in each web
   process reads the streams of the organizations it has sockets for and hands
   what it reads to its fan-out. A stream is a short replay log, not a fire-and-
-  forget channel, so a listener that loses its connection resumes where it was
-  and one tenant's volume can only ever trim its own stream. Whatever cannot be
-  delivered is said, never silently skipped: the organization's sockets get
-  {"type": "gap"} when their listener finds its position trimmed away, when Redis
-  restarted under it, or when a publisher failed to publish (it writes a gap
-  marker into the stream with its next successful publish).
+  forget channel, so a listener that loses its connection resumes where it was.
+  Whatever cannot be delivered is said, never silently skipped: the
+  organization's sockets get {"type": "gap"} when their listener finds entries
+  trimmed away before it read them (each entry carries its organization's
+  sequence number), when Redis restarted under it, or when a publisher failed to
+  publish (it writes a gap marker into the stream with its next successful publish).
+
+Redis memory is bounded in bytes (this Redis also holds the rate limits and may
+hold the queue): one script per publish (APPEND) appends the entry and trims the
+organization's stream, oldest first, to STREAM_BYTES (its newest entry always
+stays), then, while all streams together hold more than TOTAL_BYTES, empties the
+streams published to least recently. So one tenant's volume trims only its own
+stream until Redis as a whole is at its bound.
 """
 import collections
 import functools
@@ -33,13 +40,79 @@ from ingest.threads import PerProcess
 log = logging.getLogger(__name__)
 
 STREAM_PREFIX = "ingest:events:"
-STREAM_LENGTH = 1000  # publishes kept per organization (approximately), for listeners that lag
+SIZES_KEY = "ingest:events-bytes"  # organization -> bytes its stream holds; "*" -> all of them
+SEQUENCES_KEY = "ingest:events-sequence"  # organization -> its newest entry's sequence number
+RECENT_KEY = "ingest:events-recent"  # organizations by their last publish (ms)
+STREAM_BYTES = 8 * 1024 * 1024  # per organization, for listeners that lag
+TOTAL_BYTES = 256 * 1024 * 1024  # every organization's stream together
 STREAM_TTL = 24 * 3600  # an organization's stream is dropped after a day with no publish
 READ_COUNT = 100  # entries per stream and read: a busy organization never starves the others
 READ_BLOCK_MS = 250  # also how soon a listener starts reading a newly watched organization
 LISTENER_NAME = "ingest-events-listener"
 GAP_FIELD = b"gap"
 EVENTS_FIELD = b"e"
+SEQUENCE_FIELD = b"s"
+NO_POSITION = (b"0-0", None)  # before the first entry of a stream
+
+# KEYS: SIZES_KEY, SEQUENCES_KEY, RECENT_KEY. ARGV: STREAM_PREFIX, organization,
+# field, value, STREAM_BYTES, TOTAL_BYTES, STREAM_TTL. Streams are named from the
+# prefix inside the script (a standalone Redis, as EVENTS_URL is).
+APPEND = """
+local sizes, sequences, recent = KEYS[1], KEYS[2], KEYS[3]
+local prefix, org, field, value = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local stream_limit, total_limit, ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+local function held(o) return tonumber(redis.call('HGET', sizes, o) or '0') end
+local function release(o, n)
+  redis.call('HINCRBY', sizes, o, -n)
+  redis.call('HINCRBY', sizes, '*', -n)
+end
+local function empty(o)
+  redis.call('DEL', prefix .. o)
+  release(o, held(o))
+  redis.call('HDEL', sizes, o)
+  redis.call('HDEL', sequences, o)
+  redis.call('ZREM', recent, o)
+end
+local function trim(o, limit)
+  local left = held(o)
+  while left > limit do
+    local oldest = redis.call('XRANGE', prefix .. o, '-', '+', 'COUNT', 2)
+    if #oldest < 2 then break end
+    local fields, size = oldest[1][2], 0
+    for i = 1, #fields, 2 do if fields[i] == 'n' then size = tonumber(fields[i + 1]) end end
+    redis.call('XDEL', prefix .. o, oldest[1][1])
+    release(o, size)
+    left = left - size
+  end
+end
+
+-- Streams about to expire unpublished leave the accounts before their keys go.
+for _, o in ipairs(redis.call('ZRANGEBYSCORE', recent, '-inf', now - (ttl - 3600) * 1000)) do
+  empty(o)
+end
+local size = string.len(value)
+local sequence = redis.call('HINCRBY', sequences, org, 1)
+local id = redis.call('XADD', prefix .. org, '*', field, value, 'n', size, 's', sequence)
+redis.call('HINCRBY', sizes, org, size)
+redis.call('HINCRBY', sizes, '*', size)
+redis.call('ZADD', recent, now, org)
+trim(org, stream_limit)
+local over = held('*') - total_limit
+while over > 0 do
+  local o = redis.call('ZRANGE', recent, 0, 0)[1]
+  if o == org then
+    trim(org, held(org) - over)
+    break
+  end
+  empty(o)
+  over = held('*') - total_limit
+end
+for _, key in ipairs({prefix .. org, sizes, sequences, recent}) do redis.call('EXPIRE', key, ttl) end
+return id
+"""
 
 
 # One encoder for every event: json.dumps with options builds a new one per call,
@@ -81,27 +154,29 @@ class MemoryBus:
 class RedisBus(MemoryBus):
     """Redis streams between processes (see the module docstring)."""
 
-    def __init__(self, url):
+    def __init__(self, url, stream_bytes=STREAM_BYTES, total_bytes=TOTAL_BYTES):
         super().__init__()
         self._url = url
+        self._limits = (stream_bytes, total_bytes)
         # A publish whose connection drops is tried again on a new one (at worst an
         # event is then delivered twice; the page keeps one row per id).
         self._redis = redis.Redis.from_url(
             url, socket_timeout=2, socket_connect_timeout=2,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        self._append_script = self._redis.register_script(APPEND)
         self._lock = threading.Lock()
         self._watchers = collections.Counter()  # organization -> its sockets here
-        self._positions = {}  # organization -> last stream id read (None: unknown)
+        # organization -> (last stream id read, its sequence number or None), None: unknown
+        self._positions = {}
         self._failed = set()  # organizations whose events this process failed to publish
         self._listener = PerProcess(("events-listener", self._listen))
 
     def publish(self, events_by_organization):
-        """One pipelined round trip: an XADD per organization (after a gap marker
+        """One pipelined round trip: an APPEND per organization (after a gap marker
         where an earlier publish of this process failed)."""
         lost = self._failed & set(events_by_organization)
-        entries = [(STREAM_PREFIX + str(organization_id), organization_id in lost,
-                    "\n".join(encode(events)))
+        entries = [(str(organization_id), organization_id in lost, "\n".join(encode(events)))
                    for organization_id, events in events_by_organization.items()]
         try:
             try:
@@ -118,12 +193,20 @@ class RedisBus(MemoryBus):
 
     def _append(self, entries):
         pipe = self._redis.pipeline(transaction=False)
-        for key, after_gap, text in entries:
+        for organization_id, after_gap, text in entries:
             if after_gap:
-                pipe.xadd(key, {GAP_FIELD: b"1"}, maxlen=STREAM_LENGTH, approximate=True)
-            pipe.xadd(key, {EVENTS_FIELD: text}, maxlen=STREAM_LENGTH, approximate=True)
-            pipe.expire(key, STREAM_TTL)
+                self._append_to(pipe, organization_id, GAP_FIELD, b"1")
+            self._append_to(pipe, organization_id, EVENTS_FIELD, text)
         pipe.execute()
+
+    def _append_to(self, pipe, organization_id, field, value):
+        self._append_script(keys=[SIZES_KEY, SEQUENCES_KEY, RECENT_KEY],
+                            args=[STREAM_PREFIX, organization_id, field, value, *self._limits, STREAM_TTL],
+                            client=pipe)
+
+    def held_bytes(self):
+        """Bytes the streams of every organization hold (for /metrics)."""
+        return int(self._redis.hget(SIZES_KEY, "*") or 0)
 
     def _joined(self, organization_id):
         self._listener.start()
@@ -145,13 +228,13 @@ class RedisBus(MemoryBus):
 
     @staticmethod
     def _latest(client, organization_id):
-        """The id of the organization's newest entry: reading resumes after it.
+        """The position of the organization's newest entry: reading resumes after it.
         None if Redis cannot say (the listener then starts afresh with a gap)."""
         try:
             newest = client.xrevrange(STREAM_PREFIX + organization_id, count=1)
         except redis.RedisError:
             return None
-        return newest[0][0] if newest else b"0-0"
+        return (newest[0][0], _sequence(newest[0][1])) if newest else NO_POSITION
 
     def _listen(self):
         client, run_id, delay = None, None, 0.1
@@ -179,7 +262,7 @@ class RedisBus(MemoryBus):
         for organization_id in unknown:
             self._restart(client, organization_id)
         with self._lock:
-            streams = {STREAM_PREFIX + org: position for org, position in self._positions.items()}
+            streams = {STREAM_PREFIX + org: position[0] for org, position in self._positions.items()}
         if not streams:
             time.sleep(READ_BLOCK_MS / 1000)
             return
@@ -188,30 +271,26 @@ class RedisBus(MemoryBus):
             with self._lock:
                 if organization_id not in self._positions:
                     continue  # its last socket left meanwhile
-                previous = self._positions[organization_id]
-                self._positions[organization_id] = entries[-1][0]
-            if len(entries) == READ_COUNT and self._trimmed_past(client, key, previous):
-                self.fanout.notify(organization_id, "gap", reason="the feed fell behind")
-            self._deliver(organization_id, entries)
+                sequence = self._positions[organization_id][1]
+                self._positions[organization_id] = (entries[-1][0], _sequence(entries[-1][1]))
+            self._deliver(organization_id, entries, sequence)
 
-    def _deliver(self, organization_id, entries):
+    def _deliver(self, organization_id, entries, sequence):
+        """Dispatch what ``entries`` carry; ``sequence``: that of the entry read before
+        them, to tell whether some were trimmed away unread."""
         messages = []
         for _, fields in entries:
-            if GAP_FIELD in fields:
+            reason = _gap(fields, sequence)
+            if reason:
                 if messages:
                     self.fanout.dispatch(organization_id, messages)
                     messages = []
-                self.fanout.notify(organization_id, "gap", reason="events could not be published")
-            else:
+                self.fanout.notify(organization_id, "gap", reason=reason)
+            sequence = _sequence(fields)
+            if EVENTS_FIELD in fields:
                 messages.extend(fields[EVENTS_FIELD].split(b"\n"))
         if messages:
             self.fanout.dispatch(organization_id, messages)
-
-    @staticmethod
-    def _trimmed_past(client, key, position):
-        """Were entries after ``position`` trimmed before this listener read them?"""
-        deleted = client.xinfo_stream(key).get("max-deleted-entry-id") or b"0-0"
-        return _stream_id(deleted) > _stream_id(position)
 
     def _restart(self, client, organization_id):
         """Start reading ``organization_id`` afresh, telling its sockets of the gap."""
@@ -226,14 +305,28 @@ class RedisBus(MemoryBus):
         with self._lock:
             organizations = list(self._positions)
             for organization_id in organizations:
-                self._positions[organization_id] = b"0-0"
+                self._positions[organization_id] = NO_POSITION
         for organization_id in organizations:
             self.fanout.notify(organization_id, "gap", reason="the event bus restarted")
 
 
-def _stream_id(value):
-    milliseconds, _, sequence = (value.decode() if isinstance(value, bytes) else value).partition("-")
-    return int(milliseconds), int(sequence or 0)
+def _sequence(fields):
+    """An entry's sequence number in its organization's stream (None for an entry
+    written before streams had them)."""
+    sequence = fields.get(SEQUENCE_FIELD)
+    return None if sequence is None else int(sequence)
+
+
+def _gap(fields, previous):
+    """Why the sockets must be told of a gap before this entry, if they must: it is a
+    publisher's gap marker, or entries between the one read before and this one were
+    trimmed away unread."""
+    if GAP_FIELD in fields:
+        return "events could not be published"
+    sequence = _sequence(fields)
+    if previous is not None and sequence is not None and sequence != previous + 1:
+        return "the feed fell behind"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
