@@ -8,10 +8,11 @@ Production: `gunicorn -c gunicorn.conf.py "app:create_app()"` plus
 import argparse
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import models
 import tasks
-from ingest import api, cli, config, errors, events, feed, logs, metrics, overload, security
+from ingest import api, body, cli, config, errors, events, feed, logs, metrics, overload, security
 from ingest.auth import KeyCache
 from ingest.service import IngestService
 
@@ -38,14 +39,15 @@ def create_app(test_config=None):
     models.init_app(app)
     security.init_app(app)
     errors.register(app)
+    body.init_app(app)
     bus = events.bus_for(tasks.settings["EVENTS_URL"])
     app.extensions["bus"] = bus
     app.extensions["keys"] = KeyCache()
     app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
                                              settings["MAX_BATCH_ITEMS"], settings["COMMIT_TIMEOUT"])
     app.extensions["queue_size"] = tasks.huey.pending_count
-    app.extensions["rate_limit"] = (overload.RateLimit(settings["RATE_LIMIT"], settings["RATE_LIMIT_URL"])
-                                    if settings["RATE_LIMIT"] else None)
+    app.extensions["rate_limit"] = _limit(settings["RATE_LIMIT"], settings)
+    app.extensions["auth_failures"] = _limit(settings["AUTH_FAILURE_LIMIT"], settings)
     app.extensions["backlog"] = overload.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
     metrics.init_app(app, app.extensions["backlog"])
     app.register_blueprint(api.api)
@@ -53,7 +55,14 @@ def create_app(test_config=None):
     app.register_blueprint(api.health)
     app.register_blueprint(feed.feed)
     cli.init_app(app)
+    if settings["TRUSTED_PROXIES"]:  # the client's address from X-Forwarded-For (ingest/auth.py)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings["TRUSTED_PROXIES"])
     return app
+
+
+def _limit(spec, settings):
+    """The RateLimit of ``spec`` in RATE_LIMIT_URL's store, or None for no limit."""
+    return overload.RateLimit(spec, settings["RATE_LIMIT_URL"]) if spec else None
 
 
 def main(argv=None):

@@ -258,6 +258,11 @@ class Interaction(BaseModel):
         )
 
 
+# The analysis backlog's fair shares (ingest/overload.py): pending rows only, by organization.
+Interaction.add_index(Interaction.organization, name="interaction_pending_organization",
+                      where=Interaction.analysis_status == PENDING)
+
+
 class Erasure(BaseModel):
     """An erased customer's external id (its SHA-256 only) and when (DESIGN §15)."""
     organization = ForeignKeyField(Organization, on_delete="CASCADE")

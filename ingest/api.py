@@ -11,9 +11,10 @@ from flask import Blueprint, current_app, g, request
 
 from ingest import lifecycle, reads, schemas, segment
 from ingest import openapi as openapi_spec
-from ingest.auth import authenticate, key_from_request, require
+from ingest.auth import authenticate, charge_events, key_from_request, require
 from ingest.body import read_json
 from ingest.errors import ApiError, too_many_requests
+from ingest.problems import validation_error
 from models import db
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -21,8 +22,20 @@ segment_api = Blueprint("segment", __name__, url_prefix="/v1")
 health = Blueprint("health", __name__)
 
 
+# The views that take ``?dryRun=true`` (DESIGN §5); every other view of /api and
+# /v1 refuses the parameter rather than ignore it and do the real thing.
+DRY_RUN_VIEWS = ("api.ingest", "api.ingest_batch", "segment.segment_events")
+
+
 def service():
     return current_app.extensions["ingest"]
+
+
+@api.before_request
+@segment_api.before_request
+def refuse_unsupported_dry_run():
+    if "dryRun" in request.args and request.endpoint not in DRY_RUN_VIEWS:
+        raise validation_error({"dryRun": ["This endpoint has no dry run; nothing was done."]})
 
 
 @api.post("/customers")
@@ -53,11 +66,13 @@ def find_customers():
 
 
 def check_backlog():
-    """429 while the analysis backlog is over ANALYSIS_BACKLOG_MAX (DESIGN §13)."""
-    wait = current_app.extensions["backlog"].retry_after()
+    """429 while the analysis backlog is over ANALYSIS_BACKLOG_MAX and the key's
+    organization over its share of it (DESIGN §13; overload.Backlog)."""
+    wait = current_app.extensions["backlog"].retry_after(g.organization_id)
     if wait is not None:
         raise too_many_requests("analysis_backlog_full", "Too many interactions are waiting for "
-                                "analysis; retry after %d s." % wait, wait)
+                                "analysis, and this organization's are over its share of the "
+                                "bound; retry after %d s." % wait, wait)
 
 
 def bounded(view):
@@ -73,9 +88,16 @@ def dry_run():
     """``?dryRun=true`` (DESIGN §5): validate exactly as a real call, store nothing."""
     value = request.args.get("dryRun", "false").lower()
     if value not in ("true", "false", "1", "0"):
-        raise ApiError(400, "validation_error", "The request is invalid.",
-                       {"dryRun": ["Must be true or false."]})
+        raise validation_error({"dryRun": ["Must be true or false."]})
     return value in ("true", "1")
+
+
+def charge(payload, field=None):
+    """Charge the key's events budget (RATE_LIMIT) with the events ``payload``
+    carries: the items of its ``field`` for a batch, else 1. Before anything is
+    stored, so that a batch over the budget is refused whole."""
+    items = payload.get(field) if field and isinstance(payload, dict) else None
+    charge_events(len(items) if isinstance(items, list) and items else 1, field)
 
 
 @api.post("/data/ingest")
@@ -83,7 +105,9 @@ def dry_run():
 @bounded
 def ingest():
     dry = dry_run()
-    interaction_id, duplicate = service().ingest(g.organization_id, read_json(), dry_run=dry)
+    payload = read_json()
+    charge(payload)
+    interaction_id, duplicate = service().ingest(g.organization_id, payload, dry_run=dry)
     body = schemas.ingest_result.dump({"id": interaction_id, "duplicate": duplicate, "dry_run": dry})
     return body, 200 if duplicate or dry else 201
 
@@ -93,7 +117,9 @@ def ingest():
 @bounded
 def ingest_batch():
     dry = dry_run()
-    return schemas.batch_result.dump(service().ingest_batch(g.organization_id, read_json(), dry_run=dry))
+    payload = read_json()
+    charge(payload, "interactions")
+    return schemas.batch_result.dump(service().ingest_batch(g.organization_id, payload, dry_run=dry))
 
 
 @api.get("/interactions")
@@ -122,6 +148,7 @@ def segment_events(kind=None):
         authenticate("ingest", payload.get("writeKey") if isinstance(payload, dict) else None)
     check_backlog()
     dry = dry_run()
+    charge(payload, "batch" if kind is None else None)
     problems, retry = segment.ingest(service(), g.organization_id, payload, kind, dry_run=dry)
     if retry:
         raise ApiError(503, "storage_error", "Storing failed; retry the batch.",

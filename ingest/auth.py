@@ -1,12 +1,21 @@
-"""Authentication: the cache of live keys and the request check (DESIGN §5).
-Keys are created and revoked in ingest/accounts.py.
+"""Authentication: the cache of keys, the request check and the key's request
+and events budgets (DESIGN §5, §13). Keys are created and revoked in
+ingest/accounts.py.
 
-Live keys are cached per process for KEY_CACHE_SECONDS, so a request or a feed
+Keys are cached per process for KEY_CACHE_SECONDS, so a request or a feed
 socket authenticates without a database round trip, and 1,000 sockets
 reconnecting with the same key cost one query. The price: a revoked key keeps
 working for up to KEY_CACHE_SECONDS on HTTP; open feed sockets are checked
 again every KEY_CACHE_SECONDS, so theirs close within twice that.
+
+Failed authentications are limited per client address (AUTH_FAILURE_LIMIT):
+each 401 spends one from the address's budget, and once it is spent the
+address is answered 429 ``auth_rate_limited``, before any database lookup, for
+every key not already cached (a cached live key still goes through). The
+address is ``request.remote_addr``: behind nginx that is nginx's own, unless
+TRUSTED_PROXIES says how many proxies' X-Forwarded-For to believe (app.py).
 """
+import collections
 import functools
 import threading
 import time
@@ -18,10 +27,12 @@ from flask import current_app, g, request
 from ingest.accounts import hash_key
 from ingest.errors import ApiError, too_many_requests
 from ingest.logs import bind_context
+from ingest.overload import EVENTS, REQUESTS
+from ingest.problems import validation_error
 from models import ApiKey, connection
 
 KEY_CACHE_SECONDS = 5
-KEY_CACHE_ENTRIES = 10_000
+KEY_CACHE_ENTRIES = 10_000  # bounded: beyond it, the least recently used key goes
 LOOKUP_WAIT = 30  # seconds a request waits for another thread's lookup of the same key
 
 
@@ -34,21 +45,33 @@ class Principal:
 
 
 class KeyCache:
-    """Live keys by hash, each remembered for KEY_CACHE_SECONDS (unknown keys too).
+    """Keys by hash, each remembered for KEY_CACHE_SECONDS (unknown keys too), at
+    most ``size`` of them: beyond, the least recently used goes, so the keys in
+    use stay however many unknown ones clients try.
 
     Concurrent lookups of the same uncached key share one query.
     """
 
-    def __init__(self, ttl=KEY_CACHE_SECONDS):
+    def __init__(self, ttl=KEY_CACHE_SECONDS, size=KEY_CACHE_ENTRIES):
         self._ttl = ttl
-        self._entries = {}  # hash -> (Principal or None, expires at)
+        self._size = size
+        self._entries = collections.OrderedDict()  # hash -> (Principal or None, expires at), oldest use first
         self._lookups = {}  # hash -> Future of the query under way
         self._lock = threading.Lock()
 
+    def cached(self, key_hash):
+        """``(Principal or None, expires at)`` while ``key_hash`` is cached, else None."""
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None or entry[1] <= time.monotonic():
+                return None
+            self._entries.move_to_end(key_hash)
+            return entry
+
     def principal(self, key_hash):
         """The Principal of a live key's hash, or None."""
-        entry = self._entries.get(key_hash)
-        if entry is not None and entry[1] > time.monotonic():
+        entry = self.cached(key_hash)
+        if entry is not None:
             return entry[0]
         with self._lock:
             lookup = self._lookups.get(key_hash)
@@ -71,11 +94,11 @@ class KeyCache:
     def live(self, key_hashes):
         """Which of ``key_hashes`` are still live, asking the database (one query) for
         those not checked within KEY_CACHE_SECONDS."""
-        now = time.monotonic()
-        stale = [h for h in key_hashes if self._entries.get(h, (None, 0))[1] <= now]
-        if stale:
-            self._load(stale)
-        return {h for h in key_hashes if self._entries.get(h, (None,))[0] is not None}
+        entries = {key_hash: self.cached(key_hash) for key_hash in key_hashes}
+        stale = [key_hash for key_hash, entry in entries.items() if entry is None]
+        found = self._load(stale) if stale else {}
+        return {key_hash for key_hash, entry in entries.items()
+                if key_hash in found or (entry is not None and entry[0] is not None)}
 
     def _load(self, key_hashes):
         with connection():
@@ -85,10 +108,12 @@ class KeyCache:
             found = {key_hash: Principal(str(org), frozenset(scopes.split(",")), key_hash)
                      for org, scopes, key_hash in rows}
         expires = time.monotonic() + self._ttl
-        if len(self._entries) + len(key_hashes) > KEY_CACHE_ENTRIES:
-            self._entries = {}  # bounded: random keys from a client never pile up
-        for key_hash in key_hashes:
-            self._entries[key_hash] = (found.get(key_hash), expires)
+        with self._lock:
+            for key_hash in key_hashes:
+                self._entries[key_hash] = (found.get(key_hash), expires)
+                self._entries.move_to_end(key_hash)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
         return found
 
 
@@ -107,27 +132,68 @@ def key_from_request():
 def authenticate(scope, key=None):
     """Check the request's key (or ``key``) for ``scope``; sets g.organization_id."""
     key_hash = hash_key(key or key_from_request())
-    principal = current_app.extensions["keys"].principal(key_hash) if key_hash else None
+    principal = _principal(key_hash) if key_hash else None
     if principal is None:
+        _refuse_failing_address(spend=True)
         raise ApiError(401, "unauthorized", "A valid API key is required.",
                        headers={"WWW-Authenticate": 'Bearer realm="ingest"'})
     if scope not in principal.scopes:
         raise ApiError(403, "forbidden", "This key lacks the '%s' scope." % scope)
     g.organization_id = principal.organization_id
+    g.key_hash = principal.key_hash
     bind_context(organization_id=principal.organization_id)
-    _check_rate(principal)
+    _check_rate(REQUESTS, 1)
     return principal
 
 
-def _check_rate(principal):
-    """429 once the key has spent its RATE_LIMIT budget (DESIGN §13)."""
-    rate_limit = current_app.extensions["rate_limit"]
-    if rate_limit is None:
+def _principal(key_hash):
+    """The key's Principal (or None), looked up only if the client's address has
+    failed authentication less often than AUTH_FAILURE_LIMIT allows."""
+    keys = current_app.extensions["keys"]
+    entry = keys.cached(key_hash)
+    if entry is not None:
+        return entry[0]
+    _refuse_failing_address(spend=False)
+    return keys.principal(key_hash)
+
+
+def _refuse_failing_address(spend):
+    """429 once the client's address has spent its AUTH_FAILURE_LIMIT; ``spend``: count
+    one more failure (else only look)."""
+    failures = current_app.extensions["auth_failures"]
+    if failures is None:
         return
-    wait = rate_limit.retry_after(principal.key_hash)
-    if wait is not None:
-        raise too_many_requests("rate_limited", "This key is over its rate limit (%s); retry after "
-                                "%d s." % (rate_limit.spec, wait), wait, {"limit": rate_limit.spec})
+    address = request.remote_addr or "unknown"
+    _refuse(failures.retry_after(address) if spend else failures.exhausted(address),
+            "auth_rate_limited", "Too many failed authentications from this address")
+
+
+def charge_events(count, field=None):
+    """429 when the request's ``count`` events do not fit its key's events budgets
+    (RATE_LIMIT); 400 naming ``field`` if they never could."""
+    rate_limit = current_app.extensions["rate_limit"]
+    largest = rate_limit.largest(EVENTS) if rate_limit is not None else None
+    if largest is None:
+        return
+    if count > largest:
+        raise validation_error({field: ["At most %d events per request under this key's rate limit "
+                                        "(%s)." % (largest, rate_limit.spec)]})
+    _check_rate(EVENTS, count)
+
+
+def _check_rate(kind, cost):
+    """429 once the key has spent its RATE_LIMIT budget of ``kind`` (DESIGN §13)."""
+    rate_limit = current_app.extensions["rate_limit"]
+    if rate_limit is not None:
+        _refuse(rate_limit.retry_after(g.key_hash, kind, cost), "rate_limited", "This key is over its rate limit")
+
+
+def _refuse(refusal, reason, what):
+    """429 ``reason`` for a RateLimit's ``(budget, wait)``; nothing for None."""
+    if refusal is not None:
+        budget, wait = refusal
+        raise too_many_requests(reason, "%s (%s); retry after %d s." % (what, budget.spec, wait), wait,
+                                {"limit": budget.spec})
 
 
 def require(scope):

@@ -22,8 +22,18 @@ DEFAULTS = {
     "COMMIT_TIMEOUT": 20,
     # Seconds an interaction may stay `pending` before the sweep re-queues it.
     "ANALYSIS_SWEEP_AFTER": 120,
-    # Per-key request budget, e.g. "200/s burst 1000"; empty: no limit (DESIGN §13).
+    # Per-key budgets (DESIGN §13), one or several separated by ";": "200/s burst 1000"
+    # counts requests, "5000 events/s burst 20000" events (a batch of n items costs n,
+    # a single ingest or Segment call 1); per s, m, h or d. Empty: no limit.
     "RATE_LIMIT": "",
+    # Failed authentications (401s) per client address, as requests in RATE_LIMIT's
+    # syntax; once spent, a key not in the cache is answered 429 without a database
+    # lookup. Empty: no limit.
+    "AUTH_FAILURE_LIMIT": "10/s burst 100",
+    # How many proxies in front of the service append to X-Forwarded-For (deploy/
+    # nginx.conf: 1), so that the client address is the one the outermost saw; 0:
+    # the connection's peer. More than there are lets clients choose their address.
+    "TRUSTED_PROXIES": 0,
     # Where the budgets are kept: EVENTS_URL's Redis when there is one, else in memory.
     "RATE_LIMIT_URL": "",
     # Pending analyses beyond which ingest answers 429.
@@ -34,7 +44,7 @@ DEFAULTS = {
 # create_app refuses a value of these that differs from what the process uses.
 ENVIRONMENT_ONLY = ("QUEUE_URL", "EVENTS_URL", "ANALYSIS_SWEEP_AFTER")
 INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "COMMIT_TIMEOUT",
-                "ANALYSIS_SWEEP_AFTER", "ANALYSIS_BACKLOG_MAX")
+                "ANALYSIS_SWEEP_AFTER", "ANALYSIS_BACKLOG_MAX", "TRUSTED_PROXIES")
 
 
 def load(environ=None, overrides=None, fixed=None):

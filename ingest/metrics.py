@@ -29,21 +29,25 @@ ANALYSES = Counter("ingest_analyses_total", "Analyses finished, by outcome: done
                    ["outcome"])
 SOCKETS = Gauge("ingest_feed_sockets", "Live-feed sockets open.", multiprocess_mode="livesum")
 DROPPED = Counter("ingest_feed_dropped_events_total", "Events dropped for sockets that fell behind.")
-REFUSED = Counter("ingest_refused_total", "Requests answered 429, by reason: rate_limited or analysis_backlog_full.",
-                  ["reason"])
+REFUSED = Counter("ingest_refused_total", "Requests answered 429, by reason: rate_limited, "
+                  "analysis_backlog_full or auth_rate_limited.", ["reason"])
 
 
 class BacklogCollector:
-    """``ingest_analysis_backlog``: the sampled count of pending analyses."""
+    """``ingest_analysis_backlog``: the sampled count of pending analyses, and how many
+    organizations are over their share of its bound (not which: one series)."""
 
     def __init__(self, backlog):
         self.backlog = backlog
 
     def collect(self):
-        self.backlog.retry_after()  # a stale sample starts a new one
+        self.backlog.refresh()
         yield GaugeMetricFamily("ingest_analysis_backlog",
                                 "Interactions pending analysis (sampled; counted up to "
                                 "ANALYSIS_BACKLOG_MAX + 1).", value=self.backlog.pending)
+        yield GaugeMetricFamily("ingest_analysis_backlog_refused_organizations",
+                                "Organizations whose ingest is refused: over their share of "
+                                "ANALYSIS_BACKLOG_MAX (sampled).", value=len(self.backlog.refused))
 
 
 def exposition(backlog):

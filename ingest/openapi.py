@@ -11,14 +11,17 @@ from ingest.schemas import (BatchResult, CustomerIn, CustomerList, CustomerOut, 
 
 JSON = "application/json"
 ERRORS = {
-    400: "Invalid request: `details` names each wrong field or parameter.",
+    400: "Invalid request: `details` names each wrong field or parameter (`dryRun` too, on an "
+         "endpoint that has no dry run: it is refused there, never ignored).",
     401: "Missing, invalid or revoked API key.",
     403: "The key lacks the scope.",
     404: "No such resource in the key's organization.",
     413: "Body larger than MAX_CONTENT_LENGTH (also once decompressed).",
     415: "Not JSON, or an unsupported Content-Encoding.",
-    429: "Refused, nothing stored (a batch is refused whole): the key is over its rate limit "
-         "(`rate_limited`), or, on ingest, too many interactions wait for analysis "
+    429: "Refused, nothing stored (a batch is refused whole): the key is over a budget of its "
+         "rate limit, in requests or in events (`rate_limited`); the client's address failed "
+         "authentication too often (`auth_rate_limited`); or, on ingest, too many interactions "
+         "wait for analysis and the key's organization holds more than its share of them "
          "(`analysis_backlog_full`). Retry after Retry-After seconds.",
     503: "Not stored (`storage_error`: retry, see Retry-After), or the database did not answer "
          "in time (`commit_outcome_unknown`: it may have been stored; retry with the same "
@@ -73,10 +76,10 @@ PATHS = {
     },
     "/api/customers/{customer_id}": {
         "get": _operation("Get a customer with its counters", "read", {
-            "200": _response(CustomerOut, "The customer.")}, (401, 403, 404),
+            "200": _response(CustomerOut, "The customer.")}, (400, 401, 403, 404),
             parameters=[_id("customer_id")]),
         "delete": _operation("Erase a customer and every interaction of it (DESIGN §15)", "ingest", {
-            "204": {"description": "Erased; open feed sockets got `customer.deleted`."}}, (401, 403, 404),
+            "204": {"description": "Erased; open feed sockets got `customer.deleted`."}}, (400, 401, 403, 404),
             parameters=[_id("customer_id")]),
     },
     "/api/data/ingest": {
@@ -101,7 +104,7 @@ PATHS = {
     },
     "/api/interactions/{interaction_id}": {
         "get": _operation("Get an interaction with its analysis", "read", {
-            "200": _response(InteractionOut, "The interaction.")}, (401, 403, 404),
+            "200": _response(InteractionOut, "The interaction.")}, (400, 401, 403, 404),
             parameters=[_id("interaction_id")]),
     },
     "/v1/batch": {

@@ -72,7 +72,8 @@ def test_a_backlog_over_its_bound_refuses_ingest_but_not_reads(org, customer_id)
         assert post_interaction(client, org["ingestKey"], customer_id).status_code == 201
 
     backlog = app.extensions["backlog"]
-    wait_until(backlog.retry_after, message="the sampled backlog (sampled each second) to pass 3")
+    wait_until(lambda: backlog.retry_after(org["organizationId"]),
+               message="the sampled backlog (sampled each second) to pass 3")
     refused = post_batch(client, org["ingestKey"], [interaction(customer_id) for _ in range(10)])
     assert_refused(refused, "analysis_backlog_full")
     segment = client.post("/v1/batch", auth=(org["ingestKey"], ""), json={
