@@ -12,7 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import models
 import tasks
-from ingest import api, body, cli, config, errors, events, feed, logs, metrics, overload, security
+from ingest import api, body, cli, config, errors, feed, logs, metrics, overload, security
 from ingest.auth import KeyCache
 from ingest.service import IngestService
 
@@ -40,7 +40,7 @@ def create_app(test_config=None):
     security.init_app(app)
     errors.register(app)
     body.init_app(app)
-    bus = events.bus_for(tasks.settings["EVENTS_URL"])
+    bus = tasks.event_bus()
     app.extensions["bus"] = bus
     app.extensions["keys"] = KeyCache()
     app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
@@ -49,7 +49,7 @@ def create_app(test_config=None):
     app.extensions["rate_limit"] = _limit(settings["RATE_LIMIT"], settings)
     app.extensions["auth_failures"] = _limit(settings["AUTH_FAILURE_LIMIT"], settings)
     app.extensions["backlog"] = overload.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
-    metrics.init_app(app, app.extensions["backlog"])
+    metrics.init_app(app, app.extensions["backlog"], bus)
     app.register_blueprint(api.api)
     app.register_blueprint(api.segment_api)
     app.register_blueprint(api.health)

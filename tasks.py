@@ -56,6 +56,11 @@ def make_huey(url):
 huey = make_huey(settings["QUEUE_URL"])
 
 
+def event_bus():
+    """This process's event bus (ingest/events.py), which the web app shares."""
+    return bus_for(settings["EVENTS_URL"], settings["EVENTS_STREAM_BYTES"], settings["EVENTS_TOTAL_BYTES"])
+
+
 def create_queue_tables(queue=None):
     """Create the queue's tables where it keeps them in a SQL database (idempotent)."""
     storage = (queue or huey).storage
@@ -160,7 +165,7 @@ class ResultWriter:
                 "type": "interaction.analyzed", "data": {
                     "id": result["id"], "customerId": result["customer_id"],
                     "analysisStatus": result["analysis_status"], "sentiment": result["sentiment"]}})
-        bus_for(settings["EVENTS_URL"]).publish(by_organization)
+        event_bus().publish(by_organization)
 
 
 results = ResultWriter()

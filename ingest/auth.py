@@ -129,12 +129,43 @@ def key_from_request():
     return None
 
 
+class AddressRefused(Exception):
+    """The client's address spent its AUTH_FAILURE_LIMIT: ``refusal`` is (budget, wait)."""
+
+    def __init__(self, refusal):
+        super().__init__("too many failed authentications from this address")
+        self.refusal = refusal
+
+
+def check_key(key_hash, address, keys, failures):
+    """The Principal of ``key_hash`` (None: no live key). A key not in the cache is
+    looked up only while ``address`` has failed less often than ``failures``
+    (AUTH_FAILURE_LIMIT, or None) allows, and a failure is counted; raises
+    AddressRefused. For requests and feed sockets alike."""
+    entry = keys.cached(key_hash) if key_hash else None
+    if entry is not None:
+        principal = entry[0]
+    else:
+        _raise_refused(failures and failures.exhausted(address))
+        principal = keys.principal(key_hash) if key_hash else None
+    if principal is None:
+        _raise_refused(failures and failures.retry_after(address))
+    return principal
+
+
+def _raise_refused(refusal):
+    if refusal:
+        raise AddressRefused(refusal)
+
+
 def authenticate(scope, key=None):
     """Check the request's key (or ``key``) for ``scope``; sets g.organization_id."""
-    key_hash = hash_key(key or key_from_request())
-    principal = _principal(key_hash) if key_hash else None
+    try:
+        principal = check_key(hash_key(key or key_from_request()), request.remote_addr or "unknown",
+                              current_app.extensions["keys"], current_app.extensions["auth_failures"])
+    except AddressRefused as refused:
+        _refuse(refused.refusal, "auth_rate_limited", "Too many failed authentications from this address")
     if principal is None:
-        _refuse_failing_address(spend=True)
         raise ApiError(401, "unauthorized", "A valid API key is required.",
                        headers={"WWW-Authenticate": 'Bearer realm="ingest"'})
     if scope not in principal.scopes:
@@ -144,28 +175,6 @@ def authenticate(scope, key=None):
     bind_context(organization_id=principal.organization_id)
     _check_rate(REQUESTS, 1)
     return principal
-
-
-def _principal(key_hash):
-    """The key's Principal (or None), looked up only if the client's address has
-    failed authentication less often than AUTH_FAILURE_LIMIT allows."""
-    keys = current_app.extensions["keys"]
-    entry = keys.cached(key_hash)
-    if entry is not None:
-        return entry[0]
-    _refuse_failing_address(spend=False)
-    return keys.principal(key_hash)
-
-
-def _refuse_failing_address(spend):
-    """429 once the client's address has spent its AUTH_FAILURE_LIMIT; ``spend``: count
-    one more failure (else only look)."""
-    failures = current_app.extensions["auth_failures"]
-    if failures is None:
-        return
-    address = request.remote_addr or "unknown"
-    _refuse(failures.retry_after(address) if spend else failures.exhausted(address),
-            "auth_rate_limited", "Too many failed authentications from this address")
 
 
 def charge_events(count, field=None):

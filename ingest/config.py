@@ -14,6 +14,9 @@ DEFAULTS = {
     "DATABASE_URL": "sqlite:///" + os.path.join(INSTANCE_PATH, "ingest.db"),
     "QUEUE_URL": "sqlite:///" + os.path.join(INSTANCE_PATH, "queue.db"),
     "EVENTS_URL": "memory://",
+    # Bytes the Redis bus keeps for listeners that lag: per organization, and in all.
+    "EVENTS_STREAM_BYTES": 8 * 1024 * 1024,
+    "EVENTS_TOTAL_BYTES": 256 * 1024 * 1024,
     "MAX_CONTENT_LENGTH": 1024 * 1024,
     "MAX_BATCH_ITEMS": 1000,
     # PostgreSQL connections one process may hold (see the README for sizing).
@@ -42,8 +45,10 @@ DEFAULTS = {
 }
 # Read by tasks.py at import (the queue and the bus it builds, the sweep's age):
 # create_app refuses a value of these that differs from what the process uses.
-ENVIRONMENT_ONLY = ("QUEUE_URL", "EVENTS_URL", "ANALYSIS_SWEEP_AFTER")
-INTEGER_KEYS = ("MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS", "DB_POOL_SIZE", "COMMIT_TIMEOUT",
+ENVIRONMENT_ONLY = ("QUEUE_URL", "EVENTS_URL", "EVENTS_STREAM_BYTES", "EVENTS_TOTAL_BYTES",
+                    "ANALYSIS_SWEEP_AFTER")
+INTEGER_KEYS = ("EVENTS_STREAM_BYTES", "EVENTS_TOTAL_BYTES", "MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS",
+                "DB_POOL_SIZE", "COMMIT_TIMEOUT",
                 "ANALYSIS_SWEEP_AFTER", "ANALYSIS_BACKLOG_MAX", "TRUSTED_PROXIES")
 
 

@@ -18,9 +18,9 @@ know: one call for everything a commit (or an analysis task) produced.
 
 Redis memory is bounded in bytes (this Redis also holds the rate limits and may
 hold the queue): one script per publish (APPEND) appends the entry and trims the
-organization's stream, oldest first, to STREAM_BYTES (its newest entry always
-stays), then, while all streams together hold more than TOTAL_BYTES, empties the
-streams published to least recently. So one tenant's volume trims only its own
+organization's stream, oldest first, to EVENTS_STREAM_BYTES (its newest entry
+always stays), then, while all streams together hold more than
+EVENTS_TOTAL_BYTES, empties the streams published to least recently. So one tenant's volume trims only its own
 stream until Redis as a whole is at its bound.
 """
 import collections
@@ -43,8 +43,8 @@ STREAM_PREFIX = "ingest:events:"
 SIZES_KEY = "ingest:events-bytes"  # organization -> bytes its stream holds; "*" -> all of them
 SEQUENCES_KEY = "ingest:events-sequence"  # organization -> its newest entry's sequence number
 RECENT_KEY = "ingest:events-recent"  # organizations by their last publish (ms)
-STREAM_BYTES = 8 * 1024 * 1024  # per organization, for listeners that lag
-TOTAL_BYTES = 256 * 1024 * 1024  # every organization's stream together
+STREAM_BYTES = 8 * 1024 * 1024  # per organization, for listeners that lag (EVENTS_STREAM_BYTES)
+TOTAL_BYTES = 256 * 1024 * 1024  # every organization's stream together (EVENTS_TOTAL_BYTES)
 STREAM_TTL = 24 * 3600  # an organization's stream is dropped after a day with no publish
 READ_COUNT = 100  # entries per stream and read: a busy organization never starves the others
 READ_BLOCK_MS = 250  # also how soon a listener starts reading a newly watched organization
@@ -134,6 +134,10 @@ class MemoryBus:
     def publish(self, events_by_organization):
         for organization_id, events in events_by_organization.items():
             self.fanout.dispatch(organization_id, encode(events))
+
+    def held_bytes(self):
+        """Bytes held for listeners that lag: none here (for /metrics)."""
+        return None
 
     def attach(self, feed_socket, greeting):
         """Serve ``feed_socket`` its organization's events, after ``greeting``.
@@ -330,10 +334,11 @@ def _gap(fields, previous):
 
 
 @functools.lru_cache(maxsize=None)
-def bus_for(url):
-    """This process's bus for EVENTS_URL: the web app and the tasks share it."""
+def bus_for(url, stream_bytes=STREAM_BYTES, total_bytes=TOTAL_BYTES):
+    """This process's bus for EVENTS_URL (and EVENTS_STREAM_BYTES, EVENTS_TOTAL_BYTES):
+    the web app and the tasks share it."""
     if url.startswith("memory://"):
         return MemoryBus()
     if url.startswith(("redis://", "rediss://")):
-        return RedisBus(url)
+        return RedisBus(url, stream_bytes, total_bytes)
     raise ValueError("EVENTS_URL must be memory:// or redis://, not %r" % url)

@@ -35,7 +35,7 @@ from playhouse.pool import MaxConnectionsExceeded
 from wsproto.events import CloseConnection
 
 from ingest.accounts import hash_key
-from ingest.auth import KEY_CACHE_SECONDS
+from ingest.auth import KEY_CACHE_SECONDS, AddressRefused, check_key
 from ingest.fanout import FeedSocket, Refused, text_frame
 from ingest.threads import PerProcess
 
@@ -88,7 +88,9 @@ def websocket(ws):
         ws.close(1013, "try again later")
         return
     bus, keys = current_app.extensions["bus"], current_app.extensions["keys"]
-    if not bus.fanout.greet(FeedSocket(connection, ws.ws), functools.partial(authenticate, bus, keys)):
+    check = functools.partial(check_key, address=request.remote_addr or "unknown", keys=keys,
+                              failures=current_app.extensions["auth_failures"])
+    if not bus.fanout.greet(FeedSocket(connection, ws.ws), functools.partial(authenticate, bus, keys, check)):
         _refuse(connection, ws.ws, 1013, "this server holds all the sockets it can; try again later")
 
 
@@ -113,9 +115,10 @@ def take_over(ws):
     return connection
 
 
-def authenticate(bus, keys, feed_socket, message):
-    """Check a socket's auth message and hand the socket to the bus; raises Refused.
-    Runs on one of the fan-out's auth threads."""
+def authenticate(bus, keys, check, feed_socket, message):
+    """Check a socket's auth message (with ``check``: auth.check_key for the socket's
+    address) and hand the socket to the bus; raises Refused. Runs on one of the
+    fan-out's auth threads."""
     try:
         parsed = json.loads(message)
         token = parsed.get("token") if parsed.get("type") == "auth" else None
@@ -123,9 +126,11 @@ def authenticate(bus, keys, feed_socket, message):
         token = None
     key_hash = hash_key(token)
     try:
-        principal = keys.principal(key_hash) if key_hash else None
+        principal = check(key_hash)
     except UNAVAILABLE:
         raise Refused(1013, "database unavailable; try again later") from None
+    except AddressRefused:
+        raise Refused(1013, "too many failed authentications from this address; try again later") from None
     if principal is None:
         raise Refused(4401, "authentication failed")
     if "read" not in principal.scopes:

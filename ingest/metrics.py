@@ -9,6 +9,7 @@ prometheus_client reads the variable itself, at import.
 Labels are bounded: an endpoint is its URL rule, never a raw path, and nothing
 is labelled by organization.
 """
+import logging
 import os
 import time
 
@@ -16,6 +17,8 @@ from flask import Response, g, request
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest, multiprocess)
 from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter("ingest_http_requests_total", "HTTP requests by endpoint and status.",
                    ["endpoint", "status"])
@@ -50,18 +53,38 @@ class BacklogCollector:
                                 "ANALYSIS_BACKLOG_MAX (sampled).", value=len(self.backlog.refused))
 
 
-def exposition(backlog):
-    """The text of `/metrics`: every process's metrics (or this one's), and the backlog."""
+class BusCollector:
+    """``ingest_event_stream_bytes``: what the Redis bus's streams hold (DESIGN §8), read
+    from Redis at each scrape; nothing for the in-memory bus or when Redis is away."""
+
+    def __init__(self, bus):
+        self.bus = bus
+
+    def collect(self):
+        try:
+            held = self.bus.held_bytes()
+        except Exception:  # Redis is away: the scrape still answers, without this gauge
+            log.warning("reading the event streams' size failed", exc_info=True)
+            return
+        if held is not None:
+            yield GaugeMetricFamily("ingest_event_stream_bytes", "Bytes the organizations' event "
+                                    "streams hold in Redis (bounded by EVENTS_TOTAL_BYTES).", value=held)
+
+
+def exposition(backlog, bus):
+    """The text of `/metrics`: every process's metrics (or this one's), the backlog and
+    the event streams' size."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(REGISTRY)  # a registry collects like any collector
     registry.register(BacklogCollector(backlog))
+    registry.register(BusCollector(bus))
     return generate_latest(registry)
 
 
-def init_app(app, backlog):
+def init_app(app, backlog, bus):
     """Count and time every request; serve `/metrics`."""
 
     @app.before_request
@@ -79,7 +102,7 @@ def init_app(app, backlog):
 
     @app.get("/metrics")
     def metrics():
-        return Response(exposition(backlog), content_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(backlog, bus), content_type=CONTENT_TYPE_LATEST)
 
 
 def mark_process_dead(pid):

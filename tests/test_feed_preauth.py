@@ -6,6 +6,7 @@ import time
 import pytest
 import requests
 
+from tests.feed_client import RawSocket
 from tests.helpers import interaction, make_customer, make_organization
 from tests.idle_sockets import IdleSockets
 from tests.servers import Gunicorn, wait_until
@@ -81,3 +82,19 @@ def test_through_nginx_one_address_holds_a_bounded_number_of_idle_sockets(tenant
     finally:
         idle.close()
     assert_within_twice(control, attacked)
+
+
+@pytest.mark.processes
+def test_sockets_with_unknown_keys_spend_the_address_budget_of_failures(tmp_path):
+    """AUTH_FAILURE_LIMIT covers feed sockets as it covers requests: once an address
+    failed too often, its next sockets are closed 1013 without a key lookup."""
+    web = Gunicorn(tmp_path / "web.log", workers=1, env={"AUTH_FAILURE_LIMIT": "1/h burst 3"})
+    try:
+        codes = []
+        for n in range(5):
+            raw = RawSocket(web.url)
+            raw.send_text('{"type": "auth", "token": "ik_unknown_%d"}' % n)
+            codes.append(raw.close_code())
+        assert codes == [4401, 4401, 4401, 1013, 1013]
+    finally:
+        web.stop()

@@ -225,4 +225,5 @@ def test_metrics_add_up_across_workers_and_the_consumer(tmp_path, org, customer_
     assert value(samples, "ingest_http_request_duration_seconds_count", endpoint="/api/data/ingest") == 12
     assert value(samples, "ingest_group_commit_items_sum") == 15  # 11 singles + 4 valid batch items
     assert value(samples, "ingest_analysis_backlog") == 0
+    assert value(samples, "ingest_event_stream_bytes") > 0  # (the test Redis is shared: not exact)
     assert value(samples, "ingest_refused_total", reason="rate_limited") == 0
