@@ -6,9 +6,16 @@ transaction, a customer's ``interaction_count`` and ``last_seen_at`` agree with
 its interactions (§4). Each transaction first locks the customers it touches
 (PostgreSQL; SQLite has one writer at a time), so an ingest for them either
 committed before (and is counted here) or waits and counts itself after.
+
+The erasure of an external id and the creation of a customer for it from a
+Segment event are serialized too (``external_ids_locked``), so that whether the
+event is older than the erasure is decided with the erasure either committed
+or not begun (ingest/segment.py).
 """
+import contextlib
 import datetime
 import hashlib
+import uuid
 from collections import Counter
 
 from peewee import IntegrityError
@@ -44,7 +51,8 @@ def erase_customer(organization_id, customer_id):
 
     Returns False when the organization has no such customer. The external id
     is remembered (hashed) with the time, so that an older Segment event that
-    arrives late does not bring the customer back (ingest/segment.py).
+    arrives late does not bring the customer back (ingest/segment.py); it is
+    locked as in ``external_ids_locked`` from before the customer is deleted.
     """
     with db.atomic():
         customers = _locked(Customer.select(Customer.id, Customer.external_id).where(
@@ -52,6 +60,8 @@ def erase_customer(organization_id, customer_id):
         if not customers:
             return False
         customer = customers[0]
+        if customer.external_id is not None:
+            _lock_external_ids(organization_id, [customer.external_id])
         Interaction.delete().where(Interaction.customer == customer.id).execute()
         Customer.delete().where(Customer.id == customer.id).execute()
         if customer.external_id is not None:
@@ -62,6 +72,45 @@ def erase_customer(organization_id, customer_id):
                           update={Erasure.erased_at: now})
              .execute())
     return True
+
+
+@contextlib.contextmanager
+def external_ids_locked(organization_id, external_ids):
+    """A transaction in which no customer of these external ids is erased: an
+    erasure of one of them committed before it began, or waits for its end.
+
+    SQLite: a transaction takes the database's write lock at BEGIN (BEGIN IMMEDIATE,
+    models.py), so every write transaction is serialized with every other."""
+    with db.atomic():
+        _lock_external_ids(organization_id, external_ids)
+        yield
+
+
+# Lock keys per organization: how many advisory locks a transaction may hold, however
+# many new external ids a batch brings (they share PostgreSQL's lock table, sized by
+# max_locks_per_transaction); ids of one bucket merely wait for each other.
+LOCK_BUCKETS = 64
+
+
+def _lock_external_ids(organization_id, external_ids):
+    """PostgreSQL: take the transaction-scoped advisory locks of ``external_ids``,
+    in key order, so that two transactions locking several never deadlock.
+
+    They are taken before any row lock by creation, and by erasure after only the
+    customer's row, which a creation never waits for (it reads and inserts
+    customers, ON CONFLICT DO NOTHING, and locks none)."""
+    if not is_postgres():
+        return
+    keys = list({_lock_key(organization_id, external_id) for external_id in external_ids})
+    # pg_advisory_xact_lock is volatile, so it is evaluated row by row above the sort.
+    db.execute_sql("SELECT pg_advisory_xact_lock(key) FROM unnest(%s::bigint[]) AS key ORDER BY key",
+                   [keys])
+
+
+def _lock_key(organization_id, external_id):
+    bucket = int(external_id_hash(external_id), 16) % LOCK_BUCKETS
+    digest = hashlib.sha256(b"%s:%d" % (uuid.UUID(str(organization_id)).bytes, bucket)).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def erased_since(organization_id, external_ids):

@@ -12,6 +12,10 @@ Erasure (DESIGN §15): once a customer is erased, events for its external id
 whose time (corrected as above) is not after the erasure are refused with
 ``customer_erased``, in a 200 like any problem, so that a client retrying an
 older batch does not bring the customer back; a later event creates it anew.
+That decision and the creation are one transaction that no erasure of those
+external ids can interleave with (``resolve_customers``). An event whose
+customer is erased while it is in flight, after it was looked up, is refused
+the same way: the erasure came after the event.
 """
 import datetime
 import uuid
@@ -21,7 +25,7 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields
 
 from ingest import lifecycle, metrics
 from ingest.problems import ServiceError, validation_error
-from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text
+from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text, interaction_in
 from ingest.service import BatchOutcome, validate_interaction
 from models import Customer, db, is_postgres, utcnow
 
@@ -101,22 +105,24 @@ def ingest(service, organization_id, payload, kind=None, dry_run=False):
             problems.append(_problem(index, event, details))
         except ServiceError as error:
             problems.append(_problem(index, event, error.details))
-    accepted = _not_erased(organization_id, accepted, events, problems)
     if dry_run:
+        _not_erased(accepted, lifecycle.erased_since(organization_id, _users(accepted)), events, problems)
         return sorted(problems, key=lambda problem: problem["index"]), False
-    metrics.INTERACTIONS.labels("failed").inc(len(problems))  # (store_validated counts its own)
-    customers = resolve_customers(organization_id, {event.user for event in accepted})
+    customers, erased = resolve_customers(organization_id, accepted)
+    accepted = _not_erased(accepted, erased, events, problems, customers)
     tracks = [event for event in accepted if event.data is not None]
     for event in accepted:
-        if event.traits is not None:
-            identify(customers[event.user], event.traits)
+        if event.traits is not None and not identify(customers[event.user], event.traits):
+            problems.append(_erased(event, events, ERASED_IN_FLIGHT))
+    metrics.INTERACTIONS.labels("failed").inc(len(problems))  # (store_validated counts its own)
     result = service.store_validated(
         organization_id, [(n, {**event.data, "customer_id": customers[event.user]})
                           for n, event in enumerate(tracks)],
         BatchOutcome(total=len(tracks), ids=[None] * len(tracks)))
     for error in result.errors:
-        index = tracks[error["index"]].index
-        problems.append({**error, "index": index, "message_id": _message_id(events[index])})
+        event = tracks[error["index"]]
+        problems.append(_erased(event, events, ERASED_IN_FLIGHT) if error["error"] == "customer_not_found"
+                        else {**error, "index": event.index, "message_id": _message_id(events[event.index])})
     problems.sort(key=lambda problem: problem["index"])
     return problems, any(e["error"] == "storage_error" for e in result.errors)
 
@@ -125,6 +131,7 @@ def _accept(index, event, sent_at, received_at):
     if not isinstance(event, dict) or event.get("type") not in SUPPORTED:
         raise ValidationError({"type": ["Must be one of: %s." % ", ".join(SUPPORTED)]})
     user = user_of(event)
+    check_message_id(event)
     when = event_time(event, sent_at, received_at)
     if event["type"] == "identify":
         return Accepted(index, user, when, traits=traits_of(event))
@@ -132,19 +139,36 @@ def _accept(index, event, sent_at, received_at):
                     data=validate_interaction(interaction_of(event, _PLACEHOLDER, when)))
 
 
-def _not_erased(organization_id, accepted, events, problems):
-    """``accepted`` without the events of erased customers that predate their erasure
-    (those are added to ``problems``)."""
-    erased = lifecycle.erased_since(organization_id, {event.user for event in accepted})
+ERASED_SINCE = "This customer was erased after this event's time."
+ERASED_IN_FLIGHT = "This customer was erased while this event was being stored."
+
+
+def _not_erased(accepted, erased, events, problems, customers=None):
+    """``accepted`` without the events refused for an erasure (added to ``problems``):
+    those not after their user's erasure (``erased``: {user: when}), and, given
+    ``customers``, those whose customer was erased after it was looked up."""
     kept = []
     for event in accepted:
-        if event.user in erased and event.when <= erased[event.user]:
-            problems.append({**_problem(event.index, events[event.index], {"userId": [
-                "This customer was erased after this event's time."]}),
-                "error": "customer_erased", "message": "The customer was erased."})
+        if _predates_erasure(event, erased):
+            problems.append(_erased(event, events, ERASED_SINCE))
+        elif customers is not None and event.user not in customers:
+            problems.append(_erased(event, events, ERASED_IN_FLIGHT))
         else:
             kept.append(event)
     return kept
+
+
+def _predates_erasure(event, erased):
+    return event.user in erased and event.when <= erased[event.user]
+
+
+def _erased(event, events, reason):
+    return {**_problem(event.index, events[event.index], {"userId": [reason]}),
+            "error": "customer_erased", "message": "The customer was erased."}
+
+
+def _users(events):
+    return {event.user for event in events}
 
 
 def _problem(index, event, details):
@@ -205,6 +229,18 @@ def event_time(event, sent_at, received_at):
         raise ValidationError({"timestamp": ["Out of range once corrected for sentAt."]}) from None
 
 
+MESSAGE_ID = interaction_in.fields["message_id"]
+
+
+def check_message_id(event):
+    """A messageId is what our interactions take (DESIGN §5: 1-128 characters); a
+    number or an object is refused rather than stored as its text."""
+    try:
+        MESSAGE_ID.deserialize(event.get("messageId"))
+    except ValidationError as error:
+        raise ValidationError({"messageId": error.messages}) from None
+
+
 def user_of(event):
     user = event.get("userId") or event.get("anonymousId")
     if user is None or isinstance(user, (dict, list, bool)):
@@ -229,41 +265,60 @@ def interaction_of(event, customer_id, when):
     else:
         channel = CHANNELS.get(sent_channel, "other") if isinstance(sent_channel, str) else "other"
     content = next((properties[k] for k in CONTENT_KEYS if isinstance(properties.get(k), str)), None)
-    item = {
+    return {
         "customerId": str(customer_id),
         "timestamp": when.replace(tzinfo=UTC).isoformat(),
         "channel": channel,
         "eventType": "page_view" if page else event.get("event"),
         "content": content if content is not None else (properties.get("title") if page else None),
         "metadata": properties,
+        "messageId": event.get("messageId"),
     }
-    if event.get("messageId") is not None:
-        item["messageId"] = str(event["messageId"])
-    return item
 
 
-def resolve_customers(organization_id, external_ids):
-    """Map external ids to customer ids, creating the missing customers (race-safe)."""
-    external_ids = set(external_ids)
+def resolve_customers(organization_id, accepted):
+    """``(customers, erased)`` for the users of the ``accepted`` events: their customers'
+    ids ({external id: id}), created for the events that are after their user's
+    erasure, and when each erased user was erased ({external id: when}).
+
+    Customers are created in one transaction that decides again, under the lock of
+    their external ids (lifecycle.external_ids_locked), which events an erasure
+    refuses: an erasure either committed before it, and is read, or waits for it,
+    and erases what it created. Without a customer to create nothing is locked: an
+    erasure committed after those reads erases a customer that existed, and the
+    events for it find no customer when they are written."""
+    customers, erased, missing = _look_up(organization_id, accepted)
+    if not missing:
+        return customers, erased
+    with lifecycle.external_ids_locked(organization_id, missing):
+        customers, erased, still_missing = _look_up(organization_id, accepted)
+        # Not the others: their customers were erased since they were looked up, and
+        # their ids are not locked; their events were in flight, and are refused.
+        create = missing & still_missing
+        if create:
+            (Customer.insert_many([{"organization": organization_id, "external_id": ext, "traits": {}}
+                                   for ext in sorted(create)])
+             .on_conflict(conflict_target=[Customer.organization, Customer.external_id], action="nothing")
+             .execute())
+            customers = _existing(organization_id, _users(accepted))
+    return customers, erased
+
+
+def _look_up(organization_id, accepted):
+    """The customers of the events' users, the users' erasures, and the users
+    missing a customer for an event after their erasure."""
+    users = _users(accepted)
+    customers, erased = _existing(organization_id, users), lifecycle.erased_since(organization_id, users)
+    return customers, erased, _users(e for e in accepted if not _predates_erasure(e, erased)) - set(customers)
+
+
+def _existing(organization_id, external_ids):
+    """{external id: customer id} for those of ``external_ids`` that are customers."""
     if not external_ids:
         return {}
-
-    def existing():
-        return dict(Customer.select(Customer.external_id, Customer.id)
-                    .where((Customer.organization == organization_id)
-                           & Customer.external_id.in_(list(external_ids))).tuples())
-
-    found = existing()
-    missing = external_ids - set(found)
-    if missing:
-        with db.atomic():
-            (Customer.insert_many([{"organization": organization_id, "external_id": ext,
-                                    "traits": {}} for ext in sorted(missing)])
-             .on_conflict(conflict_target=[Customer.organization, Customer.external_id],
-                          action="nothing")
-             .execute())
-        found = existing()
-    return found
+    return dict(Customer.select(Customer.external_id, Customer.id)
+                .where((Customer.organization == organization_id)
+                       & Customer.external_id.in_(list(external_ids))).tuples())
 
 
 def traits_of(event):
@@ -282,10 +337,14 @@ def identify(customer_id, traits):
 
     The row is locked while its traits are merged (SQLite's BEGIN IMMEDIATE does
     that for the whole database), so concurrent identifies of one user each add
-    their traits instead of overwriting each other's."""
+    their traits instead of overwriting each other's. Returns False, merging
+    nothing, if the customer is gone: erased since it was looked up."""
     values = {key: traits[key][:255] for key in ("name", "email") if isinstance(traits.get(key), str)}
     with db.atomic():
         query = Customer.select(Customer.traits).where(Customer.id == customer_id)
         current = (query.for_update() if is_postgres() else query).scalar()
+        if current is None:
+            return False
         merged = JsonObject().deserialize({**current, **traits})
         Customer.update(traits=merged, **values).where(Customer.id == customer_id).execute()
+    return True
