@@ -14,8 +14,9 @@ import uuid
 from urllib.parse import urlparse
 
 from peewee import (
-    BooleanField, CharField, DatabaseProxy, DateTimeField, DoubleField,
-    ForeignKeyField, IntegerField, Model, SqliteDatabase, TextField, UUIDField,
+    BigIntegerField, BooleanField, CharField, CompositeKey, DatabaseProxy, DateTimeField,
+    DoubleField, ForeignKeyField, IntegerField, Model, SmallIntegerField, SqliteDatabase, TextField,
+    UUIDField,
 )
 from playhouse.db_url import parse as parse_db_url
 from playhouse.migrations import Runner
@@ -273,7 +274,29 @@ class Erasure(BaseModel):
         indexes = ((("organization", "external_id_hash"), True),)
 
 
-MODELS = (Organization, ApiKey, Customer, Interaction, Erasure)
+class ChangeStream(BaseModel):
+    """An organization's change feed (DESIGN §16): the last position given out, and
+    the oldest position still kept. Writers take positions by updating this row in
+    their transaction, so an organization's changes commit in position order."""
+    organization = ForeignKeyField(Organization, primary_key=True, on_delete="CASCADE")
+    position = BigIntegerField(default=0)
+    oldest = BigIntegerField(default=1)
+
+
+class Change(BaseModel):
+    """One committed change of an organization: its position, its kind (ingest/changes.py)
+    and the interaction or customer it is about."""
+    organization_id = UUIDField()
+    position = BigIntegerField()
+    kind = SmallIntegerField()
+    subject = UUIDField()
+    recorded_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        primary_key = CompositeKey("organization_id", "position")
+
+
+MODELS = (Organization, ApiKey, Customer, Interaction, Erasure, ChangeStream, Change)
 
 
 def migrate():

@@ -17,7 +17,7 @@ from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
 from huey.storage import PostgresStorage
 
 import models
-from ingest import analysis, config, logs
+from ingest import analysis, changes, config, logs
 from ingest.events import bus_for
 from ingest.threads import PerProcess
 
@@ -161,10 +161,11 @@ class ResultWriter:
                                     "interaction_ids": [r["id"] for r in written]})
         by_organization = defaultdict(list)
         for result in written:
-            by_organization[result["organization_id"]].append({
-                "type": "interaction.analyzed", "data": {
-                    "id": result["id"], "customerId": result["customer_id"],
-                    "analysisStatus": result["analysis_status"], "sentiment": result["sentiment"]}})
+            sentiment = result["sentiment"] or {}
+            by_organization[result["organization_id"]].append(changes.event(
+                changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
+                    result["id"], result["customer_id"], result["analysis_status"],
+                    sentiment.get("label"), sentiment.get("score"))))
         event_bus().publish(by_organization)
 
 

@@ -16,7 +16,7 @@ import uuid
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from ingest import metrics
+from ingest import changes, metrics
 from models import DONE, FAILED, PENDING, SKIPPED, Interaction, db, is_postgres, utcnow
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,13 @@ def score(ids, budget=None):
 
 
 def store(scored):
-    """Write scores with one statement (atomic on its own: no BEGIN and COMMIT),
-    leaving alone rows that another task analysed meanwhile. Returns a result
-    ``{"id", "organization_id", "customer_id", "analysis_status", "sentiment"}`` for
-    each row written (the ids as text, as events carry them)."""
+    """Write scores with one statement, leaving alone rows that another task
+    analysed meanwhile, and record an ``interaction.analyzed`` change for each row
+    written, in one transaction whose organizations' streams are locked first (so
+    an erasure, which takes them before it deletes rows, never waits on this one
+    in turn). Returns a result ``{"id", "organization_id", "customer_id",
+    "analysis_status", "sentiment", "position"}`` for each row written (the ids as
+    text, as events carry them)."""
     if not scored:
         return []
     rows = [(row_id, status, label, value) for row_id, _, (status, label, value) in scored]
@@ -116,9 +119,15 @@ def store(scored):
              for row_id, status, label, value in rows])]
     else:
         sql, params = _store_sqlite(len(rows)), [utcnow(), *(value for row in rows for value in row)]
-    written = dict(db.execute_sql(sql, params))  # id -> customer id
+    organizations = {org_id for _, org_id, _ in scored}
+    with db.atomic():
+        changes.lock(organizations)
+        written = dict(db.execute_sql(sql, params).fetchall())  # id -> customer id
+        kept = [(row_id, org_id) for row_id, org_id, _ in scored if row_id in written]
+        positions = changes.number(kept, lambda row: row[1], changes.ANALYZED,
+                                   lambda row: Interaction.id.python_value(row[0]))
     results = [{"id": _text(row_id), "organization_id": org_id, "customer_id": _text(written[row_id]),
-                "analysis_status": status,
+                "analysis_status": status, "position": positions[Interaction.id.python_value(row_id)],
                 "sentiment": None if label is None else {"label": label, "score": value}}
                for row_id, org_id, (status, label, value) in scored if row_id in written]
     for status, count in collections.Counter(r["analysis_status"] for r in results).items():

@@ -129,6 +129,13 @@ def list_interactions():
     return schemas.interaction_page.dump({"items": items, "next_cursor": next_cursor})
 
 
+@api.get("/changes")
+@require("read")
+def list_changes():
+    items, next_cursor = reads.list_changes(g.organization_id, request.args.to_dict())
+    return schemas.change_page.dump({"items": items, "next_cursor": next_cursor})
+
+
 @api.get("/interactions/<interaction_id>")
 @require("read")
 def get_interaction(interaction_id):

@@ -6,7 +6,7 @@ import click
 
 import models
 import tasks
-from ingest import accounts, lifecycle, simulate
+from ingest import accounts, changes, lifecycle, simulate
 from ingest.analysis import requeue_failed
 from models import Customer, Organization
 
@@ -155,7 +155,7 @@ def analysis_retry():
 
 @click.group("retention")
 def retention():
-    """Delete old interactions (DESIGN §15)."""
+    """Delete old interactions and changes (DESIGN §15, §16)."""
 
 
 @retention.command("apply")
@@ -176,3 +176,5 @@ def retention_apply(days, organization_id, dry_run):
         return
     deleted = lifecycle.apply_retention(cutoff, organization_id)
     click.echo("deleted %d interaction(s) older than %s UTC" % (deleted, cutoff.isoformat(" ", "seconds")))
+    pruned = changes.prune(cutoff, organization_id)
+    click.echo("deleted %d change(s) recorded before then; older cursors are answered 410" % pruned)

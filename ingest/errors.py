@@ -20,6 +20,7 @@ SERVICE_STATUS = {
     "validation_error": 400,
     "customer_not_found": 404,
     "interaction_not_found": 404,
+    "cursor_expired": 410,
     "storage_error": 503,
     "commit_outcome_unknown": 503,
 }

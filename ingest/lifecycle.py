@@ -20,7 +20,7 @@ from collections import Counter
 
 from peewee import IntegrityError
 
-from ingest import schemas
+from ingest import changes, schemas
 from ingest.problems import load
 from ingest.reads import find_customer
 from models import Customer, Erasure, Interaction, Organization, db, is_postgres, utcnow
@@ -49,16 +49,21 @@ def external_id_hash(external_id):
 def erase_customer(organization_id, customer_id):
     """Delete the customer and every interaction of it, in one transaction.
 
-    Returns False when the organization has no such customer. The external id
-    is remembered (hashed) with the time, so that an older Segment event that
-    arrives late does not bring the customer back (ingest/segment.py); it is
-    locked as in ``external_ids_locked`` from before the customer is deleted.
+    Returns the position of its ``customer.deleted`` change, or None when the
+    organization has no such customer. The external id is remembered (hashed)
+    with the time, so that an older Segment event that arrives late does not
+    bring the customer back (ingest/segment.py); it is locked as in
+    ``external_ids_locked`` from before the customer is deleted. The
+    organization's change stream is taken first, before any row lock, as every
+    writer of changes takes it (ingest/changes.py).
     """
-    with db.atomic():
+    with db.atomic() as transaction:
+        position = changes.take(organization_id, 1)
         customers = _locked(Customer.select(Customer.id, Customer.external_id).where(
             (Customer.id == customer_id) & (Customer.organization == organization_id)))
         if not customers:
-            return False
+            transaction.rollback()  # the position is not used
+            return None
         customer = customers[0]
         if customer.external_id is not None:
             _lock_external_ids(organization_id, [customer.external_id])
@@ -71,7 +76,8 @@ def erase_customer(organization_id, customer_id):
              .on_conflict(conflict_target=[Erasure.organization, Erasure.external_id_hash],
                           update={Erasure.erased_at: now})
              .execute())
-    return True
+        changes.record([(organization_id, position, changes.CUSTOMER_DELETED, customer.id)])
+    return position
 
 
 @contextlib.contextmanager

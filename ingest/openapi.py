@@ -6,8 +6,9 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
 from ingest import segment
-from ingest.schemas import (BatchResult, CustomerIn, CustomerList, CustomerOut, CustomerQuery, Error, Health,
-                            IngestResult, InteractionIn, InteractionOut, InteractionPage, InteractionQuery)
+from ingest.schemas import (BatchResult, ChangePage, ChangeQuery, CustomerIn, CustomerList, CustomerOut,
+                            CustomerQuery, Error, Health, IngestResult, InteractionIn, InteractionOut,
+                            InteractionPage, InteractionQuery)
 
 JSON = "application/json"
 ERRORS = {
@@ -17,6 +18,8 @@ ERRORS = {
     403: "The key lacks the scope.",
     404: "No such resource in the key's organization.",
     413: "Body larger than MAX_CONTENT_LENGTH (also once decompressed).",
+    410: "`cursor_expired`: the changes after this cursor are no longer kept; `details.oldestCursor` "
+         "is the oldest cursor still good.",
     415: "Not JSON, or an unsupported Content-Encoding.",
     429: "Refused, nothing stored (a batch is refused whole): the key is over a budget of its "
          "rate limit, in requests or in events (`rate_limited`); the client's address failed "
@@ -101,6 +104,11 @@ PATHS = {
         "get": _operation("List interactions, newest first (keyset pagination)", "read", {
             "200": _response(InteractionPage, "A page; follow nextCursor for the next.")},
             (400, 401, 403), parameters=[{"in": "query", "schema": InteractionQuery}]),
+    },
+    "/api/changes": {
+        "get": _operation("The organization's changes after a cursor, oldest first (DESIGN §16)", "read", {
+            "200": _response(ChangePage, "A page; ask after nextCursor for what follows.")},
+            (400, 401, 403, 410), parameters=[{"in": "query", "schema": ChangeQuery}]),
     },
     "/api/interactions/{interaction_id}": {
         "get": _operation("Get an interaction with its analysis", "read", {

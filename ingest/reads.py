@@ -6,8 +6,8 @@ from functools import reduce
 
 from peewee import Tuple
 
-from ingest import schemas
-from ingest.problems import load, not_found, uuid_or_none
+from ingest import changes, schemas
+from ingest.problems import ServiceError, load, not_found, uuid_or_none, validation_error
 from models import Customer, Interaction
 
 
@@ -61,6 +61,23 @@ def list_interactions(organization_id, query):
     items = rows[:data["limit"]]
     more = len(rows) > data["limit"]
     return items, schemas.encode_cursor(items[-1].timestamp, items[-1].id) if more else None
+
+
+def list_changes(organization_id, query):
+    """A page of the organization's change feed (DESIGN §16), oldest first; returns
+    (events, the cursor to ask after next). A cursor that is not this organization's
+    is a validation_error naming ``after``; one older than what is kept,
+    ``cursor_expired`` with the oldest cursor still good."""
+    data = load(schemas.change_query, query)
+    try:
+        after = None if data["after"] is None else changes.position_of(organization_id, data["after"])
+        events, last = changes.read(organization_id, after, data["limit"])
+    except changes.BadCursor:
+        raise validation_error({"after": ["Not a cursor of this organization's changes."]}) from None
+    except changes.ExpiredCursor as expired:
+        raise ServiceError("cursor_expired", "The changes after this cursor are no longer kept; "
+                           "start again from oldestCursor.", {"oldestCursor": expired.oldest}) from None
+    return events, changes.cursor(organization_id, last)
 
 
 def get_interaction(organization_id, interaction_id):

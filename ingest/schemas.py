@@ -162,6 +162,12 @@ class InteractionQuery(Schema):
     cursor = Cursor(load_default=None)
 
 
+class ChangeQuery(Schema):
+    """GET /api/changes: the changes after a cursor, oldest first."""
+    after = fields.String(load_default=None, validate=validate.Length(1, 64))
+    limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
+
+
 class CustomerOut(Schema):
     id = fields.UUID()
     external_id = fields.String(data_key="externalId", allow_none=True)
@@ -240,6 +246,23 @@ class InteractionPage(Schema):
     next_cursor = fields.String(data_key="nextCursor", allow_none=True, required=True)
 
 
+class ChangeOut(Schema):
+    """One change of the organization's stream, as the feed's socket sends it (DESIGN §16)."""
+    type = fields.String(required=True, metadata={
+        "description": "interaction.created, interaction.analyzed or customer.deleted"})
+    cursor = fields.String(required=True, metadata={"description": "opaque; resume after it"})
+    data = fields.Dict(required=True, metadata={
+        "description": "the interaction as stored; {id, customerId, analysisStatus, sentiment}; "
+                       "or the erased customer's {id}"})
+
+
+class ChangePage(Schema):
+    items = fields.List(fields.Nested(ChangeOut), required=True)
+    next_cursor = fields.String(data_key="nextCursor", required=True, metadata={
+        "description": "the cursor to ask after next: the last change read, or `after` itself "
+                       "when there was none (poll again later)"})
+
+
 class Health(Schema):
     status = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String())
@@ -250,6 +273,7 @@ batch_in = BatchIn(unknown=EXCLUDE)
 customer_in = CustomerIn()
 customer_query = CustomerQuery(unknown=EXCLUDE)
 interaction_query = InteractionQuery()
+change_query = ChangeQuery()
 customer_out = CustomerOut()
 interaction_out = InteractionOut()
 error = Error()
@@ -257,6 +281,7 @@ ingest_result = IngestResult()
 batch_result = BatchResult()
 customer_list = CustomerList()
 interaction_page = InteractionPage()
+change_page = ChangePage()
 health = Health()
 
 

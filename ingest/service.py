@@ -15,7 +15,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ingest import lifecycle, metrics, schemas
+from ingest import changes, lifecycle, metrics, schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
 from ingest.logs import bind_context
 from ingest.problems import ServiceError, load, not_found, uuid_or_none, validation_error
@@ -105,8 +105,8 @@ class Writer:
                 outcomes[status] += 1
                 if status == CREATED:
                     ids[job.high_priority][item.organization_id].append(item.id)
-                    events[item.organization_id].append(
-                        {"type": "interaction.created", "data": schemas.dump_interaction(item)})
+                    events[item.organization_id].append(changes.event(
+                        changes.CREATED, item.organization_id, item.position, schemas.dump_interaction(item)))
         metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
         metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
         if events:  # before the analyses are queued, so that "created" precedes "analyzed"
@@ -209,11 +209,12 @@ class IngestService:
         """Erase a customer and all its interactions (DESIGN §15); the organization's
         sockets are told. Erasing an unknown (or already erased) id is customer_not_found."""
         customer_uuid = uuid_or_none(customer_id)
-        if customer_uuid is None or not lifecycle.erase_customer(organization_id, customer_uuid):
+        position = None if customer_uuid is None else lifecycle.erase_customer(organization_id, customer_uuid)
+        if position is None:
             raise not_found("customer_not_found")
         self.writer.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
-        self.writer.safely_publish({organization_id: [{"type": "customer.deleted",
-                                                       "data": {"id": str(customer_uuid)}}]})
+        self.writer.safely_publish({organization_id: [changes.event(
+            changes.CUSTOMER_DELETED, organization_id, position, {"id": str(customer_uuid)})]})
 
     def _store(self, job):
         future = self.writer.submit(job)

@@ -41,7 +41,7 @@ def drop_database(url):
         conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
 
 
-TABLES = ("erasure", "interaction", "customer", "api_key", "organization")
+TABLES = ("change", "change_stream", "erasure", "interaction", "customer", "api_key", "organization")
 
 
 def empty_tables():

@@ -1,0 +1,214 @@
+"""The change feed (DESIGN §16): every committed change of an organization has a
+position in that organization's stream, and a reader that asks for what follows
+a position it has seen never misses a change that commits later.
+
+Positions come from the organization's ``change_stream`` row, which every
+writer (ingest, analysis, erasure) updates in the transaction that makes the
+change. The row stays locked until that transaction ends, so the next writer of
+the organization takes its positions only after the previous one committed:
+an organization's changes become visible in position order, and a reader that
+saw position N can never later find a smaller one appear (docs/design.md §16
+has the argument). SQLite has one writer at a time anyway.
+
+A change row holds only what the change is about (an interaction or a
+customer); its ``data`` is read from the interaction when the change is read,
+exactly as the socket event carried it. A change whose interaction is gone
+since (erased, or deleted by retention) is skipped: the feed never shows what
+no longer exists. Cursors are opaque: a position and a check tied to the
+organization, so another organization's or a forged one is refused.
+"""
+import base64
+import binascii
+import hashlib
+import struct
+import uuid
+from types import SimpleNamespace
+
+from peewee import JOIN, fn
+
+from ingest import schemas
+from models import PENDING, Change, ChangeStream, Interaction, db, is_postgres, utcnow
+
+CREATED, ANALYZED, CUSTOMER_DELETED = 1, 2, 3
+TYPES = {CREATED: "interaction.created", ANALYZED: "interaction.analyzed",
+         CUSTOMER_DELETED: "customer.deleted"}
+MAX_PAGE = 1000
+_CHECK_BYTES = 8
+
+
+class BadCursor(ValueError):
+    """Not a cursor of this organization's stream."""
+
+
+class ExpiredCursor(Exception):
+    """A cursor older than what is kept; ``oldest`` is the oldest one still good."""
+
+    def __init__(self, oldest):
+        super().__init__("the changes after this cursor are no longer kept")
+        self.oldest = oldest
+
+
+# Cursors ---------------------------------------------------------------------
+
+def _check(organization_id, packed):
+    return hashlib.sha256(uuid.UUID(str(organization_id)).bytes + packed).digest()[:_CHECK_BYTES]
+
+
+def cursor(organization_id, position):
+    """The opaque cursor of ``position`` in the organization's stream."""
+    packed = struct.pack(">Q", position)
+    return base64.urlsafe_b64encode(packed + _check(organization_id, packed)).rstrip(b"=").decode()
+
+
+def position_of(organization_id, text):
+    """The position a cursor of this organization stands for; BadCursor otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError, TypeError):
+        raise BadCursor(text) from None
+    packed, check = raw[:8], raw[8:]
+    if len(raw) != 8 + _CHECK_BYTES or check != _check(organization_id, packed):
+        raise BadCursor(text)
+    return struct.unpack(">Q", packed)[0]
+
+
+def event(kind, organization_id, position, data):
+    """A change as the socket sends it and /api/changes lists it."""
+    return {"type": TYPES[kind], "cursor": cursor(organization_id, position), "data": data}
+
+
+# Writing (inside the writer's transaction) -------------------------------------
+
+# Positions for ``n`` changes of an organization: its stream row advanced by n and
+# locked until the transaction ends. Returns the last position taken.
+TAKE = ("INSERT INTO change_stream (organization_id, position, oldest) VALUES (%s, %s, 1) "
+        "ON CONFLICT (organization_id) DO UPDATE SET position = change_stream.position + excluded.position "
+        "RETURNING position")
+
+
+def take(organization_id, count):
+    """Take ``count`` positions of the organization's stream; returns the first."""
+    sql = TAKE if is_postgres() else TAKE.replace("%s", "?")
+    last = db.execute_sql(sql, [ChangeStream.organization.db_value(organization_id), count]).fetchone()[0]
+    return last - count + 1
+
+
+def lock(organization_ids):
+    """Lock the organizations' streams now, in a stable order (PostgreSQL): a
+    writer that will take positions after locking rows of its own takes this lock
+    first, as the erasure does, so that the two never wait for each other in turn."""
+    if is_postgres() and organization_ids:
+        db.execute_sql("SELECT 1 FROM change_stream WHERE organization_id = ANY(%s::uuid[]) "
+                       "ORDER BY organization_id FOR UPDATE",
+                       [sorted(str(organization_id) for organization_id in organization_ids)])
+
+
+def record(rows):
+    """Insert ``rows`` of (organization_id, position, kind, subject) as changes."""
+    if rows:
+        now = utcnow()
+        Change.insert_many([{"organization_id": organization_id, "position": position, "kind": kind,
+                             "subject": subject, "recorded_at": now}
+                            for organization_id, position, kind, subject in rows]).execute()
+
+
+def number(items, organization_of, kind, subject_of):
+    """Take positions for ``items`` (in their order, per organization) and record
+    their changes; returns {subject: position}."""
+    by_organization = {}
+    for item in items:
+        by_organization.setdefault(organization_of(item), []).append(subject_of(item))
+    positions, rows = {}, []
+    for organization_id in sorted(by_organization, key=str):
+        subjects = by_organization[organization_id]
+        first = take(organization_id, len(subjects))
+        for offset, subject in enumerate(subjects):
+            positions[subject] = first + offset
+            rows.append((organization_id, first + offset, kind, subject))
+    record(rows)
+    return positions
+
+
+# Retention ---------------------------------------------------------------------
+
+def prune(before, organization_id=None, chunk=1000):
+    """Delete the changes recorded before ``before`` (naive UTC), of one organization
+    or of all; returns how many. Each stream's oldest position moves past them
+    first, so that a cursor among them is answered 410, never skipped silently."""
+    organizations = ([organization_id] if organization_id else
+                     [org for (org,) in ChangeStream.select(ChangeStream.organization).tuples()])
+    return sum(_prune(organization, before, chunk) for organization in organizations)
+
+
+def _prune(organization_id, before, chunk):
+    ours = Change.organization_id == organization_id
+    last = Change.select(fn.MAX(Change.position)).where(ours & (Change.recorded_at < before)).scalar()
+    if last is None:
+        return 0
+    (ChangeStream.update(oldest=last + 1)
+     .where((ChangeStream.organization == organization_id) & (ChangeStream.oldest < last + 1)).execute())
+    deleted = 0
+    while True:
+        gone = Change.delete().where(ours & Change.position.in_(
+            Change.select(Change.position).where(ours & (Change.position <= last))
+            .order_by(Change.position).limit(chunk))).execute()
+        deleted += gone
+        if gone < chunk:
+            return deleted
+
+
+# Reading -----------------------------------------------------------------------
+
+_COLUMNS = (Interaction.id, Interaction.customer, Interaction.message_id, Interaction.timestamp,
+            Interaction.received_at, Interaction.channel, Interaction.event_type, Interaction.content,
+            Interaction.metadata, Interaction.analysis_status, Interaction.sentiment_label,
+            Interaction.sentiment_score)
+
+
+def stream(organization_id):
+    """(last position given out, oldest kept) of the organization's stream."""
+    row = (ChangeStream.select(ChangeStream.position, ChangeStream.oldest)
+           .where(ChangeStream.organization == organization_id).tuples().first())
+    return row or (0, 1)
+
+
+def read(organization_id, after=None, limit=MAX_PAGE):
+    """The changes after position ``after`` (None: from the oldest kept), oldest first,
+    at most ``limit``: ``(events, last position read)``. ExpiredCursor if changes after
+    ``after`` are no longer kept."""
+    _, oldest = stream(organization_id)
+    if after is None:
+        after = oldest - 1
+    elif after < oldest - 1:
+        raise ExpiredCursor(cursor(organization_id, oldest - 1))
+    rows = list(Change.select(Change.position, Change.kind, Change.subject, *_COLUMNS)
+                .join(Interaction, on=(Interaction.id == Change.subject) & (Change.kind != CUSTOMER_DELETED),
+                      join_type=JOIN.LEFT_OUTER)
+                .where((Change.organization_id == organization_id) & (Change.position > after))
+                .order_by(Change.position).limit(limit).tuples())
+    events = [event(kind, organization_id, position, data) for position, kind, data in
+              (_data(organization_id, row) for row in rows) if data is not None]
+    return events, rows[-1][0] if rows else after
+
+
+def _data(organization_id, row):
+    """(position, kind, the event's data) of a change row joined to its interaction;
+    data None when the interaction is gone."""
+    position, kind, subject, interaction_id, customer_id, *rest = row
+    if kind == CUSTOMER_DELETED:
+        return position, kind, {"id": str(subject)}
+    if interaction_id is None:
+        return position, kind, None
+    message_id, timestamp, received_at, channel, event_type, content, metadata, status, label, score = rest
+    if kind == ANALYZED:
+        return position, kind, analyzed_data(interaction_id, customer_id, status, label, score)
+    return position, kind, schemas.dump_interaction(SimpleNamespace(  # as it was stored: not yet analysed
+        id=interaction_id, customer_id=customer_id, message_id=message_id, timestamp=timestamp,
+        received_at=received_at, channel=channel, event_type=event_type, content=content,
+        metadata=metadata, analysis_status=PENDING, sentiment=None, analysis_error=None, analyzed_at=None))
+
+
+def analyzed_data(interaction_id, customer_id, status, label, score):
+    """The data of an ``interaction.analyzed`` event."""
+    return {"id": str(interaction_id), "customerId": str(customer_id), "analysisStatus": status,
+            "sentiment": None if label is None else {"label": label, "score": score}}
