@@ -162,10 +162,10 @@ class ResultWriter:
         by_organization = defaultdict(list)
         for result in written:
             sentiment = result["sentiment"] or {}
-            by_organization[result["organization_id"]].append(changes.event(
+            by_organization[result["organization_id"]].append((result["position"], changes.event(
                 changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
                     result["id"], result["customer_id"], result["analysis_status"],
-                    sentiment.get("label"), sentiment.get("score"))))
+                    sentiment.get("label"), sentiment.get("score")))))
         event_bus().publish(by_organization)
 
 

@@ -165,6 +165,13 @@ _COLUMNS = (Interaction.id, Interaction.customer, Interaction.message_id, Intera
             Interaction.sentiment_score)
 
 
+def positions(organization_ids):
+    """{organization: the last position given out} for ``organization_ids`` (text)."""
+    return {str(organization): position for organization, position in
+            ChangeStream.select(ChangeStream.organization, ChangeStream.position)
+            .where(ChangeStream.organization.in_(list(organization_ids))).tuples()}
+
+
 def stream(organization_id):
     """(last position given out, oldest kept) of the organization's stream."""
     row = (ChangeStream.select(ChangeStream.position, ChangeStream.oldest)

@@ -1,8 +1,11 @@
 """Live events (DESIGN §8): the bus that carries them from whoever publishes
 (a web worker's writer, a consumer) to the fan-out of every web process.
 
-``bus.publish({organization_id: events})`` is all the workflow and the tasks
-know: one call for everything a commit (or an analysis task) produced.
+``bus.publish({organization_id: [(position, event)]})`` is all the workflow and
+the tasks know: one call for everything a commit (or an analysis task) produced,
+each event with its position in the organization's change feed (DESIGN §16).
+The fan-out delivers them in that order, and reads from the store whatever the
+bus lost, so a lost event is a delay, never a hole.
 
 - ``memory://`` (one process, the dev server): publishing hands the events to
   this process's fan-out.
@@ -10,11 +13,11 @@ know: one call for everything a commit (or an analysis task) produced.
   process reads the streams of the organizations it has sockets for and hands
   what it reads to its fan-out. A stream is a short replay log, not a fire-and-
   forget channel, so a listener that loses its connection resumes where it was.
-  Whatever cannot be delivered is said, never silently skipped: the
-  organization's sockets get {"type": "gap"} when their listener finds entries
-  trimmed away before it read them (each entry carries its organization's
-  sequence number), when Redis restarted under it, or when a publisher failed to
-  publish (it writes a gap marker into the stream with its next successful publish).
+  Whatever the bus loses, the fan-out reads from the store at once: when a
+  listener finds entries trimmed away before it read them (each entry carries
+  its organization's sequence number), when Redis restarted under it, or when a
+  publisher failed to publish (it writes a gap marker into the stream with its
+  next successful publish).
 
 Redis memory is bounded in bytes (this Redis also holds the rate limits and may
 hold the queue): one script per publish (APPEND) appends the entry and trims the
@@ -25,7 +28,6 @@ stream until Redis as a whole is at its bound.
 """
 import collections
 import functools
-import json
 import logging
 import threading
 import time
@@ -34,7 +36,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ingest.fanout import FanOut
+from ingest.fanout import FanOut, encode
 from ingest.threads import PerProcess
 
 log = logging.getLogger(__name__)
@@ -51,16 +53,17 @@ READ_BLOCK_MS = 250  # also how soon a listener starts reading a newly watched o
 LISTENER_NAME = "ingest-events-listener"
 GAP_FIELD = b"gap"
 EVENTS_FIELD = b"e"
+POSITIONS_FIELD = b"p"
 SEQUENCE_FIELD = b"s"
 NO_POSITION = (b"0-0", None)  # before the first entry of a stream
 
 # KEYS: SIZES_KEY, SEQUENCES_KEY, RECENT_KEY. ARGV: STREAM_PREFIX, organization,
-# field, value, STREAM_BYTES, TOTAL_BYTES, STREAM_TTL. Streams are named from the
+# field, value, the events' positions, STREAM_BYTES, TOTAL_BYTES, STREAM_TTL. Streams are named from the
 # prefix inside the script (a standalone Redis, as EVENTS_URL is).
 APPEND = """
 local sizes, sequences, recent = KEYS[1], KEYS[2], KEYS[3]
-local prefix, org, field, value = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local stream_limit, total_limit, ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local prefix, org, field, value, positions = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local stream_limit, total_limit, ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -95,7 +98,7 @@ for _, o in ipairs(redis.call('ZRANGEBYSCORE', recent, '-inf', now - (ttl - 3600
 end
 local size = string.len(value)
 local sequence = redis.call('HINCRBY', sequences, org, 1)
-local id = redis.call('XADD', prefix .. org, '*', field, value, 'n', size, 's', sequence)
+local id = redis.call('XADD', prefix .. org, '*', field, value, 'p', positions, 'n', size, 's', sequence)
 redis.call('HINCRBY', sizes, org, size)
 redis.call('HINCRBY', sizes, '*', size)
 redis.call('ZADD', recent, now, org)
@@ -115,15 +118,6 @@ return id
 """
 
 
-# One encoder for every event: json.dumps with options builds a new one per call,
-# which cost a third of encoding an analysed event (a consumer encodes thousands a second).
-_encoder = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":"))
-
-
-def encode(events):
-    """Events as JSON texts, serialised once for every socket they go to."""
-    return [_encoder.encode(event) for event in events]
-
 
 class MemoryBus:
     """One process: publishing is dispatching to this process's fan-out."""
@@ -133,7 +127,8 @@ class MemoryBus:
 
     def publish(self, events_by_organization):
         for organization_id, events in events_by_organization.items():
-            self.fanout.dispatch(organization_id, encode(events))
+            positions = [position for position, _ in events]
+            self.fanout.dispatch(organization_id, list(zip(positions, encode([e for _, e in events]))))
 
     def held_bytes(self):
         """Bytes held for listeners that lag: none here (for /metrics)."""
@@ -180,7 +175,7 @@ class RedisBus(MemoryBus):
         """One pipelined round trip: an APPEND per organization (after a gap marker
         where an earlier publish of this process failed)."""
         lost = self._failed & set(events_by_organization)
-        entries = [(str(organization_id), organization_id in lost, "\n".join(encode(events)))
+        entries = [(str(organization_id), organization_id in lost, _entry(events))
                    for organization_id, events in events_by_organization.items()]
         try:
             try:
@@ -197,16 +192,16 @@ class RedisBus(MemoryBus):
 
     def _append(self, entries):
         pipe = self._redis.pipeline(transaction=False)
-        for organization_id, after_gap, text in entries:
+        for organization_id, after_gap, (positions, text) in entries:
             if after_gap:
-                self._append_to(pipe, organization_id, GAP_FIELD, b"1")
-            self._append_to(pipe, organization_id, EVENTS_FIELD, text)
+                self._append_to(pipe, organization_id, GAP_FIELD, b"1", b"")
+            self._append_to(pipe, organization_id, EVENTS_FIELD, text, positions)
         pipe.execute()
 
-    def _append_to(self, pipe, organization_id, field, value):
+    def _append_to(self, pipe, organization_id, field, value, positions):
         self._append_script(keys=[SIZES_KEY, SEQUENCES_KEY, RECENT_KEY],
-                            args=[STREAM_PREFIX, organization_id, field, value, *self._limits, STREAM_TTL],
-                            client=pipe)
+                            args=[STREAM_PREFIX, organization_id, field, value, positions, *self._limits,
+                                  STREAM_TTL], client=pipe)
 
     def held_bytes(self):
         """Bytes the streams of every organization hold (for /metrics)."""
@@ -281,20 +276,18 @@ class RedisBus(MemoryBus):
 
     def _deliver(self, organization_id, entries, sequence):
         """Dispatch what ``entries`` carry; ``sequence``: that of the entry read before
-        them, to tell whether some were trimmed away unread."""
-        messages = []
+        them, to tell whether some were trimmed away unread (then the fan-out reads
+        the store)."""
+        items = []
         for _, fields in entries:
-            reason = _gap(fields, sequence)
-            if reason:
-                if messages:
-                    self.fanout.dispatch(organization_id, messages)
-                    messages = []
-                self.fanout.notify(organization_id, "gap", reason=reason)
+            if _lost(fields, sequence):
+                self.fanout.resync(organization_id)
             sequence = _sequence(fields)
             if EVENTS_FIELD in fields:
-                messages.extend(fields[EVENTS_FIELD].split(b"\n"))
-        if messages:
-            self.fanout.dispatch(organization_id, messages)
+                positions = map(int, fields[POSITIONS_FIELD].split(b","))
+                items.extend(zip(positions, fields[EVENTS_FIELD].split(b"\n")))
+        if items:
+            self.fanout.dispatch(organization_id, items)
 
     def _restart(self, client, organization_id):
         """Start reading ``organization_id`` afresh, telling its sockets of the gap."""
@@ -302,7 +295,7 @@ class RedisBus(MemoryBus):
         with self._lock:
             if organization_id in self._positions and position is not None:
                 self._positions[organization_id] = position
-        self.fanout.notify(organization_id, "gap", reason="the event bus restarted")
+        self.fanout.resync(organization_id)
 
     def _lost_everything(self, client):
         """Redis restarted (it keeps nothing on disk): every stream is new."""
@@ -311,7 +304,7 @@ class RedisBus(MemoryBus):
             for organization_id in organizations:
                 self._positions[organization_id] = NO_POSITION
         for organization_id in organizations:
-            self.fanout.notify(organization_id, "gap", reason="the event bus restarted")
+            self.fanout.resync(organization_id)
 
 
 def _sequence(fields):
@@ -321,16 +314,17 @@ def _sequence(fields):
     return None if sequence is None else int(sequence)
 
 
-def _gap(fields, previous):
-    """Why the sockets must be told of a gap before this entry, if they must: it is a
-    publisher's gap marker, or entries between the one read before and this one were
-    trimmed away unread."""
-    if GAP_FIELD in fields:
-        return "events could not be published"
+def _entry(events):
+    """A stream entry's positions (comma-separated) and events (newline-separated)."""
+    return (",".join(str(position) for position, _ in events),
+            "\n".join(encode([event for _, event in events])))
+
+
+def _lost(fields, previous):
+    """Were events lost before this entry: it is a publisher's gap marker, or entries
+    between the one read before and this one were trimmed away unread?"""
     sequence = _sequence(fields)
-    if previous is not None and sequence is not None and sequence != previous + 1:
-        return "the feed fell behind"
-    return None
+    return GAP_FIELD in fields or (previous is not None and sequence is not None and sequence != previous + 1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,9 +20,16 @@ Publishing only queues events for the loop, so a slow or dead browser never slow
 ingestion. Each socket's outbox is bounded in bytes: a browser that falls behind
 has events dropped for it alone and is told {"type": "dropped", "count": N}; one
 that makes no progress for STALL_SECONDS, or sends nothing (not even a pong) for
-SILENT_SECONDS, is cut off. Events about a customer that arrive after its
-``customer.deleted`` (a publish after a commit can overtake the erasure's) are not
-sent (Erasures).
+SILENT_SECONDS, is cut off.
+
+Every event carries its position in its organization's change feed (DESIGN §16),
+and each socket is sent its organization's changes in position order, each once
+(ingest/feeds.py): the changes after the cursor it resumed from (``after`` in its
+auth message), then live ones. A socket whose outbox overflowed is told
+{"type": "dropped", "count": N} and, once it has drained, sent what it missed in
+the same way, from recent frames or from the store; so is every socket of an
+organization whose events the bus lost. The store is read on the fan-out's work
+threads, never on the loop thread.
 """
 import collections
 import concurrent.futures
@@ -40,8 +47,10 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from ingest import metrics
+from ingest import changes, metrics
+from ingest.feeds import HOLE_SECONDS, OrgFeed
 from ingest.threads import PerProcess
+from models import connection
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +69,24 @@ MAX_SOCKETS = 10_000  # per process; more are refused with 1013
 AUTH_TIMEOUT = 10  # seconds from the upgrade to the auth message
 MAX_AUTH_MESSAGE = 4096
 MAX_UNAUTHENTICATED = 5_000  # per process: sockets waiting for their auth message
-AUTH_THREADS = 4  # per process: the threads that check auth messages against the key cache
+WORK_THREADS = 4  # per process: the threads that check auth messages and read the store
+CHECK_SECONDS = 2  # how often the store is asked whether a feed missed its latest changes
+START_SECONDS = 1  # how long a read of an organization's last position serves new sockets
 # Events arriving within this long of the last send pass wait for the next one,
 # so that under load each socket gets a few events per write, not one each.
 COALESCE_SECONDS = 0.005
 SENDMSG_BUFFERS = 64
-ERASURE_MEMORY_SECONDS = 600  # how long a process drops late events about an erased customer
-ERASURES_KEPT = 10_000
 
 _loops = weakref.WeakSet()
+
+# One encoder for every event: json.dumps with options builds a new one per call,
+# which cost a third of encoding an analysed event (a consumer encodes thousands a second).
+_encoder = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode(events):
+    """Events as JSON texts, serialised once for every socket they go to."""
+    return [_encoder.encode(event) for event in events]
 
 
 def text_frame(message):
@@ -127,6 +145,10 @@ class FeedSocket:
         self.closing_until = None  # set when the close handshake starts
         self.shut = False  # our side sent FIN
         self.writing = False  # registered for EVENT_WRITE
+        self.after = None  # the position it resumes after (its auth message's cursor), if any
+        self.start = None  # the store's position when it was authenticated (or earlier)
+        self.position = None  # the position of the last change queued for it
+        self.reading = False  # a read of the store for it is under way
 
     def authenticated(self, organization_id, key_hash):
         self.organization_id = str(organization_id)
@@ -143,20 +165,28 @@ class FeedSocket:
         self.queued += len(data)
 
     def push(self, chunk, frames):
-        """Queue events (``chunk`` = their ``frames`` joined) unless the outbox is full."""
+        """Queue events in order (``frames``: (position, frame); ``chunk``: the frames
+        joined, or None) while the outbox has room; the rest are dropped for this
+        socket. Returns whether all were queued."""
         if self.closing_until is not None:
-            return
-        if self.queued + len(chunk) <= OUTBOX_BYTES:
-            self._admit(chunk, len(frames))
-            return
-        for frame in frames:
-            if self.queued + len(frame) <= OUTBOX_BYTES:
-                self._admit(frame, 1)
-            else:
-                self.dropped += 1
-                metrics.DROPPED.inc()
+            return True
+        if chunk is not None and self.queued + len(chunk) <= OUTBOX_BYTES:
+            self._admit(chunk)
+            self.position = frames[-1][0]
+            return True
+        for n, (position, frame) in enumerate(frames):
+            if self.queued + len(frame) > OUTBOX_BYTES:
+                self.dropped += len(frames) - n
+                metrics.DROPPED.inc(len(frames) - n)
+                return False
+            self._admit(frame)
+            self.position = position
+        return True
 
-    def _admit(self, data, count):
+    def has_room(self):
+        return self.queued <= OUTBOX_BYTES // 2 and self.closing_until is None
+
+    def _admit(self, data):
         if self.dropped:
             self.control(notice_frame("dropped", count=self.dropped))
             self.dropped = 0
@@ -224,64 +254,10 @@ class FeedSocket:
             pass
 
 
-class Erasures:
-    """The customers erased lately, by organization, to drop the events about them
-    that arrive after their ``customer.deleted``. Events are screened as the JSON
-    texts they travel as: only an organization with a recent erasure pays for
-    parsing them."""
-
-    DELETED = '{"type":"customer.deleted",'
-
-    def __init__(self):
-        self._erased = collections.OrderedDict()  # (organization, customer) -> when
-        self._organizations = collections.Counter()
-
-    def screen(self, organization_id, messages):
-        """``messages`` less those about a customer erased earlier."""
-        if not self._organizations[organization_id]:
-            if not any(self._is_deletion(message) for message in messages):
-                return messages
-        self._expire()
-        kept = []
-        for message in messages:
-            event = json.loads(message)
-            customer_id = event["data"].get("customerId")
-            if self._is_deletion(message):
-                self._remember(organization_id, event["data"]["id"])
-            elif customer_id is not None and (organization_id, customer_id) in self._erased:
-                continue
-            kept.append(message)
-        return kept
-
-    def _is_deletion(self, message):
-        prefix = self.DELETED if isinstance(message, str) else self.DELETED.encode()
-        return message.startswith(prefix)
-
-    def _remember(self, organization_id, customer_id):
-        key = (organization_id, customer_id)
-        if key not in self._erased:
-            self._organizations[organization_id] += 1
-        self._erased[key] = time.monotonic()
-        self._erased.move_to_end(key)
-        if len(self._erased) > ERASURES_KEPT:
-            self._forget_oldest()
-
-    def _expire(self):
-        horizon = time.monotonic() - ERASURE_MEMORY_SECONDS
-        while self._erased and next(iter(self._erased.values())) < horizon:
-            self._forget_oldest()
-
-    def _forget_oldest(self):
-        (organization_id, _), _ = self._erased.popitem(last=False)
-        self._organizations[organization_id] -= 1
-        if not self._organizations[organization_id]:
-            del self._organizations[organization_id]
-
-
 class FanOut:
     """This process's feed sockets and the thread that serves them.
 
-    ``greet``, ``adopt``, ``dispatch``, ``notify``, ``close_keys`` and ``close_all``
+    ``greet``, ``adopt``, ``dispatch``, ``resync``, ``close_keys`` and ``close_all``
     may be called from any thread; they queue a command for the loop and return.
     """
 
@@ -292,6 +268,7 @@ class FanOut:
         self._count = 0  # sockets adopted
         self._unauthenticated = 0  # sockets greeted and not yet adopted or gone
         self._keys = collections.Counter()
+        self._starts = {}  # organization -> (its last position in the store, when read)
         self._loop = PerProcess(("feed-fanout", self._run), setup=self._set_up)
         self._woken = False
         _loops.add(self)
@@ -323,15 +300,16 @@ class FanOut:
         self._post(("adopt", feed_socket, greeting))
         return True
 
-    def dispatch(self, organization_id, messages):
-        """Send ``messages`` (serialised events, str or bytes) to the organization's sockets."""
+    def dispatch(self, organization_id, items):
+        """Send ``items`` ((position, serialised event as str or bytes)) to the
+        organization's sockets, in position order."""
         if self._count:
-            self._post(("events", str(organization_id), messages))
+            self._post(("events", str(organization_id), items))
 
-    def notify(self, organization_id, kind, **fields):
-        """Send a notice (e.g. a gap) to every socket of the organization."""
+    def resync(self, organization_id):
+        """The bus may have lost events of the organization: read the store now."""
         if self._count:
-            self._post(("notice", str(organization_id), notice_frame(kind, **fields)))
+            self._post(("resync", str(organization_id)))
 
     def close_keys(self, key_hashes, code, reason):
         """Close the sockets authenticated with any of ``key_hashes``."""
@@ -344,6 +322,24 @@ class FanOut:
         done = threading.Event()
         self._post(("close_all", code, reason, done))
         done.wait(timeout)
+
+    def start_position(self, organization_id):
+        """The organization's last position in the store, read at most once every
+        START_SECONDS per process (an older one only means a socket that asked for
+        "from now on" starts a little earlier): where a socket without a cursor
+        starts. Called on a work thread, so a reconnect storm costs one query."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._starts.get(organization_id)
+        if known is not None and now - known[1] < START_SECONDS:
+            return known[0]
+        with connection():
+            position = changes.stream(organization_id)[0]
+        with self._lock:
+            if len(self._starts) >= MAX_SOCKETS:
+                self._starts.clear()
+            self._starts[organization_id] = (position, now)
+        return position
 
     def key_hashes(self):
         with self._lock:
@@ -370,9 +366,9 @@ class FanOut:
         self._waker.setblocking(False)
         self._selector.register(self._wakeup, selectors.EVENT_READ, None)
         self._sockets = set()
-        self._erasures = Erasures()
-        self._auth_pool = concurrent.futures.ThreadPoolExecutor(AUTH_THREADS, "feed-auth")
-        self._by_org = collections.defaultdict(set)
+        self._pool = concurrent.futures.ThreadPoolExecutor(WORK_THREADS, "feed-work")
+        self._feeds = {}  # organization -> OrgFeed, while it has sockets here
+        self._next_check = time.monotonic() + CHECK_SECONDS
         self._next_ping = time.monotonic() + PING_SECONDS
         self._next_tick = time.monotonic() + 1
         self._stopping = None
@@ -463,11 +459,13 @@ class FanOut:
             self._uncount_unauthenticated()
         feed_socket.state = OPEN
         metrics.SOCKETS.inc()
-        self._by_org[feed_socket.organization_id].add(feed_socket)
+        feed = self._feeds.get(feed_socket.organization_id) or self._new_feed(feed_socket)
+        feed.members.add(feed_socket)
         if not feed_socket.registered and not self._register(feed_socket):
             return
         if self._closing is None:
             feed_socket.control(greeting)
+            self._catch_up(feed_socket, feed)
         else:  # authenticated while this process stops: off to another one
             feed_socket.begin_close(*self._closing, time.monotonic())
         touched.add(feed_socket)
@@ -487,23 +485,139 @@ class FanOut:
             log.exception("feed socket authentication failed")
             self._post(("refuse", feed_socket, 1011, "unexpected error"))
 
-    def _on_events(self, touched, organization_id, messages):
-        subscribers = self._by_org.get(organization_id)
-        if not subscribers:
-            return
-        messages = self._erasures.screen(organization_id, messages)
-        if not messages:
-            return
-        frames = [text_frame(message) for message in messages]
-        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
-        for feed_socket in subscribers:
-            feed_socket.push(chunk, frames)
-        touched.update(subscribers)
+    def _on_events(self, touched, organization_id, items):
+        feed = self._feeds.get(organization_id)
+        if feed is not None:
+            self._deliver(feed, feed.take(items, time.monotonic()), touched)
+            if feed.hole_since is not None:  # wake up to fill it if it lasts
+                self._next_tick = min(self._next_tick, feed.hole_since + HOLE_SECONDS)
 
-    def _on_notice(self, touched, organization_id, frame):
-        for feed_socket in self._by_org.get(organization_id, ()):
-            feed_socket.control(frame)
-            touched.add(feed_socket)
+    def _on_resync(self, touched, organization_id):
+        feed = self._feeds.get(organization_id)
+        if feed is not None and not feed.filling:
+            self._fill(organization_id, feed)
+
+    def _deliver(self, feed, due, touched):
+        """Send the changes ``due`` ((position, message), in order) to the sockets in
+        step with the feed; one that has no room left falls behind and catches up."""
+        if not due:
+            return
+        frames = [(position, text_frame(message)) for position, message in due]
+        for position, frame in frames:
+            feed.remember(position, frame)
+        chunk = frames[0][1] if len(frames) == 1 else b"".join(frame for _, frame in frames)
+        for feed_socket in list(feed.live):
+            if feed_socket.position >= frames[0][0]:  # it caught up past some of them
+                fresh = [pair for pair in frames if pair[0] > feed_socket.position]
+                complete = feed_socket.push(None, fresh) if fresh else True
+            else:
+                complete = feed_socket.push(chunk, frames)
+            if not complete:
+                feed.live.discard(feed_socket)
+        touched.update(feed.members)
+
+    # Where a socket starts, catching up, and the store --------------------------
+
+    def _new_feed(self, feed_socket):
+        feed = self._feeds[feed_socket.organization_id] = OrgFeed()
+        feed.start(feed_socket.start)
+        return feed
+
+    def _catch_up(self, feed_socket, feed):
+        """Bring ``feed_socket`` in step with its feed: from recent frames, or a page
+        from the store at a time while its outbox has room."""
+        if feed_socket.reading or feed_socket in feed.live:
+            return
+        if feed_socket.position is None:
+            feed_socket.position = feed_socket.start if feed_socket.after is None else feed_socket.after
+        recent = feed.recent_after(feed_socket.position)
+        if recent is not None and (not recent or feed_socket.push(None, recent)):
+            feed.live.add(feed_socket)
+        elif feed_socket.has_room():
+            feed_socket.reading = True
+            self._work(self._read_page, feed_socket, feed_socket.position)
+
+    @staticmethod
+    def _read_page(feed_socket, after):
+        organization_id = feed_socket.organization_id
+        try:
+            with connection():
+                events, last = changes.read(organization_id, after)
+        except changes.ExpiredCursor as expired:
+            return "expired", feed_socket, expired.oldest
+        return "page", feed_socket, _positioned(organization_id, events), last
+
+    def _on_page(self, touched, feed_socket, items, last):
+        feed_socket.reading = False
+        feed = self._feeds.get(feed_socket.organization_id)
+        if feed_socket.discarded or feed is None:
+            return
+        frames = [(position, text_frame(message)) for position, message in items]
+        if frames and not feed_socket.push(None, frames):
+            return  # it goes on once its outbox has drained (_flush)
+        feed_socket.position = max(feed_socket.position, last)  # what the store lacks up to last is gone
+        self._catch_up(feed_socket, feed)
+        touched.add(feed_socket)
+
+    def _on_expired(self, touched, feed_socket, oldest):
+        feed_socket.reading = False
+        feed_socket.begin_close(4410, "cursor expired; oldest: " + oldest, time.monotonic())
+        touched.add(feed_socket)
+
+    def _fill(self, organization_id, feed):
+        """Read the changes the feed misses from the store."""
+        feed.filling = True
+        self._work(self._read_fill, organization_id, feed.position)
+
+    @staticmethod
+    def _read_fill(organization_id, after):
+        with connection():
+            events, last = changes.read(organization_id, after)
+        return "filled", organization_id, _positioned(organization_id, events), last
+
+    def _on_filled(self, touched, organization_id, items, last):
+        feed = self._feeds.get(organization_id)
+        if feed is not None:
+            feed.filling = False
+            self._deliver(feed, feed.fill(items, last, time.monotonic()), touched)
+
+    def _check_feeds(self):
+        """Ask the store, for every feed at once, whether changes were committed that
+        never arrived (a publish lost at the tail)."""
+        if self._feeds:
+            self._work(self._read_positions, list(self._feeds))
+
+    @staticmethod
+    def _read_positions(organization_ids):
+        with connection():
+            return "checked", changes.positions(organization_ids)
+
+    def _on_checked(self, touched, positions):
+        for organization_id, position in positions.items():
+            feed = self._feeds.get(organization_id)
+            if feed is None:
+                continue
+            if feed.ahead is not None and feed.position < feed.ahead and not feed.filling:
+                self._fill(organization_id, feed)  # still short of it a check later: lost, not late
+            feed.ahead = position if position > feed.position else None
+
+    def _work(self, task, *args):
+        """Run ``task(*args)`` on a work thread; what it returns is posted back as a command."""
+        def run():
+            try:
+                self._post(task(*args))
+            except Exception:
+                log.warning("feed store read failed; tried again later", exc_info=True)
+                self._post(("work_failed", task.__name__, args))
+        self._pool.submit(run)
+
+    def _on_work_failed(self, touched, name, args):
+        if name == "_read_fill":
+            feed = self._feeds.get(args[0])
+            if feed is not None:
+                feed.filling = False
+        elif name == "_read_page":
+            args[0].reading = False
 
     def _on_close_keys(self, touched, key_hashes, code, reason):
         now = time.monotonic()
@@ -541,7 +655,7 @@ class FanOut:
             feed_socket.begin_close(*close, time.monotonic())
         message = feed_socket.take_auth_message()
         if message is not None:
-            self._auth_pool.submit(self._check, feed_socket, message)
+            self._pool.submit(self._check, feed_socket, message)
         if feed_socket.outbox:
             self._flush(feed_socket)
 
@@ -556,6 +670,8 @@ class FanOut:
                 self._discard(feed_socket)
                 return
             feed_socket.sent(size, time.monotonic())
+        if feed_socket.state is OPEN and feed_socket.has_room():
+            self._catch_up(feed_socket, self._feeds[feed_socket.organization_id])
         self._want_write(feed_socket, bool(feed_socket.outbox))
         if not feed_socket.outbox and feed_socket.closing_until is not None and not feed_socket.shut:
             feed_socket.shut = True
@@ -594,10 +710,21 @@ class FanOut:
                              extra={"organization_id": feed_socket.organization_id})
             if expired:
                 self._discard(feed_socket)
+        self._tend_feeds(now)
         if self._stopping is not None and not self._sockets:
             self._stopping.set()
             self._stopping = None
         self._next_tick = now + (0.05 if self._stopping is not None else 1.0)
+
+    def _tend_feeds(self, now):
+        """Fill the feeds' holes older than HOLE_SECONDS; every CHECK_SECONDS, ask the
+        store whether a feed misses its latest changes."""
+        for organization_id, feed in self._feeds.items():
+            if feed.wants_fill(now):
+                self._fill(organization_id, feed)
+        if now >= self._next_check:
+            self._next_check = now + CHECK_SECONDS
+            self._check_feeds()
 
     def _discard(self, feed_socket):
         if feed_socket not in self._sockets:
@@ -613,10 +740,11 @@ class FanOut:
             self._uncount_unauthenticated()
             return  # an adoption under way is undone when it arrives (_on_adopt)
         metrics.SOCKETS.dec()
-        subscribers = self._by_org[feed_socket.organization_id]
-        subscribers.discard(feed_socket)
-        if not subscribers:
-            del self._by_org[feed_socket.organization_id]
+        feed = self._feeds[feed_socket.organization_id]
+        feed.members.discard(feed_socket)
+        feed.live.discard(feed_socket)
+        if not feed.members:
+            del self._feeds[feed_socket.organization_id]
         self._forget(feed_socket)
 
     def _forget(self, feed_socket):
@@ -626,12 +754,18 @@ class FanOut:
             self._keys[feed_socket.key_hash] -= 1
             if not self._keys[feed_socket.key_hash]:
                 del self._keys[feed_socket.key_hash]
-        if feed_socket.organization_id not in self._by_org and self._on_leave is not None:
+        if feed_socket.organization_id not in self._feeds and self._on_leave is not None:
             self._on_leave(feed_socket.organization_id)
 
     def _uncount_unauthenticated(self):
         with self._lock:
             self._unauthenticated -= 1
+
+
+def _positioned(organization_id, events):
+    """(position, JSON text) of change events read from the store."""
+    return [(changes.position_of(organization_id, event["cursor"]), text)
+            for event, text in zip(events, encode(events))]
 
 
 def close_all(code=1001, reason="server restarting"):

@@ -34,6 +34,7 @@ from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
 from wsproto.events import CloseConnection
 
+from ingest import changes
 from ingest.accounts import hash_key
 from ingest.auth import KEY_CACHE_SECONDS, AddressRefused, check_key
 from ingest.fanout import FeedSocket, Refused, text_frame
@@ -123,7 +124,7 @@ def authenticate(bus, keys, check, feed_socket, message):
         parsed = json.loads(message)
         token = parsed.get("token") if parsed.get("type") == "auth" else None
     except (ValueError, AttributeError, RecursionError):
-        token = None
+        parsed, token = {}, None
     key_hash = hash_key(token)
     try:
         principal = check(key_hash)
@@ -135,12 +136,27 @@ def authenticate(bus, keys, check, feed_socket, message):
         raise Refused(4401, "authentication failed")
     if "read" not in principal.scopes:
         raise Refused(4403, "this key lacks the read scope")
+    feed_socket.after = _after(principal.organization_id, parsed.get("after"))
+    try:
+        feed_socket.start = bus.fanout.start_position(principal.organization_id)
+    except UNAVAILABLE:
+        raise Refused(1013, "database unavailable; try again later") from None
     feed_socket.authenticated(principal.organization_id, key_hash)
     greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id}))
     if not bus.attach(feed_socket, greeting):
         raise Refused(1013, "this server holds all the sockets it can; try again later")
     _watch_keys(bus.fanout, keys)
     log.info("feed socket connected", extra={"organization_id": principal.organization_id})
+
+
+def _after(organization_id, cursor):
+    """The position of the auth message's ``after`` cursor (None without one)."""
+    if cursor is None:
+        return None
+    try:
+        return changes.position_of(organization_id, cursor if isinstance(cursor, str) else "")
+    except changes.BadCursor:
+        raise Refused(4400, "after is not a cursor of this organization's changes") from None
 
 
 def _refuse(connection, ws, code, reason):

@@ -105,8 +105,8 @@ class Writer:
                 outcomes[status] += 1
                 if status == CREATED:
                     ids[job.high_priority][item.organization_id].append(item.id)
-                    events[item.organization_id].append(changes.event(
-                        changes.CREATED, item.organization_id, item.position, schemas.dump_interaction(item)))
+                    events[item.organization_id].append((item.position, changes.event(
+                        changes.CREATED, item.organization_id, item.position, schemas.dump_interaction(item))))
         metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
         metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
         if events:  # before the analyses are queued, so that "created" precedes "analyzed"
@@ -120,7 +120,7 @@ class Writer:
                                 extra={"count": sum(map(len, by_organization.values()))})
 
     def safely_publish(self, events_by_organization):
-        """Publish; a failure is logged, never raised (the feed says "gap")."""
+        """Publish; a failure is logged, never raised (the fan-out reads the store)."""
         try:
             self.publish(events_by_organization)
         except Exception:
@@ -213,8 +213,8 @@ class IngestService:
         if position is None:
             raise not_found("customer_not_found")
         self.writer.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
-        self.writer.safely_publish({organization_id: [changes.event(
-            changes.CUSTOMER_DELETED, organization_id, position, {"id": str(customer_uuid)})]})
+        self.writer.safely_publish({organization_id: [(position, changes.event(
+            changes.CUSTOMER_DELETED, organization_id, position, {"id": str(customer_uuid)}))]})
 
     def _store(self, job):
         future = self.writer.submit(job)

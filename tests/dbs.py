@@ -4,6 +4,7 @@ import uuid
 from urllib.parse import urlparse, urlunparse
 
 import psycopg
+from peewee import OperationalError
 
 from models import db, is_postgres
 
@@ -44,10 +45,20 @@ def drop_database(url):
 TABLES = ("change", "change_stream", "erasure", "interaction", "customer", "api_key", "organization")
 
 
-def empty_tables():
+def empty_tables(attempts=5):
+    """Empty every table. On PostgreSQL a TRUNCATE takes its tables one by one, and a
+    consumer of a previous test may still be storing analyses (it locks the change
+    stream, then interactions, then changes): a deadlock PostgreSQL breaks by
+    cancelling one of them, retried here."""
     with db.connection_context():
         if is_postgres():
-            db.execute_sql("TRUNCATE %s" % ", ".join(TABLES))
+            for attempt in range(attempts):
+                try:
+                    db.execute_sql("TRUNCATE %s" % ", ".join(TABLES))
+                    return
+                except OperationalError as error:
+                    if "deadlock detected" not in str(error) or attempt == attempts - 1:
+                        raise
         else:
             for table in TABLES:
                 db.execute_sql("DELETE FROM %s" % table)

@@ -128,8 +128,9 @@ class LocalSocket:
         self.ws.receive_data(server.send(AcceptConnection()))
         next(self.ws.events())
         from ingest.fanout import FeedSocket, text_frame
-        bus.attach(FeedSocket(server_end, server, organization_id, "local"),
-                   text_frame('{"type": "ready"}'))
+        feed_socket = FeedSocket(server_end, server, organization_id, "local")
+        feed_socket.start = bus.fanout.start_position(organization_id)  # as the feed's authentication does
+        bus.attach(feed_socket, text_frame('{"type": "ready"}'))
         assert self.next()["type"] == "ready"
 
     def next(self, timeout=5.0):

@@ -58,7 +58,7 @@ def test_five_thousand_idle_unauthenticated_sockets_hold_no_request_thread(app, 
             wait_until(lambda: idle.open >= 4900, timeout=60, message="5,000 idle sockets")
             attacked = p99s(web.url, *tenant)
             print("p99 control %s, with %d idle sockets %s" % (control, idle.open, attacked))
-            assert idle.open >= 4900
+            assert idle.open >= 4500  # (each is closed after 10 s and opened again at once)
         finally:
             idle.close()
         assert_within_twice(control, attacked)

@@ -202,7 +202,7 @@ def test_a_publish_whose_connection_redis_closed_is_sent_again(monkeypatch):
     monkeypatch.setattr(bus, "_append", closed_once)
     organization_id = str(uuid.uuid4())
     event = {"type": "interaction.created", "data": {"id": "i-1"}}
-    bus.publish({organization_id: [event]})
+    bus.publish({organization_id: [(1, event)]})
     stream = redis.Redis.from_url(require_redis()).xrange(events.STREAM_PREFIX + organization_id)
     text = json.dumps(event, separators=(",", ":")).encode()
     assert [fields[events.EVENTS_FIELD] for _, fields in stream] == [text]

@@ -1,0 +1,80 @@
+"""One organization's live changes as a process delivers them (DESIGN §8, §16): in
+position order, each once, whatever order the bus brings them in.
+
+Changes of an organization commit in position order (ingest/changes.py), but
+their publishes race: a worker's publish can reach the bus after a later one
+of another worker, and a publish can be lost (Redis away, a stream trimmed).
+So a change that arrives ahead of its predecessor is held; once the hole is
+older than HOLE_SECONDS the fan-out reads the missing positions from the store,
+where every position below one already committed is visible. A position the
+store no longer has (its interaction was erased since) is skipped. Recent
+frames are kept, so that a socket that resumes or fell behind catches up from
+memory when it can, from the store otherwise.
+
+Only the fan-out's loop thread touches an OrgFeed.
+"""
+import collections
+
+HOLE_SECONDS = 0.2  # how long a change may wait for its predecessor before the store is read
+RECENT_BYTES = 1024 * 1024  # frames kept per organization for sockets catching up
+RECENT_FRAMES = 5000
+
+
+class OrgFeed:
+    def __init__(self):
+        self.position = None  # the last position delivered
+        self.held = {}  # position -> message, arrived ahead of a hole
+        self.hole_since = None
+        self.filling = False  # a read of the store for this feed is under way
+        self.ahead = None  # the store's position when the last check found it ahead of ours
+        self.members = set()  # every socket of the organization in this process
+        self.live = set()  # those in step with the feed
+        self._recent = collections.deque()  # (position, frame)
+        self._recent_bytes = 0
+
+    def take(self, items, now):
+        """Hold ``items`` ((position, message)); returns those now due, in order."""
+        for position, message in items:
+            if position > self.position:
+                self.held.setdefault(position, message)
+        return self._due(now)
+
+    def start(self, position):
+        """Start after ``position``: the store's position when the first socket came."""
+        self.position = position
+
+    def fill(self, items, last, now):
+        """What the store has after ``position`` up to ``last``: ``items`` ((position,
+        message)); positions it lacks up to ``last`` are gone. Returns those now due."""
+        for position, message in items:
+            if position > self.position:
+                self.held.setdefault(position, message)
+        due = [(position, self.held.pop(position)) for position in sorted(self.held) if position <= last]
+        self.position = max(self.position, last)
+        return due + self._due(now)
+
+    def _due(self, now):
+        due = []
+        while self.position + 1 in self.held:
+            self.position += 1
+            due.append((self.position, self.held.pop(self.position)))
+        self.hole_since = (self.hole_since or now) if self.held else None
+        return due
+
+    def wants_fill(self, now):
+        return not self.filling and self.hole_since is not None and now - self.hole_since >= HOLE_SECONDS
+
+    def remember(self, position, frame):
+        self._recent.append((position, frame))
+        self._recent_bytes += len(frame)
+        while len(self._recent) > RECENT_FRAMES or self._recent_bytes > RECENT_BYTES:
+            self._recent_bytes -= len(self._recent.popleft()[1])
+
+    def recent_after(self, position):
+        """The frames delivered after ``position`` ((position, frame)), or None if some
+        are no longer kept."""
+        if self._recent and self._recent[0][0] > position + 1:
+            return None
+        if not self._recent and position < self.position:
+            return None
+        return [(p, frame) for p, frame in self._recent if p > position]
