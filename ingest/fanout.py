@@ -528,8 +528,9 @@ class FanOut:
         from the store at a time while its outbox has room."""
         if feed_socket.reading or feed_socket in feed.live:
             return
-        if feed_socket.position is None:
-            feed_socket.position = feed_socket.start if feed_socket.after is None else feed_socket.after
+        if feed_socket.position is None:  # (a cursor beyond the store's position stands for nothing yet)
+            feed_socket.position = feed_socket.start if feed_socket.after is None else min(
+                feed_socket.after, feed_socket.start)
         recent = feed.recent_after(feed_socket.position)
         if recent is not None and (not recent or feed_socket.push(None, recent)):
             feed.live.add(feed_socket)
@@ -555,6 +556,8 @@ class FanOut:
         frames = [(position, text_frame(message)) for position, message in items]
         if frames and not feed_socket.push(None, frames):
             return  # it goes on once its outbox has drained (_flush)
+        if last == feed_socket.position:  # the store has nothing after it: what follows comes live
+            feed.live.add(feed_socket)
         feed_socket.position = max(feed_socket.position, last)  # what the store lacks up to last is gone
         self._catch_up(feed_socket, feed)
         touched.add(feed_socket)
@@ -571,8 +574,11 @@ class FanOut:
 
     @staticmethod
     def _read_fill(organization_id, after):
-        with connection():
-            events, last = changes.read(organization_id, after)
+        try:
+            with connection():
+                events, last = changes.read(organization_id, after)
+        except changes.ExpiredCursor as expired:  # retention went past it: go on from what is kept
+            return "filled", organization_id, [], changes.position_of(organization_id, expired.oldest)
         return "filled", organization_id, _positioned(organization_id, events), last
 
     def _on_filled(self, touched, organization_id, items, last):

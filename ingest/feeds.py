@@ -18,6 +18,7 @@ import collections
 HOLE_SECONDS = 0.2  # how long a change may wait for its predecessor before the store is read
 RECENT_BYTES = 1024 * 1024  # frames kept per organization for sockets catching up
 RECENT_FRAMES = 5000
+MAX_HELD = 10_000  # changes held ahead of a hole; beyond, they are read from the store with it
 
 
 class OrgFeed:
@@ -35,7 +36,7 @@ class OrgFeed:
     def take(self, items, now):
         """Hold ``items`` ((position, message)); returns those now due, in order."""
         for position, message in items:
-            if position > self.position:
+            if position > self.position and (len(self.held) < MAX_HELD or position == self.position + 1):
                 self.held.setdefault(position, message)
         return self._due(now)
 
