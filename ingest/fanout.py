@@ -553,11 +553,11 @@ class FanOut:
         feed = self._feeds.get(feed_socket.organization_id)
         if feed_socket.discarded or feed is None:
             return
+        if last == feed_socket.position:  # the store has nothing after it: what follows comes live
+            feed.live.add(feed_socket)
         frames = [(position, text_frame(message)) for position, message in items]
         if frames and not feed_socket.push(None, frames):
             return  # it goes on once its outbox has drained (_flush)
-        if last == feed_socket.position:  # the store has nothing after it: what follows comes live
-            feed.live.add(feed_socket)
         feed_socket.position = max(feed_socket.position, last)  # what the store lacks up to last is gone
         self._catch_up(feed_socket, feed)
         touched.add(feed_socket)
