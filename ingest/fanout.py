@@ -72,6 +72,10 @@ MAX_UNAUTHENTICATED = 5_000  # per process: sockets waiting for their auth messa
 WORK_THREADS = 4  # per process: the threads that check auth messages and read the store
 CHECK_SECONDS = 2  # how often the store is asked whether a feed missed its latest changes
 START_SECONDS = 1  # how long a read of an organization's last position serves new sockets
+# Changes read from the store at a time, for a socket catching up or a feed's hole: a
+# page of the largest events (26 KB) stays a few MB, and a socket takes a page only
+# while its outbox has room.
+STORE_PAGE = 200
 # Events arriving within this long of the last send pass wait for the next one,
 # so that under load each socket gets a few events per write, not one each.
 COALESCE_SECONDS = 0.005
@@ -543,7 +547,7 @@ class FanOut:
         organization_id = feed_socket.organization_id
         try:
             with connection():
-                events, last = changes.read(organization_id, after)
+                events, last = changes.read(organization_id, after, STORE_PAGE)
         except changes.ExpiredCursor as expired:
             return "expired", feed_socket, expired.oldest
         return "page", feed_socket, _positioned(organization_id, events), last
@@ -576,7 +580,7 @@ class FanOut:
     def _read_fill(organization_id, after):
         try:
             with connection():
-                events, last = changes.read(organization_id, after)
+                events, last = changes.read(organization_id, after, STORE_PAGE)
         except changes.ExpiredCursor as expired:  # retention went past it: go on from what is kept
             return "filled", organization_id, [], changes.position_of(organization_id, expired.oldest)
         return "filled", organization_id, _positioned(organization_id, events), last
