@@ -71,7 +71,7 @@ def test_through_nginx_one_address_holds_a_bounded_number_of_idle_sockets(tenant
     500 of them (its per-address bound) through and answers the rest 429; health and
     another tenant's ingest keep their p99."""
     control = p99s(stack.url, *tenant)
-    idle = IdleSockets(stack.url, 5000, refused_pause=2.0)
+    idle = IdleSockets(stack.url, 5000, refused_pause=5.0)
     try:
         wait_until(lambda: idle.open >= 500 and idle.refusals >= 4500, timeout=60,
                    message="500 idle sockets and 4,500 refusals")
