@@ -532,9 +532,8 @@ class FanOut:
         from the store at a time while its outbox has room."""
         if feed_socket.reading or feed_socket in feed.live:
             return
-        if feed_socket.position is None:  # (a cursor beyond the store's position stands for nothing yet)
-            feed_socket.position = feed_socket.start if feed_socket.after is None else min(
-                feed_socket.after, feed_socket.start)
+        if feed_socket.position is None:
+            feed_socket.position = feed_socket.start if feed_socket.after is None else feed_socket.after
         recent = feed.recent_after(feed_socket.position)
         if recent is not None and (not recent or feed_socket.push(None, recent)):
             feed.live.add(feed_socket)

@@ -142,7 +142,9 @@ def authenticate(bus, keys, check, feed_socket, message):
     except UNAVAILABLE:
         raise Refused(1013, "database unavailable; try again later") from None
     feed_socket.authenticated(principal.organization_id, key_hash)
-    greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id}))
+    starts_after = feed_socket.start if feed_socket.after is None else feed_socket.after
+    greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id,
+                                      "cursor": changes.cursor(principal.organization_id, starts_after)}))
     if not bus.attach(feed_socket, greeting):
         raise Refused(1013, "this server holds all the sockets it can; try again later")
     _watch_keys(bus.fanout, keys)

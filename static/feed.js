@@ -5,23 +5,29 @@
 // MAX_ROWS rows are kept, so thousands of events a second leave the page
 // responsive. Content is always inserted as text.
 //
-// Nothing is missed silently: after a reconnect, a `dropped` or a `gap` notice,
-// the page reads what it missed through GET /api/interactions (event time from a
-// minute before the newest it saw) and merges it by id, so no row is shown twice.
+// Nothing is missed and nothing is shown twice (DESIGN §16): every change carries
+// its cursor, its position in the organization's change feed. The page remembers
+// the cursor of the last change it processed (in memory, and in sessionStorage
+// under a hash of the key, so that reloading the tab resumes too) and
+// authenticates every reconnect with "after": that cursor; the server sends what
+// followed it, then live changes, in order, each once, whatever their timestamps.
+// A change whose cursor it has already processed is ignored, and a row is never
+// drawn twice. A `dropped` notice needs nothing from the page: the server resends.
 "use strict";
 
 const MAX_ROWS = 500;
 const MAX_BACKOFF_MS = 30000;
 const CHART_SECONDS = 60;
-const CATCH_UP_MARGIN_MS = 60000;
 const MAX_NAMES = 2000;
+const SEEN_CURSORS = 2 * MAX_ROWS;  // cursors of recent changes, to ignore one arriving again
+const BRIEF_NOTICE_MS = 5000;
 
 const $ = (id) => document.getElementById(id);
 const feed = {
   socket: null, key: null, backoff: 500, retryTimer: null,
-  paused: false, held: [], queue: [], scheduled: false,
+  cursor: null, seen: new Set(), resumeNote: null,  // where this page is in the change feed
+  paused: false, held: [], queue: [], scheduled: false, noticeTimer: null,
   rows: new Map(), sentiments: new Map(), names: new Map(),
-  newest: null, openedAt: Date.now(), everReady: false, catchingUp: false, catchUpAgain: false,
   perSecond: new Array(CHART_SECONDS).fill(0), currentSecond: 0, currentCount: 0,
 };
 
@@ -37,40 +43,65 @@ function socketUrl() {
 }
 
 function connect(key) {
-  feed.key = key;
+  if (key !== feed.key) {
+    feed.key = key;
+    feed.cursor = loadCursor(key);
+    feed.seen.clear();
+  }
   clearTimeout(feed.retryTimer);
   if (feed.socket) { feed.socket.onclose = null; feed.socket.close(); }
   setState(feed.backoff > 500 ? "reconnecting" : "connecting", "connecting…");
   const socket = new WebSocket(socketUrl());
   feed.socket = socket;
-  socket.onopen = () => socket.send(JSON.stringify({ type: "auth", token: key }));
-  socket.onmessage = (message) => receive(JSON.parse(message.data));
-  socket.onclose = (event) => {
-    if (event.code === 4401 || event.code === 4403) {
-      setState("error", event.code === 4401 ? "invalid key" : "key lacks read scope");
-      return;  // retrying cannot help
-    }
-    setState("reconnecting", "disconnected, retrying in " + Math.round(feed.backoff / 1000) + " s");
-    feed.retryTimer = setTimeout(() => connect(feed.key), feed.backoff);
-    feed.backoff = Math.min(feed.backoff * 2, MAX_BACKOFF_MS);
+  socket.onopen = () => {
+    const auth = { type: "auth", token: key };
+    if (feed.cursor) auth.after = feed.cursor;  // resume right after the last change processed
+    socket.send(JSON.stringify(auth));
   };
+  socket.onmessage = (message) => { if (feed.socket === socket) receive(JSON.parse(message.data)); };
+  socket.onclose = (event) => closed(event);
+}
+
+function closed(event) {
+  feed.socket = null;
+  if (event.code === 4401 || event.code === 4403) {
+    setState("error", event.code === 4401 ? "invalid key" : "key lacks read scope");
+    return;  // retrying cannot help
+  }
+  let why = "disconnected";
+  if (event.code === 4410) {  // "cursor expired; oldest: CURSOR"
+    const oldest = /oldest: (\S+)/.exec(event.reason);
+    setCursor(oldest ? oldest[1] : null);
+    why = "changes since this page's last one are no longer all kept";
+    feed.resumeNote = "resumed from the oldest change kept; earlier ones were missed";
+  } else if (event.code === 4400) {
+    setCursor(null);
+    why = "the server did not recognise where this page left off";
+    feed.resumeNote = "from now on: could not resume where this page left off";
+  }
+  setState("reconnecting", why + ", retrying in " + Math.round(feed.backoff / 1000) + " s");
+  feed.retryTimer = setTimeout(() => connect(feed.key), feed.backoff);
+  feed.backoff = Math.min(feed.backoff * 2, MAX_BACKOFF_MS);
 }
 
 function receive(message) {
   if (message.type === "ready") {
     feed.backoff = 500;
-    setState("open", "live");
-    if (feed.everReady) catchUp("reconnected");
-    feed.everReady = true;
+    if (!feed.cursor) setCursor(message.cursor);  // where this socket starts: a reconnect resumes there
+    setState("open", feed.resumeNote ? "live, " + feed.resumeNote : "live");
+    feed.resumeNote = null;
     return;
   }
-  if (message.type === "dropped") {
-    catchUp(message.count + " events skipped while this page fell behind");
+  if (message.type === "dropped") {  // the server sends them again: nothing to do
+    showNotice(message.count + " event(s) were dropped while this page fell behind; the server is resending them",
+      BRIEF_NOTICE_MS);
     return;
   }
-  if (message.type === "gap") {
-    catchUp("events may have been missed (" + message.reason + ")");
-    return;
+  if (message.cursor) {
+    if (feed.seen.has(message.cursor)) return;  // processed already
+    feed.seen.add(message.cursor);
+    if (feed.seen.size > SEEN_CURSORS) feed.seen.delete(feed.seen.values().next().value);
+    feed.cursor = message.cursor;
   }
   if (message.type === "customer.deleted") {
     removeCustomer(message.data.id);
@@ -83,6 +114,31 @@ function receive(message) {
     return;
   }
   enqueue(message);
+}
+
+// The cursor survives a reload of the tab (sessionStorage, under a hash of the
+// key: the key itself is not written down); it is saved when the page is left.
+function cursorName(key) {
+  let hash = 0x811c9dc5;  // FNV-1a
+  for (let i = 0; i < key.length; i++) hash = Math.imul(hash ^ key.charCodeAt(i), 16777619);
+  return "feed.cursor." + (hash >>> 0).toString(36);
+}
+
+function loadCursor(key) {
+  try { return sessionStorage.getItem(cursorName(key)); } catch (error) { return null; }
+}
+
+function saveCursor() {
+  if (!feed.key) return;
+  try {
+    if (feed.cursor) sessionStorage.setItem(cursorName(feed.key), feed.cursor);
+    else sessionStorage.removeItem(cursorName(feed.key));
+  } catch (error) { /* storage unavailable: the cursor lives in memory only */ }
+}
+
+function setCursor(cursor) {
+  feed.cursor = cursor;
+  saveCursor();
 }
 
 function enqueue(message) {
@@ -115,6 +171,14 @@ function flush() {
   }
 }
 
+// The time of day, and the date unless it is today: an event may be sent long
+// after it happened, and a resumed page is sent what it missed, however old.
+function shortTime(time) {
+  const clock = time.toLocaleTimeString();
+  if (time.toDateString() === new Date().toDateString()) return clock;
+  return time.toLocaleDateString(undefined, { month: "short", day: "numeric" }) + ", " + clock;
+}
+
 function cell(text, className) {
   const td = document.createElement("td");
   td.textContent = text == null ? "" : String(text);
@@ -130,11 +194,12 @@ function makeRow(data) {
   tr.hidden = !matchesFilter(data.channel);
   tr.tabIndex = 0;
   const time = new Date(data.timestamp);
-  if (!isNaN(time) && (feed.newest === null || time > feed.newest)) feed.newest = time;
+  const when = cell(isNaN(time) ? data.timestamp : shortTime(time));
+  when.title = data.timestamp;
   const customer = cell(data.customerId.slice(0, 8) + "…", "customer");
   showCustomer(data.customerId, customer);
   tr.append(
-    cell(isNaN(time) ? data.timestamp : time.toLocaleTimeString()),
+    when,
     customer,
     cell(data.channel),
     cell(data.eventType),
@@ -179,35 +244,6 @@ function removeCustomer(id) {
   }
   feed.names.delete(id);
   showNotice("a customer was erased: " + removed + " row(s) removed");
-}
-
-// Read what the socket did not bring (newest first, keyset pages), and merge it.
-async function catchUp(reason) {
-  if (feed.catchingUp) { feed.catchUpAgain = true; return; }
-  feed.catchingUp = true;
-  const since = new Date((feed.newest || new Date(feed.openedAt)) - CATCH_UP_MARGIN_MS);
-  const missed = [];
-  let cursor = null, more = true;
-  try {
-    while (more && missed.length < MAX_ROWS) {
-      const query = "?limit=100&since=" + encodeURIComponent(since.toISOString()) +
-        (cursor ? "&cursor=" + encodeURIComponent(cursor) : "");
-      const page = await api("/api/interactions" + query);
-      for (const item of page.items) {
-        if (!feed.rows.has(item.id) && missed.length < MAX_ROWS) missed.push(item);
-      }
-      cursor = page.nextCursor;
-      more = cursor !== null;
-    }
-    missed.reverse().forEach((item) => enqueue({ type: "interaction.created", data: item }));
-    showNotice(reason + ": caught up " + missed.length + " event(s)" + (more ?
-      "; older ones are available through GET /api/interactions" : ""));
-  } catch (error) {
-    showNotice(reason + ": could not catch up (" + error.message + ")");
-  } finally {
-    feed.catchingUp = false;
-    if (feed.catchUpAgain) { feed.catchUpAgain = false; catchUp(reason); }
-  }
 }
 
 async function openDetails(id) {
@@ -270,10 +306,13 @@ function togglePause() {
   if (!feed.paused) feed.held.splice(0).forEach(enqueue);
 }
 
-function showNotice(text) {
+// A notice; a brief one hides itself after briefMs.
+function showNotice(text, briefMs) {
   const notice = $("notice");
   notice.textContent = text;
   notice.hidden = false;
+  clearTimeout(feed.noticeTimer);
+  if (briefMs) feed.noticeTimer = setTimeout(() => { notice.hidden = true; }, briefMs);
 }
 
 function countEvent() {
@@ -330,6 +369,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("details-close").addEventListener("click", () => $("details").close());
   setInterval(() => tick(Math.floor(Date.now() / 1000)), 1000);
+  window.addEventListener("pagehide", saveCursor);
   const key = keyFromFragment();
   if (key) {
     $("read-key").value = key;
