@@ -539,7 +539,8 @@ class FanOut:
             feed.live.add(feed_socket)
         elif feed_socket.has_room():
             feed_socket.reading = True
-            self._work(self._read_page, feed_socket, feed_socket.position)
+            self._work(self._read_page, feed_socket, feed_socket.position,
+                       failed=lambda: setattr(feed_socket, "reading", False))
 
     @staticmethod
     def _read_page(feed_socket, after):
@@ -573,7 +574,7 @@ class FanOut:
     def _fill(self, organization_id, feed):
         """Read the changes the feed misses from the store."""
         feed.filling = True
-        self._work(self._read_fill, organization_id, feed.position)
+        self._work(self._read_fill, organization_id, feed.position, failed=lambda: setattr(feed, "filling", False))
 
     @staticmethod
     def _read_fill(organization_id, after):
@@ -610,23 +611,20 @@ class FanOut:
                 self._fill(organization_id, feed)  # still short of it a check later: lost, not late
             feed.ahead = position if position > feed.position else None
 
-    def _work(self, task, *args):
-        """Run ``task(*args)`` on a work thread; what it returns is posted back as a command."""
+    def _work(self, task, *args, failed=None):
+        """Run ``task(*args)`` on a work thread; what it returns is posted back as a
+        command; if it raises, ``failed()`` runs on the loop thread instead."""
         def run():
             try:
                 self._post(task(*args))
             except Exception:
                 log.warning("feed store read failed; tried again later", exc_info=True)
-                self._post(("work_failed", task.__name__, args))
+                self._post(("work_failed", failed))
         self._pool.submit(run)
 
-    def _on_work_failed(self, touched, name, args):
-        if name == "_read_fill":
-            feed = self._feeds.get(args[0])
-            if feed is not None:
-                feed.filling = False
-        elif name == "_read_page":
-            args[0].reading = False
+    def _on_work_failed(self, touched, failed):
+        if failed is not None:
+            failed()
 
     def _on_close_keys(self, touched, key_hashes, code, reason):
         now = time.monotonic()
