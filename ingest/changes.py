@@ -182,20 +182,35 @@ def stream(organization_id):
 def read(organization_id, after=None, limit=MAX_PAGE):
     """The changes after position ``after`` (None: from the oldest kept), oldest first,
     at most ``limit``: ``(events, last position read)``. ExpiredCursor if changes after
-    ``after`` are no longer kept."""
-    _, oldest = stream(organization_id)
-    if after is None:
-        after = oldest - 1
-    elif after < oldest - 1:
-        raise ExpiredCursor(cursor(organization_id, oldest - 1))
-    rows = list(Change.select(Change.position, Change.kind, Change.subject, *_COLUMNS)
-                .join(Interaction, on=(Interaction.id == Change.subject) & (Change.kind != CUSTOMER_DELETED),
-                      join_type=JOIN.LEFT_OUTER)
-                .where((Change.organization_id == organization_id) & (Change.position > after))
-                .order_by(Change.position).limit(limit).tuples())
+    ``after`` are no longer kept.
+
+    The rows are read before the oldest position kept: retention raises it before it
+    deletes (``prune``), so rows deleted under this read show as an expired cursor,
+    never as changes silently skipped."""
+    start = stream(organization_id)[1] - 1 if after is None else after
+    rows = _page(organization_id, start, limit)
+    oldest = stream(organization_id)[1]
+    if start < oldest - 1:
+        if after is not None:
+            raise ExpiredCursor(cursor(organization_id, oldest - 1))
+        return read(organization_id, None, limit)  # pruned while it read: from the new oldest
     events = [event(kind, organization_id, position, data) for position, kind, data in
               (_data(organization_id, row) for row in rows) if data is not None]
-    return events, rows[-1][0] if rows else after
+    return events, rows[-1][0] if rows else start
+
+
+def _page(organization_id, after, limit):
+    """The change rows after ``after``, joined to their interactions. The page is
+    chosen first (a range of the primary key), so that only its rows are joined,
+    whatever the planner knows of the table."""
+    ours = Change.organization_id == organization_id
+    page = Change.select(Change.position).where(ours & (Change.position > after)).order_by(
+        Change.position).limit(limit)
+    return list(Change.select(Change.position, Change.kind, Change.subject, *_COLUMNS)
+                .join(Interaction, on=(Interaction.id == Change.subject) & (Change.kind != CUSTOMER_DELETED),
+                      join_type=JOIN.LEFT_OUTER)
+                .where(ours & Change.position.in_(page))
+                .order_by(Change.position).tuples())
 
 
 def _data(organization_id, row):
