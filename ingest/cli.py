@@ -1,8 +1,14 @@
 """Command line (DESIGN §10): `flask --app app <command>`."""
+import contextlib
 import json
+import os
+import signal
+import sys
 import uuid
 
 import click
+from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 
 import models
 import tasks
@@ -12,7 +18,7 @@ from models import Customer, Organization
 
 
 def init_app(app):
-    for command in (init_db, create_org, create_key, revoke_key, demo, analysis, retention):
+    for command in (init_db, create_org, create_key, revoke_key, demo, analysis, retention, changes_cli):
         app.cli.add_command(command)
 
 
@@ -178,3 +184,171 @@ def retention_apply(days, organization_id, dry_run):
     click.echo("deleted %d interaction(s) older than %s UTC" % (deleted, cutoff.isoformat(" ", "seconds")))
     pruned = changes.prune(cutoff, organization_id)
     click.echo("deleted %d change(s) recorded before then; older cursors are answered 410" % pruned)
+
+
+@click.group("changes")
+def changes_cli():
+    """The organization's change feed (DESIGN §16)."""
+
+
+@changes_cli.command("export")
+@click.option("--org", "organization_id", required=True, help="The organization's id.")
+@click.option("--after", help="Export the changes after this cursor (default: from the oldest "
+                              "change kept or, with --out, after the file's last line).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Append to this file instead of writing to stdout; the cursor to resume from "
+                   "then goes to stdout.")
+def changes_export(organization_id, after, out):
+    """Export the organization's changes as NDJSON, oldest first: one {"cursor",
+    "type", "data"} a line, as GET /api/changes lists them, up to the last change
+    committed when it starts. Each page of 1,000 is written and flushed whole; a
+    progress bar shows on stderr when it is a terminal.
+
+    At the end, or when stopped by Ctrl-C or SIGTERM (after the page under way;
+    exit 130 or 143; a second one stops it at once), it prints the cursor to
+    resume from with --after: on stdout with --out, else as the last line of stderr. With --out, running the same
+    command again continues after the file's last whole line (a partial one, left
+    by a kill -9, is cut off first), so the file holds every change once."""
+    organization_id = _organization(organization_id)
+    after = _start(organization_id, after, out)
+    sink = open(out, "ab") if out else sys.stdout.buffer
+    try:
+        with _noting_signals() as stopped:
+            last, written = _export(organization_id, after, sink, stopped)
+    except changes.ExpiredCursor as expired:
+        raise click.ClickException("the changes after that cursor are no longer kept (retention deleted "
+                                   "them); the oldest cursor still good is %s" % expired.oldest) from None
+    finally:
+        if out:
+            sink.close()
+    click.echo("%s %d change(s)" % ("stopped by %s after" % stopped[0].name if stopped else "exported",
+                                    written), err=True)
+    click.echo(changes.cursor(organization_id, last), err=not out)
+    if stopped:
+        click.get_current_context().exit(128 + stopped[0])
+
+
+def _organization(text):
+    organization_id = _uuid(text)
+    if not Organization.select().where(Organization.id == organization_id).exists():
+        raise click.ClickException("no organization %s" % text)
+    return organization_id
+
+
+def _start(organization_id, after, out):
+    """The position to export after: --after's, else that of --out's last line (None:
+    from the oldest change kept). --after may not go back before what --out holds."""
+    held = _held(organization_id, out) if out else None
+    if after is None:
+        return held
+    given = _position(organization_id, after, "--after")
+    if held is not None and given < held:
+        raise click.BadParameter("%s already holds the changes after it; leave --after out to "
+                                 "continue the file" % out, param_hint="--after")
+    return given
+
+
+def _position(organization_id, cursor, option):
+    try:
+        return changes.position_of(organization_id, cursor)
+    except changes.BadCursor:
+        raise click.BadParameter("not a cursor of this organization's changes", param_hint=option) from None
+
+
+def _held(organization_id, path):
+    """The position of the last whole line of the export file ``path`` (None if it has
+    none); a partial last line, left by a kill, is cut off."""
+    try:
+        file = open(path, "rb+")
+    except FileNotFoundError:
+        return None
+    with file:
+        end, line = _last_whole_line(file)
+        position = _line_position(organization_id, line) if line is not None else _no_line(file)
+        file.truncate(end)
+    return position
+
+
+def _no_line(file):
+    """None, for a file that is empty or holds only the start of an export's first line."""
+    file.seek(0)
+    if not b'{"cursor":'.startswith(file.read(10)):
+        raise click.BadParameter("not a changes export", param_hint="--out")
+
+
+def _last_whole_line(file):
+    """(where the whole lines of a binary ``file`` end, the last of them or None)."""
+    start = file.seek(0, os.SEEK_END)
+    tail = b""
+    while start and tail.count(b"\n") < 2:
+        step = min(start, 1 << 16)
+        start -= step
+        file.seek(start)
+        tail = file.read(step) + tail
+    end = tail.rfind(b"\n")
+    if end < 0:
+        return 0, None
+    return start + end + 1, tail[tail.rfind(b"\n", 0, end) + 1:end]
+
+
+def _line_position(organization_id, line):
+    try:
+        return changes.position_of(organization_id, json.loads(line)["cursor"])
+    except (ValueError, KeyError, TypeError):  # BadCursor is a ValueError
+        raise click.BadParameter("its last line is not a change of this organization",
+                                 param_hint="--out") from None
+
+
+def _export(organization_id, after, sink, stopped):
+    """Write the changes after position ``after`` (None: the oldest kept) to ``sink``,
+    a page at a time, up to the last position given out now, until ``stopped`` holds
+    a signal; returns (the last position read, how many changes were written)."""
+    end, oldest = changes.stream(organization_id)
+    after = oldest - 1 if after is None else after
+    written = 0
+    with _progress(max(end - after, 0)) as advance:
+        while after < end and not stopped:
+            events, last = changes.read(organization_id, after)
+            if last == after:  # the rest is not committed yet: for the next run
+                break
+            _write_all(sink, "".join(json.dumps({"cursor": e["cursor"], "type": e["type"], "data": e["data"]},
+                                                separators=(",", ":")) + "\n" for e in events).encode())
+            advance(last - after)
+            after, written = last, written + len(events)
+    return after, written
+
+
+def _write_all(sink, data):
+    """Write ``data`` to a binary ``sink`` and flush it. A write to a pipe that a
+    signal interrupts returns short; the text layer would drop the rest silently."""
+    view = memoryview(data)
+    while view:
+        view = view[sink.write(view):]
+    sink.flush()
+
+
+@contextlib.contextmanager
+def _progress(total):
+    """A bar on stderr, when it is a terminal; yields advance(positions read)."""
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not sys.stderr.isatty(),
+                  console=Console(stderr=True), redirect_stdout=False, redirect_stderr=False) as bar:
+        task = bar.add_task("changes", total=total)
+        yield lambda count: bar.advance(task, count)
+
+
+@contextlib.contextmanager
+def _noting_signals():
+    """Yields a list that gets a SIGINT or SIGTERM received meanwhile, instead of the
+    process stopping in the middle of a page; a second one of a kind stops it at once."""
+    received = []
+
+    def note(number, frame):
+        received.append(signal.Signals(number))
+        signal.signal(number, signal.SIG_DFL)
+
+    previous = {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
