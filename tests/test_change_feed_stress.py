@@ -75,7 +75,11 @@ class Stack:
         self.env = {"QUEUE_URL": "sqlite:///%s" % (directory / "queue.db")}
         self.web = Gunicorn(directory / "web.log", workers=2, env=self.env)
         self.consumers = []
-        self.start_consumer()
+        try:
+            self.start_consumer()
+        except BaseException:
+            self.stop()
+            raise
 
     def start_consumer(self):
         log = self.directory / ("consumer-%d.log" % len(self.consumers))
@@ -123,7 +127,8 @@ class Stack:
         wait_until(lambda: len(set(self.web.worker_pids()) - set(gone)) == 2, message="2 web workers")
 
     def stop(self):
-        self.consumers[-1].stop()
+        for consumer in self.consumers[-1:]:
+            consumer.stop()
         self.web.stop()
 
 
