@@ -138,6 +138,14 @@ def is_postgres():
     return isinstance(db.obj, PooledPostgresqlDatabase)
 
 
+def uuid_text(stored):
+    """A UUID column's value, read with raw SQL, as canonical text: SQLite keeps 32
+    hex digits; PostgreSQL gives a UUID, or its text where the query casts it."""
+    if isinstance(stored, str) and len(stored) == 32:
+        return "%s-%s-%s-%s-%s" % (stored[:8], stored[8:12], stored[12:16], stored[16:20], stored[20:])
+    return str(stored)
+
+
 def release_connection():
     """Give this thread's connection back (to the pool) before a long wait."""
     if not db.is_closed() and db.transaction_depth() == 0:

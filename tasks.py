@@ -88,7 +88,7 @@ def analyze(ids, task=None):
         models.release_connection()
         if last_attempt:
             with models.db.connection_context():
-                analysis.mark_failed(ids, error)
+                publish_analyzed(analysis.mark_failed(ids, error))
         raise
     if unread:  # costly texts: the rest waits behind everyone else's work
         requeue(unread)
@@ -100,7 +100,7 @@ def analyze(ids, task=None):
     results.write(scored)
     if last_attempt:
         for interaction_id, error in failed.items():
-            analysis.mark_failed([interaction_id], error)
+            publish_analyzed(analysis.mark_failed([interaction_id], error))
     raise AnalysisFailed("analysis of %d interaction(s) failed: %s" % (
         len(failed), next(iter(failed.values()))))
 
@@ -156,17 +156,20 @@ class ResultWriter:
 
     @staticmethod
     def _write(scored):
-        written = analysis.store(scored)
-        log.info("analysed", extra={"analysed": len(written),
-                                    "interaction_ids": [r["id"] for r in written]})
-        by_organization = defaultdict(list)
-        for result in written:
-            sentiment = result["sentiment"] or {}
-            by_organization[result["organization_id"]].append((result["position"], changes.event(
-                changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
-                    result["id"], result["customer_id"], result["analysis_status"],
-                    sentiment.get("label"), sentiment.get("score")))))
-        event_bus().publish(by_organization)
+        publish_analyzed(analysis.store(scored))
+
+
+def publish_analyzed(written):
+    """Log and publish the ``interaction.analyzed`` events of analysis.store's results."""
+    log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
+    by_organization = defaultdict(list)
+    for result in written:
+        sentiment = result["sentiment"] or {}
+        by_organization[result["organization_id"]].append((result["position"], changes.event(
+            changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
+                result["id"], result["customer_id"], result["analysis_status"],
+                sentiment.get("label"), sentiment.get("score")))))
+    event_bus().publish(by_organization)
 
 
 results = ResultWriter()

@@ -12,12 +12,11 @@ import json
 import logging
 import re
 import time
-import uuid
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from ingest import changes, metrics
-from models import DONE, FAILED, PENDING, SKIPPED, Interaction, db, is_postgres, utcnow
+from models import DONE, FAILED, PENDING, SKIPPED, Interaction, db, is_postgres, utcnow, uuid_text
 
 log = logging.getLogger(__name__)
 
@@ -93,40 +92,40 @@ def score(ids, budget=None):
         if status != PENDING:
             continue
         if deadline is not None and time.monotonic() > deadline:
-            unread.append(_text(row_id))
+            unread.append(uuid_text(row_id))
             continue
         try:
             scored.append((row_id, org_id, sentiment_of(content)))
         except Exception as error:
-            failed[_text(row_id)] = error
+            failed[uuid_text(row_id)] = error
     return scored, failed, unread
 
 
-def store(scored):
-    """Write scores with one statement, leaving alone rows that another task
-    analysed meanwhile, and record an ``interaction.analyzed`` change for each row
-    written, in one transaction whose organizations' streams are locked first (so
-    an erasure, which takes them before it deletes rows, never waits on this one
-    in turn). Returns a result ``{"id", "organization_id", "customer_id",
-    "analysis_status", "sentiment", "position"}`` for each row written (the ids as
-    text, as events carry them)."""
+def store(scored, error=None):
+    """Write scores (and ``error``, if any) with one statement, leaving alone rows
+    that another task analysed meanwhile, and record an ``interaction.analyzed``
+    change for each row written (of its own kind for a failure), in one transaction
+    whose organizations' streams are locked first (so an erasure, which takes them
+    before it deletes rows, never waits on this one in turn). Returns a result
+    ``{"id", "organization_id", "customer_id", "analysis_status", "sentiment",
+    "position"}`` for each row written (the ids as text, as events carry them)."""
     if not scored:
         return []
     rows = [(row_id, status, label, value) for row_id, _, (status, label, value) in scored]
     if is_postgres():
-        sql, params = STORE_POSTGRES, [utcnow(), json.dumps(
+        sql, params = STORE_POSTGRES, [error, utcnow(), json.dumps(
             [{"id": row_id, "status": status, "label": label, "score": value}
              for row_id, status, label, value in rows])]
     else:
-        sql, params = _store_sqlite(len(rows)), [utcnow(), *(value for row in rows for value in row)]
+        sql, params = _store_sqlite(len(rows)), [error, utcnow(), *(value for row in rows for value in row)]
     organizations = {org_id for _, org_id, _ in scored}
     with db.atomic():
         changes.lock(organizations)
         written = dict(db.execute_sql(sql, params).fetchall())  # id -> customer id
         kept = [(row_id, org_id) for row_id, org_id, _ in scored if row_id in written]
-        positions = changes.number(kept, lambda row: row[1], changes.ANALYZED,
-                                   lambda row: Interaction.id.python_value(row[0]))
-    results = [{"id": _text(row_id), "organization_id": org_id, "customer_id": _text(written[row_id]),
+        kind = changes.ANALYZED if error is None else changes.ANALYSIS_FAILED
+        positions = changes.number(kept, lambda row: row[1], kind, lambda row: Interaction.id.python_value(row[0]))
+    results = [{"id": uuid_text(row_id), "organization_id": org_id, "customer_id": uuid_text(written[row_id]),
                 "analysis_status": status, "position": positions[Interaction.id.python_value(row_id)],
                 "sentiment": None if label is None else {"label": label, "score": value}}
                for row_id, org_id, (status, label, value) in scored if row_id in written]
@@ -147,13 +146,8 @@ def _pending_rows(ids):
         sql, params = PENDING_SQLITE % ", ".join(["?"] * len(ids)), ids
     organizations = {}
     return [(row_id, organizations.get(org_id) or organizations.setdefault(
-                 org_id, _text(org_id)), content, status)
+                 org_id, uuid_text(org_id)), content, status)
             for row_id, org_id, content, status in db.execute_sql(sql, params)]
-
-
-def _text(stored_id):
-    """A UUID as stored (PostgreSQL's text of it, or SQLite's hex) as canonical text."""
-    return stored_id if len(stored_id) == 36 else str(uuid.UUID(hex=stored_id))
 
 
 # PostgreSQL takes a task's ids, and stores its results, as one JSON parameter:
@@ -171,7 +165,7 @@ _STORE_WHERE = "WHERE interaction.id = v.id AND interaction.analysis_status || '
 # PostgreSQL: the same text for any number of rows.
 STORE_POSTGRES = (
     "UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
-    "sentiment_score = v.score, analysis_error = NULL, analyzed_at = %s "
+    "sentiment_score = v.score, analysis_error = %s, analyzed_at = %s "
     "FROM json_to_recordset(%s::json) AS v(id uuid, status text, label text, score float8) "
     + _STORE_WHERE + "RETURNING interaction.id::text, interaction.customer_id::text")
 
@@ -179,22 +173,18 @@ STORE_POSTGRES = (
 @functools.lru_cache(maxsize=128)
 def _store_sqlite(rows):
     return ("UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
-            "sentiment_score = v.score, analysis_error = NULL, analyzed_at = ? "
+            "sentiment_score = v.score, analysis_error = ?, analyzed_at = ? "
             "FROM (SELECT column1 AS id, column2 AS status, column3 AS label, column4 AS score "
             "FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + ")) AS v " + _STORE_WHERE +
             "RETURNING interaction.id, interaction.customer_id")
 
 
 def mark_failed(ids, error):
-    """Record that analysing ``ids`` failed for good, keeping the error."""
-    with db.atomic():
-        marked = (Interaction
-                  .update(analysis_status=FAILED, analysis_error=str(error)[:2000],
-                          analyzed_at=utcnow())
-                  .where(Interaction.id.in_(list(ids)) & (Interaction.analysis_status == PENDING))
-                  .execute())
-    metrics.ANALYSES.labels(FAILED).inc(marked)
-    return marked
+    """Record that analysing ``ids`` failed for good, keeping the error: written as
+    ``store`` writes scores, with an ``interaction.analyzed`` change (status failed)
+    for each row still pending. Returns ``store``'s results."""
+    return store([(row_id, org_id, (FAILED, None, None)) for row_id, org_id, _, status in _pending_rows(ids)
+                  if status == PENDING], error=str(error)[:2000])
 
 
 def stale_pending(older_than_seconds, limit=10_000):

@@ -133,7 +133,7 @@ def list_interactions():
 @require("read")
 def list_changes():
     items, next_cursor = reads.list_changes(g.organization_id, request.args.to_dict())
-    return schemas.change_page.dump({"items": items, "next_cursor": next_cursor})
+    return {"items": items, "nextCursor": next_cursor}  # built as schemas.ChangePage says
 
 
 @api.get("/interactions/<interaction_id>")

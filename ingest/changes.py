@@ -19,19 +19,22 @@ organization, so another organization's or a forged one is refused.
 """
 import base64
 import binascii
+import datetime
 import hashlib
+import json
 import struct
 import uuid
-from types import SimpleNamespace
 
-from peewee import JOIN, fn
+from peewee import fn
 
-from ingest import schemas
-from models import PENDING, Change, ChangeStream, Interaction, db, is_postgres, utcnow
+from models import FAILED, PENDING, Change, ChangeStream, db, is_postgres, utcnow, uuid_text
 
-CREATED, ANALYZED, CUSTOMER_DELETED = 1, 2, 3
+# The kinds of change. An analysis that failed for good is a kind of its own: the
+# interaction's row shows only its latest analysis, and a failure can be followed by
+# a success (`flask analysis retry`), which must not rewrite what the failure said.
+CREATED, ANALYZED, CUSTOMER_DELETED, ANALYSIS_FAILED = 1, 2, 3, 4
 TYPES = {CREATED: "interaction.created", ANALYZED: "interaction.analyzed",
-         CUSTOMER_DELETED: "customer.deleted"}
+         CUSTOMER_DELETED: "customer.deleted", ANALYSIS_FAILED: "interaction.analyzed"}
 MAX_PAGE = 1000
 _CHECK_BYTES = 8
 
@@ -50,14 +53,24 @@ class ExpiredCursor(Exception):
 
 # Cursors ---------------------------------------------------------------------
 
-def _check(organization_id, packed):
-    return hashlib.sha256(uuid.UUID(str(organization_id)).bytes + packed).digest()[:_CHECK_BYTES]
+def cursors(organization_id):
+    """A function giving the opaque cursor of a position in the organization's
+    stream: its 8 bytes and the first bytes of SHA-256(organization, position). The
+    hash of the organization is taken once, for the many cursors of a page."""
+    prefix = hashlib.sha256(uuid.UUID(str(organization_id)).bytes)
+
+    def cursor_of(position):
+        packed = struct.pack(">Q", position)
+        check = prefix.copy()
+        check.update(packed)
+        return base64.urlsafe_b64encode(packed + check.digest()[:_CHECK_BYTES]).rstrip(b"=").decode()
+
+    return cursor_of
 
 
 def cursor(organization_id, position):
     """The opaque cursor of ``position`` in the organization's stream."""
-    packed = struct.pack(">Q", position)
-    return base64.urlsafe_b64encode(packed + _check(organization_id, packed)).rstrip(b"=").decode()
+    return cursors(organization_id)(position)
 
 
 def position_of(organization_id, text):
@@ -66,10 +79,12 @@ def position_of(organization_id, text):
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError, TypeError):
         raise BadCursor(text) from None
-    packed, check = raw[:8], raw[8:]
-    if len(raw) != 8 + _CHECK_BYTES or check != _check(organization_id, packed):
+    if len(raw) != 8 + _CHECK_BYTES:
         raise BadCursor(text)
-    return struct.unpack(">Q", packed)[0]
+    position = struct.unpack(">Q", raw[:8])[0]
+    if cursor(organization_id, position) != text:
+        raise BadCursor(text)
+    return position
 
 
 def event(kind, organization_id, position, data):
@@ -159,10 +174,23 @@ def _prune(organization_id, before, chunk):
 
 # Reading -----------------------------------------------------------------------
 
-_COLUMNS = (Interaction.id, Interaction.customer, Interaction.message_id, Interaction.timestamp,
-            Interaction.received_at, Interaction.channel, Interaction.event_type, Interaction.content,
-            Interaction.metadata, Interaction.analysis_status, Interaction.sentiment_label,
-            Interaction.sentiment_score)
+# A page of changes joined to their interactions. The page is chosen first (a range
+# of the primary key), so that only its rows are joined, whatever the planner knows
+# of the tables. Raw SQL and raw rows: for a page of 1,000 the query builder and the
+# model's conversions cost more than the query itself (docs/BENCHMARKS.md).
+PAGE = ('SELECT c.position, c.kind, c.subject, i.id, i.customer_id, i.message_id, i.timestamp, '
+        'i.received_at, i.channel, i.event_type, i.content, i.metadata, i.analysis_status, '
+        'i.sentiment_label, i.sentiment_score '
+        'FROM (SELECT position, kind, subject FROM "change" WHERE organization_id = %s AND position > %s '
+        'ORDER BY position LIMIT %s) AS c '
+        'LEFT JOIN "interaction" AS i ON i.id = c.subject AND c.kind <> 3 '
+        'ORDER BY c.position')
+STREAM = "SELECT position, oldest FROM change_stream WHERE organization_id = %s"
+
+
+def _sql(query, *params):
+    """Rows of a query written with %s placeholders, on either database."""
+    return db.execute_sql(query if is_postgres() else query.replace("%s", "?"), params).fetchall()
 
 
 def positions(organization_ids):
@@ -174,9 +202,8 @@ def positions(organization_ids):
 
 def stream(organization_id):
     """(last position given out, oldest kept) of the organization's stream."""
-    row = (ChangeStream.select(ChangeStream.position, ChangeStream.oldest)
-           .where(ChangeStream.organization == organization_id).tuples().first())
-    return row or (0, 1)
+    rows = _sql(STREAM, ChangeStream.organization.db_value(organization_id))
+    return tuple(rows[0]) if rows else (0, 1)
 
 
 def read(organization_id, after=None, limit=MAX_PAGE):
@@ -188,46 +215,45 @@ def read(organization_id, after=None, limit=MAX_PAGE):
     deletes (``prune``), so rows deleted under this read show as an expired cursor,
     never as changes silently skipped."""
     start = stream(organization_id)[1] - 1 if after is None else after
-    rows = _page(organization_id, start, limit)
+    rows = _sql(PAGE, Change.organization_id.db_value(organization_id), start, limit)
     oldest = stream(organization_id)[1]
     if start < oldest - 1:
         if after is not None:
             raise ExpiredCursor(cursor(organization_id, oldest - 1))
         return read(organization_id, None, limit)  # pruned while it read: from the new oldest
-    events = [event(kind, organization_id, position, data) for position, kind, data in
-              (_data(organization_id, row) for row in rows) if data is not None]
+    cursor_of = cursors(organization_id)
+    events = [{"type": TYPES[row[1]], "cursor": cursor_of(row[0]), "data": data}
+              for row in rows for data in (_data(row),) if data is not None]
     return events, rows[-1][0] if rows else start
 
 
-def _page(organization_id, after, limit):
-    """The change rows after ``after``, joined to their interactions. The page is
-    chosen first (a range of the primary key), so that only its rows are joined,
-    whatever the planner knows of the table."""
-    ours = Change.organization_id == organization_id
-    page = Change.select(Change.position).where(ours & (Change.position > after)).order_by(
-        Change.position).limit(limit)
-    return list(Change.select(Change.position, Change.kind, Change.subject, *_COLUMNS)
-                .join(Interaction, on=(Interaction.id == Change.subject) & (Change.kind != CUSTOMER_DELETED),
-                      join_type=JOIN.LEFT_OUTER)
-                .where(ours & Change.position.in_(page))
-                .order_by(Change.position).tuples())
-
-
-def _data(organization_id, row):
-    """(position, kind, the event's data) of a change row joined to its interaction;
-    data None when the interaction is gone."""
-    position, kind, subject, interaction_id, customer_id, *rest = row
+def _data(row):
+    """The event's data of a change row joined to its interaction (see PAGE); None
+    when the interaction is gone. Equal to what the writer published: test_changes
+    holds it to ``schemas.dump_interaction`` and ``analyzed_data``."""
+    _, kind, subject, interaction_id, customer_id, message_id, timestamp, received_at, channel, \
+        event_type, content, metadata, status, label, score = row
     if kind == CUSTOMER_DELETED:
-        return position, kind, {"id": str(subject)}
+        return {"id": uuid_text(subject)}
     if interaction_id is None:
-        return position, kind, None
-    message_id, timestamp, received_at, channel, event_type, content, metadata, status, label, score = rest
+        return None
     if kind == ANALYZED:
-        return position, kind, analyzed_data(interaction_id, customer_id, status, label, score)
-    return position, kind, schemas.dump_interaction(SimpleNamespace(  # as it was stored: not yet analysed
-        id=interaction_id, customer_id=customer_id, message_id=message_id, timestamp=timestamp,
-        received_at=received_at, channel=channel, event_type=event_type, content=content,
-        metadata=metadata, analysis_status=PENDING, sentiment=None, analysis_error=None, analyzed_at=None))
+        return analyzed_data(uuid_text(interaction_id), uuid_text(customer_id), status, label, score)
+    if kind == ANALYSIS_FAILED:
+        return analyzed_data(uuid_text(interaction_id), uuid_text(customer_id), FAILED, None, None)
+    return {"id": uuid_text(interaction_id), "customerId": uuid_text(customer_id), "messageId": message_id,
+            "timestamp": _instant(timestamp), "receivedAt": _instant(received_at), "channel": channel,
+            "eventType": event_type, "content": content, "metadata": json.loads(metadata),
+            "analysisStatus": PENDING, "sentiment": None, "analysisError": None,
+            "analyzedAt": None}  # as it was stored: not yet analysed
+
+
+def _instant(value):
+    """A timestamp column as the wire has it (schemas.UtcDateTime): SQLite keeps
+    ISO 8601 text, PostgreSQL gives a naive datetime; both are UTC."""
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value)
+    return value.isoformat() + "+00:00"
 
 
 def analyzed_data(interaction_id, customer_id, status, label, score):

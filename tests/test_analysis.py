@@ -57,13 +57,21 @@ def test_task_publishes_interaction_analyzed(service, org, customer_id):
     assert data["sentiment"]["label"] == "negative"
 
 
-def test_failure_keeps_the_error_and_retry_requeues(service, org, customer_id):
+def test_failure_keeps_the_error_enters_the_feed_and_retry_requeues(client, service, org, customer_id):
     broken = stored(service, org, customer_id, "anything")
-    assert analysis.mark_failed([broken], RuntimeError("vader exploded")) == 1
+    [failed] = analysis.mark_failed([broken], RuntimeError("vader exploded"))
+    assert (failed["id"], failed["analysis_status"], failed["sentiment"]) == (str(broken), "failed", None)
+    assert analysis.mark_failed([broken], RuntimeError("again")) == []  # failed already: no second change
     row = Interaction.get_by_id(broken)
     assert (row.analysis_status, row.analysis_error) == ("failed", "vader exploded")
     assert analysis.requeue_failed() == [row.id]
     assert Interaction.get_by_id(broken).analysis_status == "pending"
+    analysis.analyze([broken])
+    feed = client.get("/api/changes", headers=bearer(org["readKey"])).get_json()["items"]
+    # The failure stays a failure in the feed once a retry has succeeded.
+    assert [(item["type"], item["data"]["analysisStatus"], item["data"]["sentiment"]) for item in feed] == [
+        ("interaction.created", "pending", None), ("interaction.analyzed", "failed", None),
+        ("interaction.analyzed", "done", {"label": "neutral", "score": 0.0})]
 
 
 def test_sweep_finds_only_old_pending(service, org, customer_id):

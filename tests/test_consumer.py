@@ -16,7 +16,7 @@ from models import Interaction, db
 from tests import dbs
 from tests.conftest import require_redis
 from tests.faulty_consumer import BROKEN, FLAKY
-from tests.helpers import ingest, interaction, make_customer, make_organization, post_batch
+from tests.helpers import bearer, ingest, interaction, make_customer, make_organization, post_batch
 from tests.servers import ROOT, Consumer, Gunicorn, RedisServer, free_port, wait_until
 
 HEAVY = ("I really love how quickly the support team answered, but the delivery was late "
@@ -171,6 +171,11 @@ def test_retries_then_failed_then_analysis_retry(make_stack, org, customer, tmp_
     stack.consumer("fixed", workers=1)
     fixed = wait_until(lambda: analysed(broken), timeout=30)
     assert fixed.analysis_status == "done" and fixed.analysis_error is None
+    feed = requests.get(stack.web.url + "/api/changes", headers=bearer(org["readKey"])).json()["items"]
+    statuses = [(item["type"], item["data"]["id"], item["data"]["analysisStatus"]) for item in feed]
+    assert statuses == [("interaction.created", flaky, "pending"), ("interaction.created", broken, "pending"),
+                        ("interaction.analyzed", flaky, "done"), ("interaction.analyzed", broken, "failed"),
+                        ("interaction.analyzed", broken, "done")]  # retries that succeed leave no failure
 
 
 @pytest.mark.parametrize("queue", ["sqlite", REDIS])

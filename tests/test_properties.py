@@ -144,26 +144,32 @@ json_values = st.recursive(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(content=st.text(max_size=300), metadata=st.dictionaries(st.text(), json_values, max_size=5),
-       event_type=st.text(min_size=1, max_size=100))
+@given(content=st.none() | st.text(max_size=300), metadata=st.dictionaries(st.text(), json_values, max_size=5),
+       event_type=st.text(min_size=1, max_size=100), timestamp=timestamps,
+       message_id=st.none() | st.text(min_size=1, max_size=128))
 def test_what_validates_reads_back_exactly(app, client, org, customer_id, content, metadata,
-                                           event_type):
+                                           event_type, timestamp, message_id):
     """DESIGN §5: every value that passes validation stores and reads back unchanged,
-    and every value that cannot be stored is a 400, never a 500."""
-    body = {"customerId": customer_id, "timestamp": BASE.isoformat(), "channel": "web",
-            "eventType": event_type, "content": content, "metadata": metadata}
+    and every value that cannot be stored is a 400, never a 500. The change feed
+    (§16) reads it back as the socket carried it: as the read API shows it, pending."""
+    body = {"customerId": customer_id, "timestamp": timestamp, "channel": "web",
+            "eventType": event_type, "content": content, "metadata": metadata, "messageId": message_id}
     response = client.post("/api/data/ingest", data=json.dumps(body),
                            content_type="application/json",
                            headers={"Authorization": "Bearer " + org["ingestKey"]})
     if response.status_code == 400:
-        assert set(response.get_json()["details"]) <= {"content", "metadata", "eventType"}
+        assert set(response.get_json()["details"]) <= {"content", "metadata", "eventType", "messageId"}
         return
-    assert response.status_code == 201, response.get_json()
-    stored = client.get("/api/interactions/" + response.get_json()["id"],
-                        headers={"Authorization": "Bearer " + org["readKey"]}).get_json()
-    assert (stored["content"], stored["eventType"]) == (content, event_type)
-    assert stored["metadata"] == metadata
-    assert json.dumps(stored["metadata"]) == json.dumps(metadata)
+    assert response.status_code in (200, 201), response.get_json()  # 200: a messageId seen before
+    read = {"Authorization": "Bearer " + org["readKey"]}
+    stored = client.get("/api/interactions/" + response.get_json()["id"], headers=read).get_json()
+    if response.status_code == 201:
+        assert (stored["content"], stored["eventType"], stored["messageId"]) == (content, event_type, message_id)
+        assert stored["metadata"] == metadata
+        assert json.dumps(stored["metadata"]) == json.dumps(metadata)
+    changes = client.get("/api/changes", query_string={"limit": 1000}, headers=read).get_json()["items"]
+    assert [change["data"] for change in changes if change["data"]["id"] == stored["id"]] == [
+        {**stored, "analysisStatus": "pending", "sentiment": None, "analysisError": None, "analyzedAt": None}]
 
 
 naive_times = st.datetimes(min_value=datetime.datetime(1, 1, 2), max_value=datetime.datetime(9999, 12, 30))
