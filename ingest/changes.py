@@ -20,6 +20,7 @@ organization, so another organization's or a forged one is refused.
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import json
 import struct
@@ -53,10 +54,12 @@ class ExpiredCursor(Exception):
 
 # Cursors ---------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)
 def cursors(organization_id):
     """A function giving the opaque cursor of a position in the organization's
     stream: its 8 bytes and the first bytes of SHA-256(organization, position). The
-    hash of the organization is taken once, for the many cursors of a page."""
+    hash of the organization is taken once, for the many cursors of a page or of a
+    committed group, and kept for the organization's next ones."""
     prefix = hashlib.sha256(uuid.UUID(str(organization_id)).bytes)
 
     def cursor_of(position):
@@ -122,9 +125,18 @@ def record(rows):
     """Insert ``rows`` of (organization_id, position, kind, subject) as changes."""
     if rows:
         now = utcnow()
-        Change.insert_many([{"organization_id": organization_id, "position": position, "kind": kind,
-                             "subject": subject, "recorded_at": now}
-                            for organization_id, position, kind, subject in rows]).execute()
+        to_db = Change.subject.db_value
+        db.execute_sql(_record_sql(len(rows), "%s" if is_postgres() else "?"), [
+            value for organization_id, position, kind, subject in rows
+            for value in (to_db(organization_id), position, kind, to_db(subject), now)])
+
+
+@functools.lru_cache(maxsize=256)
+def _record_sql(rows, placeholder):
+    """The INSERT of ``rows`` changes, written out: peewee's insert_many took most of
+    SQLite's write of a batch building it (docs/BENCHMARKS.md)."""
+    return ('INSERT INTO "change" (organization_id, position, kind, subject, recorded_at) VALUES '
+            + ", ".join(["(%s)" % ", ".join([placeholder] * 5)] * rows))
 
 
 def number(items, organization_of, kind, subject_of):
