@@ -1,14 +1,14 @@
-"""Many feed sockets at once, as browsers open them after a deploy: one asyncio loop
-on a background thread (thousands of sockets, no thread each), driven from
-synchronous tests. Each socket authenticates, records what it receives and, like
+"""Many feed sockets at once, as browsers open them after a deploy (tests/crowd.py),
+driven from synchronous tests. Each socket authenticates, records what it receives and, like
 the page, reconnects at once when the server closes it with 1001 (going away)."""
 import asyncio
 import json
-import threading
 import time
 
 import websockets
 from websockets.asyncio.client import connect
+
+from tests.crowd import Crowd
 
 
 class Member:
@@ -21,7 +21,7 @@ class Member:
         self.error = None
 
 
-class Swarm:
+class Swarm(Crowd):
     def __init__(self, base_url, key, count, deflate=None):
         """``deflate``: offer permessage-deflate on every socket (True), none (False),
         or every other one (None)."""
@@ -29,22 +29,14 @@ class Swarm:
         self.key = key
         self.members = [Member(i) for i in range(count)]
         self._deflate = deflate
-        self._loop = asyncio.new_event_loop()
-        self._stopping = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        asyncio.set_event_loop(self._loop)
-        self._stopping = asyncio.Event()
-        tasks = [self._loop.create_task(self._member(m)) for m in self.members]
-        self._loop.run_until_complete(asyncio.gather(*tasks))
+        super().__init__(count)
 
     def _offers_deflate(self, member):
         return member.index % 2 == 0 if self._deflate is None else self._deflate
 
-    async def _member(self, member):
-        while not self._stopping.is_set():
+    async def member(self, index):
+        member = self.members[index]
+        while not self.stopping():
             try:
                 async with connect(self.url, open_timeout=60, ping_interval=None, max_size=None,
                                    compression="deflate" if self._offers_deflate(member) else None,
@@ -60,23 +52,17 @@ class Swarm:
                 return
 
     async def _read(self, member, ws):
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            while True:
-                receive = asyncio.ensure_future(ws.recv())
-                done, _ = await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if receive not in done:
-                    receive.cancel()
-                    return
-                message = json.loads(receive.result())
-                if message["type"] == "ready":
-                    member.readies += 1
-                elif message["type"] == "interaction.created":
-                    member.created.add(message["data"]["id"])
-                elif message["type"] in ("dropped", "gap"):
-                    member.notices.append(message)
-        finally:
-            stop.cancel()
+        while True:
+            received, text = await self.unless_stopped(ws.recv())
+            if not received:
+                return
+            message = json.loads(text)
+            if message["type"] == "ready":
+                member.readies += 1
+            elif message["type"] == "interaction.created":
+                member.created.add(message["data"]["id"])
+            elif message["type"] in ("dropped", "gap"):
+                member.notices.append(message)
 
     # Synchronous views for the tests ------------------------------------------
 
@@ -109,6 +95,3 @@ class Swarm:
         return "ready %d/%d, close codes %s, errors %s" % (
             self.ready_count(), len(self.members), codes, errors)
 
-    def close(self):
-        self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout=30)
