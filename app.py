@@ -73,7 +73,7 @@ def main(argv=None):
 
     app = create_app()
     with app.app_context():
-        models.migrate()
+        models.migrate(app.config["PARTITION_INTERVAL"])
         cli.greet_first_start("http://%s:%d" % (args.host, args.port))
     consumer = tasks.start_embedded_consumer()
     try:

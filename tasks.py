@@ -17,7 +17,7 @@ from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
 from huey.storage import PostgresStorage
 
 import models
-from ingest import analysis, changes, config, logs
+from ingest import analysis, changes, config, logs, partitions
 from ingest.events import bus_for
 from ingest.threads import PerProcess
 
@@ -190,6 +190,16 @@ def sweep():
     if ids:
         requeue(ids)
         log.info("sweep re-queued pending interactions", extra={"count": len(ids)})
+
+
+@huey.periodic_task(crontab(minute="7"))
+def create_partitions():
+    """Create interaction's partitions ahead (DESIGN §17), hourly; the periods they
+    cover start months ahead, so a consumer down for a while misses nothing."""
+    with models.db.connection_context():
+        created = partitions.ensure_ahead(settings["PARTITION_INTERVAL"])
+    for partition, moved in created:
+        log.info("partition created", extra={"partition": partition.name, "moved_from_default": moved})
 
 
 class Shares:

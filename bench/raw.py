@@ -1,7 +1,8 @@
 """Anchor D of DESIGN §12: the raw driver (sqlite3 / psycopg 3) writing the rows
 that batch ingests write, into the project's own schema (every index, the unique
-messageId with ON CONFLICT DO NOTHING), 100 rows and one set-based counter
-update a transaction, on one connection. No ORM, no validation, no HTTP: what
+messageId with ON CONFLICT DO NOTHING: on PostgreSQL through message_key, as the
+interaction table is partitioned), 100 rows and one set-based counter update a
+transaction, on one connection. No ORM, no validation, no HTTP: what
 the database and its driver can take."""
 import datetime
 import json
@@ -27,10 +28,25 @@ def connect(database_url):
     return psycopg.connect(database_url), "%s", True
 
 
+# PostgreSQL: a messageId is unique through message_key (docs/design.md §17), written
+# first in the same statement; the interactions whose key was new follow.
+KEYED_INSERT = (
+    "WITH v (%(columns)s) AS (VALUES %(values)s), "
+    "keyed AS (INSERT INTO message_key SELECT organization_id, message_id, id, received_at FROM v "
+    "ON CONFLICT (organization_id, message_id) DO NOTHING RETURNING interaction_id) "
+    "INSERT INTO interaction (%(columns)s) SELECT %(columns)s FROM v WHERE id IN (SELECT interaction_id FROM keyed)")
+
+
 def _statements(placeholder, rows, customers, postgres):
-    values = "(%s)" % ", ".join([placeholder] * len(COLUMNS))
-    insert = "INSERT INTO interaction (%s) VALUES %s ON CONFLICT (organization_id, message_id) DO NOTHING" % (
-        ", ".join(COLUMNS), ", ".join([values] * rows))
+    columns = ", ".join(COLUMNS)
+    if postgres:
+        first = "(%s::uuid, %s::uuid, %s::uuid, %s, %s::timestamp, %s::timestamp, %s, %s, %s, %s, %s)"
+        values = ", ".join([first] + ["(%s)" % ", ".join(["%s"] * len(COLUMNS))] * (rows - 1))
+        insert = KEYED_INSERT % {"columns": columns, "values": values}
+    else:
+        values = "(%s)" % ", ".join([placeholder] * len(COLUMNS))
+        insert = "INSERT INTO interaction (%s) VALUES %s ON CONFLICT (organization_id, message_id) DO NOTHING" % (
+            columns, ", ".join([values] * rows))
     cast = "::uuid, %s::int, %s::timestamp" if postgres else ", ?, ?"
     update = ("UPDATE customer SET interaction_count = interaction_count + v.column2, "
               "last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < v.column3 "
@@ -91,12 +107,13 @@ def fill(database_url, organization_id, customer_ids, count, chunk=20_000):
     the customers' counters set to match (DESIGN §4 holds)."""
     conn, placeholder, postgres = connect(database_url)
     base = datetime.datetime(2025, 1, 1)
+    received = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)  # this month's partition
     customers = customer_ids if postgres else [uuid.UUID(c).hex for c in customer_ids]
     org = organization_id if postgres else uuid.UUID(organization_id).hex
     for start in range(0, count, chunk):
         rows = [(str(uuid.uuid4()) if postgres else uuid.uuid4().hex, org,
                  customers[n % len(customers)], None,
-                 base + datetime.timedelta(seconds=n), base + datetime.timedelta(seconds=n),
+                 base + datetime.timedelta(seconds=n), received,
                  "web", "page_view", "Just browsing the pricing page.", "{}", "done")
                 for n in range(start, min(count, start + chunk))]
         if postgres:

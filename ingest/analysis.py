@@ -82,20 +82,20 @@ def score(ids, budget=None):
     for at most ``budget`` seconds.
 
     Returns ``(scored, failed, unread)``: ``[(id, organization_id, (status,
-    label, score))]``; ``{id: exception}`` for those whose analysis raised, so
+    label, score), received_at)]``; ``{id: exception}`` for those whose analysis raised, so
     that one bad item never costs the others their result; and the ids left
     when the budget ran out.
     """
     scored, failed, unread = [], {}, []
     deadline = None if budget is None else time.monotonic() + budget
-    for row_id, org_id, content, status in _pending_rows(ids):
+    for row_id, org_id, content, status, received_at in _pending_rows(ids):
         if status != PENDING:
             continue
         if deadline is not None and time.monotonic() > deadline:
             unread.append(uuid_text(row_id))
             continue
         try:
-            scored.append((row_id, org_id, sentiment_of(content)))
+            scored.append((row_id, org_id, sentiment_of(content), received_at))
         except Exception as error:
             failed[uuid_text(row_id)] = error
     return scored, failed, unread
@@ -111,34 +111,42 @@ def store(scored, error=None):
     "position"}`` for each row written (the ids as text, as events carry them)."""
     if not scored:
         return []
-    rows = [(row_id, status, label, value) for row_id, _, (status, label, value) in scored]
-    if is_postgres():
-        sql, params = STORE_POSTGRES, [error, utcnow(), json.dumps(
-            [{"id": row_id, "status": status, "label": label, "score": value}
-             for row_id, status, label, value in rows])]
-    else:
-        sql, params = _store_sqlite(len(rows)), [error, utcnow(), *(value for row in rows for value in row)]
-    organizations = {org_id for _, org_id, _ in scored}
+    sql, params = store_statement(scored, error)
+    organizations = {org_id for _, org_id, _, _ in scored}
     with db.atomic():
         changes.lock(organizations)
-        written = dict(db.execute_sql(sql, params).fetchall())  # id -> customer id
-        kept = [(row_id, org_id) for row_id, org_id, _ in scored if row_id in written]
+        written = {row_id: (customer_id, received_at)
+                   for row_id, customer_id, received_at in db.execute_sql(sql, params).fetchall()}
+        kept = [(row_id, org_id) for row_id, org_id, _, _ in scored if row_id in written]
         kind = changes.ANALYZED if error is None else changes.ANALYSIS_FAILED
-        positions = changes.number(kept, lambda row: row[1], kind, lambda row: Interaction.id.python_value(row[0]))
-    results = [{"id": uuid_text(row_id), "organization_id": org_id, "customer_id": uuid_text(written[row_id]),
+        positions = changes.number(kept, lambda row: row[1], kind, lambda row: Interaction.id.python_value(row[0]),
+                                   lambda row: written[row[0]][1])
+    results = [{"id": uuid_text(row_id), "organization_id": org_id, "customer_id": uuid_text(written[row_id][0]),
                 "analysis_status": status, "position": positions[Interaction.id.python_value(row_id)],
                 "sentiment": None if label is None else {"label": label, "score": value}}
-               for row_id, org_id, (status, label, value) in scored if row_id in written]
+               for row_id, org_id, (status, label, value), _ in scored if row_id in written]
     for status, count in collections.Counter(r["analysis_status"] for r in results).items():
         metrics.ANALYSES.labels(status).inc(count)
     return results
 
 
+def store_statement(scored, error):
+    """(sql, params) of ``store``'s UPDATE."""
+    if is_postgres():  # the received_at range: only the rows' partitions are read
+        stamps = [received_at for _, _, _, received_at in scored]
+        return STORE_POSTGRES, [error, utcnow(), json.dumps(
+            [{"id": row_id, "received_at": received_at.isoformat(), "status": status, "label": label, "score": value}
+             for row_id, _, (status, label, value), received_at in scored]), min(stamps), max(stamps)]
+    return _store_sqlite(len(scored)), [error, utcnow(), *(
+        value for row_id, _, result, _ in scored for value in (row_id, *result))]
+
+
 def _pending_rows(ids):
-    """(id, organization_id, content, analysis_status) of ``ids``, by primary key
-    only: a filter on the status lets PostgreSQL pick the status index and scan
-    every pending row, which grows with the backlog. Ids stay as the database
-    gives them (they go back to it); organizations become their canonical text."""
+    """(id, organization_id, content, analysis_status, received_at) of ``ids``, by
+    primary key only: a filter on the status lets PostgreSQL pick the status index
+    and scan every pending row, which grows with the backlog. Ids stay as the
+    database gives them (they go back to it); organizations become their canonical
+    text."""
     ids = [Interaction.id.db_value(i) for i in ids]
     if is_postgres():
         sql, params = PENDING_POSTGRES, [json.dumps(ids)]
@@ -146,28 +154,32 @@ def _pending_rows(ids):
         sql, params = PENDING_SQLITE % ", ".join(["?"] * len(ids)), ids
     organizations = {}
     return [(row_id, organizations.get(org_id) or organizations.setdefault(
-                 org_id, uuid_text(org_id)), content, status)
-            for row_id, org_id, content, status in db.execute_sql(sql, params)]
+                 org_id, uuid_text(org_id)), content, status, received_at)
+            for row_id, org_id, content, status, received_at in db.execute_sql(sql, params)]
 
 
 # PostgreSQL takes a task's ids, and stores its results, as one JSON parameter:
 # psycopg adapts a Python list to an array in Python, item by item, which took
 # a consumer several percent of its time next to VADER; json.dumps is C.
-PENDING_POSTGRES = ("SELECT id::text, organization_id::text, content, analysis_status FROM interaction "
-                    "WHERE id = ANY(ARRAY(SELECT json_array_elements_text(%s::json)::uuid))")
-PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status FROM interaction "
+PENDING_POSTGRES = ("SELECT id::text, organization_id::text, content, analysis_status, received_at "
+                    "FROM interaction WHERE id = ANY(ARRAY(SELECT json_array_elements_text(%s::json)::uuid))")
+PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status, received_at FROM interaction "
                   "WHERE id IN (%s)")
 
 
 # "|| ''" keeps PostgreSQL from reading every pending row through the status
 # index (and joining them): the rows come by primary key.
 _STORE_WHERE = "WHERE interaction.id = v.id AND interaction.analysis_status || '' = '%s' " % PENDING
+_STORE_PARTITION = ("AND interaction.received_at = v.received_at "
+                    "AND interaction.received_at BETWEEN %s AND %s ")
 # PostgreSQL: the same text for any number of rows.
 STORE_POSTGRES = (
     "UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
     "sentiment_score = v.score, analysis_error = %s, analyzed_at = %s "
-    "FROM json_to_recordset(%s::json) AS v(id uuid, status text, label text, score float8) "
-    + _STORE_WHERE + "RETURNING interaction.id::text, interaction.customer_id::text")
+    "FROM json_to_recordset(%s::json) "
+    "AS v(id uuid, received_at timestamp, status text, label text, score float8) "
+    + _STORE_WHERE + _STORE_PARTITION
+    + "RETURNING interaction.id::text, interaction.customer_id::text, interaction.received_at")
 
 
 @functools.lru_cache(maxsize=128)
@@ -176,15 +188,16 @@ def _store_sqlite(rows):
             "sentiment_score = v.score, analysis_error = ?, analyzed_at = ? "
             "FROM (SELECT column1 AS id, column2 AS status, column3 AS label, column4 AS score "
             "FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + ")) AS v " + _STORE_WHERE +
-            "RETURNING interaction.id, interaction.customer_id")
+            "RETURNING interaction.id, interaction.customer_id, interaction.received_at")
 
 
 def mark_failed(ids, error):
     """Record that analysing ``ids`` failed for good, keeping the error: written as
     ``store`` writes scores, with an ``interaction.analyzed`` change (status failed)
     for each row still pending. Returns ``store``'s results."""
-    return store([(row_id, org_id, (FAILED, None, None)) for row_id, org_id, _, status in _pending_rows(ids)
-                  if status == PENDING], error=str(error)[:2000])
+    return store([(row_id, org_id, (FAILED, None, None), received_at)
+                  for row_id, org_id, _, status, received_at in _pending_rows(ids) if status == PENDING],
+                 error=str(error)[:2000])
 
 
 def stale_pending(older_than_seconds, limit=10_000):

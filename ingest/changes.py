@@ -122,36 +122,37 @@ def lock(organization_ids):
 
 
 def record(rows):
-    """Insert ``rows`` of (organization_id, position, kind, subject) as changes."""
+    """Insert ``rows`` of (organization_id, position, kind, subject, subject_at) as
+    changes; ``subject_at`` is the received_at of the interaction it is about, or None."""
     if rows:
         now = utcnow()
         to_db = Change.subject.db_value
         db.execute_sql(_record_sql(len(rows), "%s" if is_postgres() else "?"), [
-            value for organization_id, position, kind, subject in rows
-            for value in (to_db(organization_id), position, kind, to_db(subject), now)])
+            value for organization_id, position, kind, subject, subject_at in rows
+            for value in (to_db(organization_id), position, kind, to_db(subject), now, subject_at)])
 
 
 @functools.lru_cache(maxsize=256)
 def _record_sql(rows, placeholder):
     """The INSERT of ``rows`` changes, written out: peewee's insert_many took most of
     SQLite's write of a batch building it (docs/BENCHMARKS.md)."""
-    return ('INSERT INTO "change" (organization_id, position, kind, subject, recorded_at) VALUES '
-            + ", ".join(["(%s)" % ", ".join([placeholder] * 5)] * rows))
+    return ('INSERT INTO "change" (organization_id, position, kind, subject, recorded_at, subject_at) VALUES '
+            + ", ".join(["(%s)" % ", ".join([placeholder] * 6)] * rows))
 
 
-def number(items, organization_of, kind, subject_of):
+def number(items, organization_of, kind, subject_of, subject_at_of):
     """Take positions for ``items`` (in their order, per organization) and record
     their changes; returns {subject: position}."""
     by_organization = {}
     for item in items:
-        by_organization.setdefault(organization_of(item), []).append(subject_of(item))
+        by_organization.setdefault(organization_of(item), []).append(item)
     positions, rows = {}, []
     for organization_id in sorted(by_organization, key=str):
-        subjects = by_organization[organization_id]
-        first = take(organization_id, len(subjects))
-        for offset, subject in enumerate(subjects):
-            positions[subject] = first + offset
-            rows.append((organization_id, first + offset, kind, subject))
+        ours = by_organization[organization_id]
+        first = take(organization_id, len(ours))
+        for offset, item in enumerate(ours):
+            positions[subject_of(item)] = first + offset
+            rows.append((organization_id, first + offset, kind, subject_of(item), subject_at_of(item)))
     record(rows)
     return positions
 
@@ -190,13 +191,18 @@ def _prune(organization_id, before, chunk):
 # of the primary key), so that only its rows are joined, whatever the planner knows
 # of the tables. Raw SQL and raw rows: for a page of 1,000 the query builder and the
 # model's conversions cost more than the query itself (docs/BENCHMARKS.md).
-PAGE = ('SELECT c.position, c.kind, c.subject, i.id, i.customer_id, i.message_id, i.timestamp, '
-        'i.received_at, i.channel, i.event_type, i.content, i.metadata, i.analysis_status, '
-        'i.sentiment_label, i.sentiment_score '
-        'FROM (SELECT position, kind, subject FROM "change" WHERE organization_id = %s AND position > %s '
-        'ORDER BY position LIMIT %s) AS c '
-        'LEFT JOIN "interaction" AS i ON i.id = c.subject AND c.kind <> 3 '
-        'ORDER BY c.position')
+_PAGE_COLUMNS = ('SELECT c.position, c.kind, c.subject, i.id, i.customer_id, i.message_id, i.timestamp, '
+                 'i.received_at, i.channel, i.event_type, i.content, i.metadata, i.analysis_status, '
+                 'i.sentiment_label, i.sentiment_score '
+                 'FROM (SELECT position, kind, subject, subject_at FROM "change" '
+                 'WHERE organization_id = %s AND position > %s ORDER BY position LIMIT %s) AS c ')
+# PostgreSQL: each change looks its interaction up by primary key in the one partition
+# its subject_at names (a lateral subquery runs per row, and its LIMIT keeps the planner
+# from turning it into a join that reads every partition).
+PAGE_POSTGRES = (_PAGE_COLUMNS + 'LEFT JOIN LATERAL (SELECT * FROM "interaction" AS i WHERE i.id = c.subject '
+                 'AND i.received_at = c.subject_at LIMIT 1) AS i ON true ORDER BY c.position')
+PAGE_SQLITE = (_PAGE_COLUMNS + 'LEFT JOIN "interaction" AS i ON i.id = c.subject AND i.received_at = c.subject_at '
+               'ORDER BY c.position')
 STREAM = "SELECT position, oldest FROM change_stream WHERE organization_id = %s"
 
 
@@ -227,7 +233,8 @@ def read(organization_id, after=None, limit=MAX_PAGE):
     deletes (``prune``), so rows deleted under this read show as an expired cursor,
     never as changes silently skipped."""
     start = stream(organization_id)[1] - 1 if after is None else after
-    rows = _sql(PAGE, Change.organization_id.db_value(organization_id), start, limit)
+    rows = _sql(PAGE_POSTGRES if is_postgres() else PAGE_SQLITE, Change.organization_id.db_value(organization_id),
+                start, limit)
     oldest = stream(organization_id)[1]
     if start < oldest - 1:
         if after is not None:
@@ -240,7 +247,7 @@ def read(organization_id, after=None, limit=MAX_PAGE):
 
 
 def _data(row):
-    """The event's data of a change row joined to its interaction (see PAGE); None
+    """The event's data of a change row joined to its interaction (see PAGE_POSTGRES); None
     when the interaction is gone. Equal to what the writer published: test_changes
     holds it to ``schemas.dump_interaction`` and ``analyzed_data``."""
     _, kind, subject, interaction_id, customer_id, message_id, timestamp, received_at, channel, \

@@ -4,21 +4,25 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 
 import click
+from flask import current_app
+from flask.cli import with_appcontext
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
 import models
 import tasks
-from ingest import accounts, changes, lifecycle, simulate
+from ingest import accounts, changes, lifecycle, partitions, simulate
 from ingest.analysis import requeue_failed
 from models import Customer, Organization
 
 
 def init_app(app):
-    for command in (init_db, create_org, create_key, revoke_key, demo, analysis, retention, changes_cli):
+    for command in (init_db, migrate, partitions_cli, create_org, create_key, revoke_key, demo, analysis,
+                    retention, changes_cli):
         app.cli.add_command(command)
 
 
@@ -27,11 +31,81 @@ def _emit(as_json, payload, text):
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db():
-    """Create or upgrade the schema, and the queue's tables (idempotent)."""
-    applied = models.migrate()
+    """Create or upgrade the schema, and the queue's tables (idempotent). On
+    PostgreSQL an interaction table of more than 100,000 rows is left unpartitioned:
+    `flask migrate` converts it."""
+    applied = models.migrate(current_app.config["PARTITION_INTERVAL"])
     tasks.create_queue_tables()
     click.echo("applied: %s" % ", ".join(applied) if applied else "schema is up to date")
+
+
+@click.command("migrate")
+@click.option("--chunk", type=click.IntRange(min=1), default=partitions.CHUNK, show_default=True,
+              help="Rows copied per transaction.")
+@with_appcontext
+def migrate(chunk):
+    """Upgrade the schema as init-db does, then, on PostgreSQL, turn an unpartitioned
+    interaction table into the partitioned one (DESIGN §17): rows are copied in
+    chunks, each committed with where it stopped, so a killed run resumes
+    where it was; ingest and analysis go on meanwhile, and wait only for the last
+    chunk and the swap of the tables. A progress bar shows on stderr on a terminal."""
+    interval = current_app.config["PARTITION_INTERVAL"]
+    applied = models.migrate(interval, convert_up_to=0)
+    tasks.create_queue_tables()
+    click.echo("applied: %s" % ", ".join(applied) if applied else "schema is up to date")
+    started = time.monotonic()
+    with _progress(partitions.remaining_estimate(), "rows") as advance:
+        copied = partitions.convert(interval, partitions.AHEAD, models.utcnow(), chunk, progress=advance)
+    if copied is not None:
+        click.echo("interaction is partitioned by %s: %d row(s) copied in %.1f s" % (
+            interval, copied, time.monotonic() - started))
+
+
+@click.group("partitions")
+def partitions_cli():
+    """interaction's partitions on PostgreSQL (DESIGN §17)."""
+
+
+@partitions_cli.command("ensure")
+@click.option("--ahead", type=click.IntRange(min=0), default=partitions.AHEAD, show_default=True,
+              help="Periods to create after the current one.")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]),
+              help="Also create the partitions from this date's period on (UTC), before importing history.")
+@with_appcontext
+def partitions_ensure(ahead, since):
+    """Create the partitions of the coming periods (the consumer does it hourly);
+    rows the default partition holds for them move in."""
+    interval = current_app.config["PARTITION_INTERVAL"]
+    if since is not None and not partitions.is_partitioned():
+        raise click.ClickException("interaction is not partitioned: run flask migrate")
+    created = (partitions.cover(interval, since, models.utcnow(), ahead) if since is not None
+               else partitions.ensure_ahead(interval, ahead))
+    for partition, moved in created:
+        click.echo("created %s for %s to %s%s" % (partition.name, partition.start, partition.end,
+                                                   ", moved %d row(s) from the default" % moved if moved else ""))
+
+
+@partitions_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@with_appcontext
+def partitions_status(as_json):
+    """The partitions, how far ahead they go and what the default partition holds
+    (rows there mean a partition was missing: `flask partitions ensure`)."""
+    found = partitions.report(models.utcnow())
+    if found is None:
+        state = partitions.conversion_state()
+        _emit(as_json, {"partitioned": False, "state": state},
+              {"sqlite": "SQLite keeps one table", "unpartitioned": "not partitioned: run flask migrate",
+               "started": "a conversion is under way: run flask migrate"}[state])
+        return
+    payload = {"partitioned": True, "interval": current_app.config["PARTITION_INTERVAL"],
+               "defaultRows": found["default_rows"], "coveredUntil": found["covered_until"].isoformat(),
+               "partitions": [{"name": p.name, "from": p.start.isoformat(), "to": p.end.isoformat()}
+                              for p in found["partitions"]]}
+    _emit(as_json, payload, "\n".join(["%(name)s  %(from)s .. %(to)s" % p for p in payload["partitions"]] + [
+        "covered until %s; default partition: %d row(s)" % (payload["coveredUntil"], payload["defaultRows"])]))
 
 
 @click.command("create-org")
@@ -170,9 +244,11 @@ def retention():
 @click.option("--org", "organization_id", help="Only this organization (default: all).")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
 def retention_apply(days, organization_id, dry_run):
-    """Delete old interactions in chunks of 1,000, one transaction each, correcting
-    their customers' counters as it goes: ingest goes on meanwhile. For a daily
-    cron job: `flask --app app retention apply --days 365`."""
+    """Delete old interactions, correcting their customers' counters as it goes:
+    ingest goes on meanwhile. On PostgreSQL whole partitions received before the
+    horizon are dropped first (the fast path; not with --org); the rest goes in
+    chunks of 1,000, one transaction each. A progress bar shows on stderr when it
+    is a terminal. For a daily cron job: `flask --app app retention apply --days 365`."""
     if organization_id is not None:
         organization_id = _uuid(organization_id)
     cutoff = lifecycle.retention_cutoff(days)
@@ -180,8 +256,12 @@ def retention_apply(days, organization_id, dry_run):
         click.echo("would delete %d interaction(s) older than %s UTC" % (
             lifecycle.count_expired(cutoff, organization_id), cutoff.isoformat(" ", "seconds")))
         return
-    deleted = lifecycle.apply_retention(cutoff, organization_id)
-    click.echo("deleted %d interaction(s) older than %s UTC" % (deleted, cutoff.isoformat(" ", "seconds")))
+    started = time.monotonic()
+    expected = lifecycle.count_expired(cutoff, organization_id) if sys.stderr.isatty() else None
+    with _progress(expected, "interactions") as advance:
+        dropped, deleted = lifecycle.apply_retention(cutoff, organization_id, progress=advance)
+    click.echo("deleted %d interaction(s) older than %s UTC (%d partition(s) dropped whole) in %.1f s" % (
+        deleted, cutoff.isoformat(" ", "seconds"), dropped, time.monotonic() - started))
     pruned = changes.prune(cutoff, organization_id)
     click.echo("deleted %d change(s) recorded before then; older cursors are answered 410" % pruned)
 
@@ -306,7 +386,7 @@ def _export(organization_id, after, sink, stopped):
     end, oldest = changes.stream(organization_id)
     after = oldest - 1 if after is None else after
     written = 0
-    with _progress(max(end - after, 0)) as advance:
+    with _progress(max(end - after, 0), "changes") as advance:
         while after < end and not stopped:
             events, last = changes.read(organization_id, after)
             if last == after:  # the rest is not committed yet: for the next run
@@ -328,11 +408,11 @@ def _write_all(sink, data):
 
 
 @contextlib.contextmanager
-def _progress(total):
-    """A bar on stderr, when it is a terminal; yields advance(positions read)."""
+def _progress(total, what):
+    """A bar on stderr, when it is a terminal; yields advance(how many more of ``what``)."""
     with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not sys.stderr.isatty(),
                   console=Console(stderr=True), redirect_stdout=False, redirect_stderr=False) as bar:
-        task = bar.add_task("changes", total=total)
+        task = bar.add_task(what, total=total)
         yield lambda count: bar.advance(task, count)
 
 

@@ -41,12 +41,16 @@ DEFAULTS = {
     "RATE_LIMIT_URL": "",
     # Pending analyses beyond which ingest answers 429.
     "ANALYSIS_BACKLOG_MAX": 100_000,
+    # PostgreSQL: the span of one partition of interaction (day, week or month, DESIGN §17).
+    "PARTITION_INTERVAL": "month",
     "LOG_LEVEL": "INFO",
 }
-# Read by tasks.py at import (the queue and the bus it builds, the sweep's age):
+# Read by tasks.py at import (the queue and the bus it builds, the sweep's age, the
+# partitions its periodic task creates):
 # create_app refuses a value of these that differs from what the process uses.
 ENVIRONMENT_ONLY = ("QUEUE_URL", "EVENTS_URL", "EVENTS_STREAM_BYTES", "EVENTS_TOTAL_BYTES",
-                    "ANALYSIS_SWEEP_AFTER")
+                    "ANALYSIS_SWEEP_AFTER", "PARTITION_INTERVAL")
+INTERVALS = ("day", "week", "month")
 INTEGER_KEYS = ("EVENTS_STREAM_BYTES", "EVENTS_TOTAL_BYTES", "MAX_CONTENT_LENGTH", "MAX_BATCH_ITEMS",
                 "DB_POOL_SIZE", "COMMIT_TIMEOUT",
                 "ANALYSIS_SWEEP_AFTER", "ANALYSIS_BACKLOG_MAX", "TRUSTED_PROXIES")
@@ -72,6 +76,9 @@ def load(environ=None, overrides=None, fixed=None):
             raise ValueError("%s=%r, but this process uses %r: it comes from the environment as it "
                              "was when tasks.py was imported (huey_consumer reads it there too), "
                              "and cannot be overridden in create_app()" % (key, settings[key], fixed[key]))
+    if settings["PARTITION_INTERVAL"] not in INTERVALS:
+        raise ValueError("PARTITION_INTERVAL must be one of %s, not %r" % (", ".join(INTERVALS),
+                                                                          settings["PARTITION_INTERVAL"]))
     if not settings["RATE_LIMIT_URL"]:
         events = settings["EVENTS_URL"]
         settings["RATE_LIMIT_URL"] = events if events.startswith("redis") else "memory://"

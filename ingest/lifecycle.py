@@ -12,18 +12,23 @@ Segment event are serialized too (``external_ids_locked``), so that whether the
 event is older than the erasure is decided with the erasure either committed
 or not begun (ingest/segment.py).
 """
+import collections
 import contextlib
 import datetime
 import hashlib
+import logging
+import time
 import uuid
 from collections import Counter
 
-from peewee import IntegrityError
+from peewee import IntegrityError, OperationalError
 
-from ingest import changes, schemas
+from ingest import changes, partitions, schemas
 from ingest.problems import load
 from ingest.reads import find_customer
 from models import Customer, Erasure, Interaction, Organization, db, is_postgres, utcnow
+
+log = logging.getLogger(__name__)
 
 RETENTION_CHUNK = 1000  # interactions deleted per transaction: ingest never waits long
 
@@ -67,6 +72,7 @@ def erase_customer(organization_id, customer_id):
         customer = customers[0]
         if customer.external_id is not None:
             _lock_external_ids(organization_id, [customer.external_id])
+        forget_message_ids(Interaction.customer == customer.id)
         Interaction.delete().where(Interaction.customer == customer.id).execute()
         Customer.delete().where(Customer.id == customer.id).execute()
         if customer.external_id is not None:
@@ -76,8 +82,22 @@ def erase_customer(organization_id, customer_id):
              .on_conflict(conflict_target=[Erasure.organization, Erasure.external_id_hash],
                           update={Erasure.erased_at: now})
              .execute())
-        changes.record([(organization_id, position, changes.CUSTOMER_DELETED, customer.id)])
+        changes.record([(organization_id, position, changes.CUSTOMER_DELETED, customer.id, None)])
     return position
+
+
+def forget_message_ids(which):
+    """PostgreSQL: delete the ``message_key`` rows of the interactions ``which``
+    selects, which are about to be deleted, so that their messageIds can be
+    stored again, as when the unique index held them (ingest/store.py)."""
+    if is_postgres():
+        rows = Interaction.select(Interaction.organization, Interaction.message_id).where(
+            which & Interaction.message_id.is_null(False)).tuples()
+        pairs = [(str(org), message_id) for org, message_id in rows]
+        if pairs:
+            db.execute_sql("DELETE FROM message_key AS k USING unnest(%s::uuid[], %s::text[]) AS d(o, m) "
+                           "WHERE k.organization_id = d.o AND k.message_id = d.m",
+                           [[o for o, _ in pairs], [m for _, m in pairs]])
 
 
 @contextlib.contextmanager
@@ -148,20 +168,80 @@ def count_expired(cutoff, organization_id=None):
     return Interaction.select().where(_expired(cutoff, organization_id)).count()
 
 
-def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK):
+def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK, progress=None):
     """Delete the interactions whose event time is before ``cutoff`` (naive UTC),
-    oldest first, ``chunk`` per transaction, correcting their customers' counters
-    in the same transaction. Returns how many were deleted."""
-    organizations = ([organization_id] if organization_id else
-                     [org for (org,) in Organization.select(Organization.id).tuples()])
-    deleted = 0
-    for organization in organizations:
-        while True:
-            found, count = _delete_chunk(cutoff, organization, chunk)
-            deleted += count
-            if found < chunk:
-                break
-    return deleted
+    correcting their customers' counters as they go. On a partitioned table (and
+    for all organizations), first drop every partition received wholly before
+    ``cutoff`` less the 24 hours an event time may run ahead (so every event time
+    in it is before ``cutoff``); then delete the rest oldest first, ``chunk`` per
+    transaction. ``progress(rows)`` is called as rows go. Returns a Retention."""
+    with _one_retention():
+        dropped = deleted = 0
+        if organization_id is None and partitions.is_partitioned():
+            for partition in partitions.expired(cutoff - schemas.MAX_FUTURE):
+                gone = _drop_partition(partition)
+                dropped, deleted = dropped + 1, deleted + gone
+                if progress:
+                    progress(gone)
+        organizations = ([organization_id] if organization_id else
+                         [org for (org,) in Organization.select(Organization.id).tuples()])
+        for organization in organizations:
+            while True:
+                found, count = _retried(lambda: _delete_chunk(cutoff, organization, chunk))
+                deleted += count
+                if progress:
+                    progress(count)
+                if found < chunk:
+                    break
+    return Retention(dropped, deleted)
+
+
+Retention = collections.namedtuple("Retention", "partitions_dropped deleted")
+
+
+def _retried(transaction, attempts=3):
+    """``transaction()``, run again if it failed transiently: a chunk locks its
+    customers in id order, but a concurrent ingest locks them in the order its join
+    meets them, and PostgreSQL breaks such a deadlock by failing one of the two."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return transaction()
+        except OperationalError:
+            if attempt == attempts:
+                raise
+            log.warning("retention chunk failed, retrying", exc_info=True, extra={"attempt": attempt})
+            time.sleep(0.05 * 2 ** attempt)
+
+
+@contextlib.contextmanager
+def _one_retention():
+    """PostgreSQL: one retention run at a time (a partition's rows are counted before
+    it is dropped, and another run must not delete them meanwhile)."""
+    if not is_postgres():
+        yield
+        return
+    db.execute_sql("SELECT pg_advisory_lock(hashtext('ingest retention'))")
+    try:
+        yield
+    finally:
+        db.execute_sql("SELECT pg_advisory_unlock(hashtext('ingest retention'))")
+
+
+def _drop_partition(partition):
+    """Drop a partition and take its rows off their customers' counters, in one
+    transaction; returns its rows. They are counted before the table is locked: of
+    the writers that could change that count only an erasure remains (ingest writes
+    newer partitions; this run holds the retention lock), and it deletes the customer
+    with its rows, so its count is never applied. The ACCESS EXCLUSIVE lock is held
+    only for the detach, the drop and the counters."""
+    counts = partitions.rows_per_customer(partition)
+    with db.atomic():
+        db.execute_sql("LOCK TABLE interaction IN ACCESS EXCLUSIVE MODE")
+        partitions.drop(partition)
+        if counts:
+            _uncount(Counter(counts))
+    partitions.forget_keys(partition)
+    return sum(counts.values())
 
 
 def _expired(cutoff, organization_id):
@@ -184,6 +264,7 @@ def _delete_chunk(cutoff, organization_id, chunk):
         if not rows:
             return 0, 0
         _locked(Customer.select(Customer.id).where(Customer.id.in_({c for _, c in rows})))
+        forget_message_ids(Interaction.id.in_([i for i, _ in rows]))
         gone = Counter(customer for (customer,) in Interaction.delete()
                        .where(Interaction.id.in_([i for i, _ in rows]))
                        .returning(Interaction.customer).tuples().execute())

@@ -18,6 +18,9 @@ from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry,
                                Histogram, generate_latest, multiprocess)
 from prometheus_client.core import GaugeMetricFamily
 
+from ingest import partitions
+from models import utcnow
+
 log = logging.getLogger(__name__)
 
 REQUESTS = Counter("ingest_http_requests_total", "HTTP requests by endpoint and status.",
@@ -71,6 +74,24 @@ class BusCollector:
                                     "streams hold in Redis (bounded by EVENTS_TOTAL_BYTES).", value=held)
 
 
+class PartitionCollector:
+    """``ingest_partition_default_rows`` and ``ingest_partitions_covered_seconds`` (how
+    far ahead the newest partition reaches) on a partitioned PostgreSQL (DESIGN §17)."""
+
+    def collect(self):
+        try:
+            found = partitions.report(utcnow())
+        except Exception:  # the database is away: the scrape still answers
+            log.warning("reading the partitions failed", exc_info=True)
+            return
+        if found is not None:
+            yield GaugeMetricFamily("ingest_partition_default_rows", "Rows in interaction's default "
+                                    "partition: each means a partition was missing.", value=found["default_rows"])
+            yield GaugeMetricFamily("ingest_partitions_covered_seconds", "Seconds from now to the end of "
+                                    "the newest partition of interaction.",
+                                    value=(found["covered_until"] - utcnow()).total_seconds())
+
+
 def exposition(backlog, bus):
     """The text of `/metrics`: every process's metrics (or this one's), the backlog and
     the event streams' size."""
@@ -81,6 +102,7 @@ def exposition(backlog, bus):
         registry.register(REGISTRY)  # a registry collects like any collector
     registry.register(BacklogCollector(backlog))
     registry.register(BusCollector(bus))
+    registry.register(PartitionCollector())
     return generate_latest(registry)
 
 

@@ -227,7 +227,8 @@ def _insert_then_count(items):
     inserted = {Interaction.id.python_value(row[0]) for row in cursor}
     new = [item for item in items if item.id in inserted]
     _update_customers(new)
-    return changes.number(new, lambda item: item.organization_id, changes.CREATED, lambda item: item.id)
+    return changes.number(new, lambda item: item.organization_id, changes.CREATED, lambda item: item.id,
+                          lambda item: item.received_at)
 
 
 # PostgreSQL: one statement for any number of rows, the rows passed as one JSON
@@ -244,8 +245,11 @@ INSERT_AND_COUNT = (
     "AS v(id uuid, organization_id uuid, customer_id uuid, message_id text, \"timestamp\" timestamp, "
     "received_at timestamp, channel text, event_type text, content text, metadata text, "
     "analysis_status text, ord int)), "
+    "keyed AS (INSERT INTO message_key (organization_id, message_id, interaction_id, received_at) "
+    "SELECT organization_id, message_id, id, received_at FROM v WHERE message_id IS NOT NULL "
+    "ON CONFLICT (organization_id, message_id) DO NOTHING RETURNING interaction_id), "
     "inserted AS (INSERT INTO interaction (%(columns)s) SELECT %(columns)s FROM v "
-    "ON CONFLICT (organization_id, message_id) DO NOTHING "
+    "WHERE message_id IS NULL OR id IN (SELECT interaction_id FROM keyed) "
     "RETURNING id, organization_id, customer_id, timestamp, received_at), "
     "counted AS (SELECT customer_id, COUNT(*) AS n, MAX(timestamp) AS newest "
     "FROM inserted GROUP BY customer_id ORDER BY customer_id), "
@@ -263,8 +267,8 @@ INSERT_AND_COUNT = (
     "AS position FROM inserted JOIN v ON v.id = inserted.id "
     "JOIN advanced ON advanced.organization_id = inserted.organization_id "
     "JOIN per_organization ON per_organization.organization_id = inserted.organization_id), "
-    "recorded AS (INSERT INTO change (organization_id, position, kind, subject, recorded_at) "
-    "SELECT organization_id, position, %(kind)d, id, received_at FROM numbered) "
+    "recorded AS (INSERT INTO change (organization_id, position, kind, subject, recorded_at, subject_at) "
+    "SELECT organization_id, position, %(kind)d, id, received_at, received_at FROM numbered) "
     "SELECT id, position FROM numbered"
     % {"columns": ", ".join(COLUMNS), "kind": changes.CREATED})
 
@@ -282,9 +286,16 @@ def _insert_and_count(items):
 
 
 def _stored_ids(items):
-    """Map (organization, message_id) to the id already stored, for conflicting items."""
+    """Map (organization, message_id) to the id already stored, for conflicting items
+    (on PostgreSQL from ``message_key``, where each messageId stored has its row)."""
     if not items:
         return {}
+    if is_postgres():
+        rows = db.execute_sql(
+            "SELECT organization_id, message_id, interaction_id FROM message_key "
+            "WHERE organization_id = ANY(%s::uuid[]) AND message_id = ANY(%s::text[])",
+            [list({str(i.organization_id) for i in items}), list({i.message_id for i in items})]).fetchall()
+        return {(org, message_id): id_ for org, message_id, id_ in rows}
     query = (Interaction
              .select(Interaction.organization, Interaction.message_id, Interaction.id)
              .where(Interaction.organization.in_({i.organization_id for i in items})

@@ -183,10 +183,10 @@ def test_retention_during_ingest_keeps_the_invariant_at_every_moment(app, org, c
         cutoff = utcnow() - datetime.timedelta(days=30)
         deleted = 0
         while any(thread.is_alive() for thread in writers):
-            deleted += lifecycle.apply_retention(cutoff, chunk=7)
+            deleted += lifecycle.apply_retention(cutoff, chunk=7).deleted
         for thread in writers:
             thread.join()
-        deleted += lifecycle.apply_retention(cutoff, chunk=7)
+        deleted += lifecycle.apply_retention(cutoff, chunk=7).deleted
     done.set()
     watch.join()
     assert violations == []

@@ -110,7 +110,7 @@ class IngestMachine(RuleBasedStateMachine):
         (its messageId may then be used again), the rest stays."""
         cutoff = (BASE + datetime.timedelta(seconds=offset)).replace(tzinfo=None)
         expired = {i for i in self.stored if self.times[i][0] < cutoff}
-        assert apply_retention(cutoff, chunk=chunk) == len(expired)
+        assert apply_retention(cutoff, chunk=chunk).deleted == len(expired)
         self.stored -= expired
         for interaction_id in expired:
             self.by_message.pop(self.times.pop(interaction_id)[1], None)
