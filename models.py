@@ -146,6 +146,20 @@ def uuid_text(stored):
     return str(stored)
 
 
+@contextlib.contextmanager
+def one_at_a_time(lock_name):
+    """PostgreSQL: hold the session advisory lock ``lock_name`` for the block, across
+    its transactions (one retention run, one conversion at a time); SQLite: nothing."""
+    if not is_postgres():
+        yield
+        return
+    db.execute_sql("SELECT pg_advisory_lock(hashtext(%s))", [lock_name])
+    try:
+        yield
+    finally:
+        db.execute_sql("SELECT pg_advisory_unlock(hashtext(%s))", [lock_name])
+
+
 def release_connection():
     """Give this thread's connection back (to the pool) before a long wait."""
     if not db.is_closed() and db.transaction_depth() == 0:
@@ -317,6 +331,14 @@ class MessageKey(BaseModel):
 
     class Meta:
         primary_key = CompositeKey("organization_id", "message_id")
+
+
+class StorageHorizon(BaseModel):
+    """PostgreSQL only (migration 0006): one row, id 1, once retention dropped a
+    partition: nothing received before ``kept_from`` is kept, so a message key older
+    than that points at nothing (ingest/store.py takes it over)."""
+    id = IntegerField(primary_key=True)
+    kept_from = DateTimeField()
 
 
 def migrate(partition_interval="month", convert_up_to=None):

@@ -17,7 +17,7 @@ from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
 from huey.storage import PostgresStorage
 
 import models
-from ingest import analysis, changes, config, logs, partitions
+from ingest import analysis, changes, config, lifecycle, logs, partitions
 from ingest.events import bus_for
 from ingest.threads import PerProcess
 
@@ -192,14 +192,21 @@ def sweep():
         log.info("sweep re-queued pending interactions", extra={"count": len(ids)})
 
 
+RECLAIM_LIMIT = 200_000  # rows of each kind an hourly run deletes at most
+
+
 @huey.periodic_task(crontab(minute="7"))
-def create_partitions():
-    """Create interaction's partitions ahead (DESIGN §17), hourly; the periods they
-    cover start months ahead, so a consumer down for a while misses nothing."""
+def maintain_storage():
+    """Hourly (DESIGN §17): create interaction's partitions ahead (months ahead, so a
+    consumer down for a while misses nothing), and delete what retention put out of
+    reach: the rows of pruned changes and the message keys of dropped partitions."""
     with models.db.connection_context():
         created = partitions.ensure_ahead(settings["PARTITION_INTERVAL"])
+        reclaimed = lifecycle.reclaim(RECLAIM_LIMIT)
     for partition, moved in created:
         log.info("partition created", extra={"partition": partition.name, "moved_from_default": moved})
+    if any(reclaimed.values()):
+        log.info("reclaimed", extra=reclaimed)
 
 
 class Shares:

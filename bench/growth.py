@@ -12,8 +12,9 @@ that autovacuum does not run during the measurements. Then, ``--rounds`` times, 
 alternating order: batch ingest (4 connections), single ingest (16), pages of
 ``GET /api/interactions`` (limit 100: the organization's newest, and a customer's)
 and of ``GET /api/changes`` (limit 1,000, from a quarter into the feed), at 4
-connections. Last, `flask retention apply` of the oldest month on each, timed,
-and `flask migrate` converting an unpartitioned table of 1M interactions, timed.
+connections. Last, `flask retention apply` of the oldest month on each, then
+`flask retention reclaim`, timed, and `flask migrate` converting an unpartitioned
+table of 1M interactions, timed.
 
     .venv/bin/python -m bench.growth [--rows 10000000] [--organizations 10] [--seconds 10] [--rounds 3]
                                      [--skip retention,conversion]
@@ -40,7 +41,6 @@ EMPTY_ROWS = 20_000
 CUSTOMERS = 100  # an organization's
 CHUNK = 1_000_000
 DAYS = 365
-RETENTION_DAYS = DAYS - 30  # retention deletes the oldest month of the fill
 READ_PAGES = 10
 CONVERSION_ROWS = 1_000_000
 
@@ -139,11 +139,26 @@ def measure(stack, org, paths, seconds):
     return figures
 
 
+def retention_days(now):
+    """`--days` for a retention run that drops the fill's oldest month: its horizon a
+    day (retention's margin for event times) past the end of that month's partition,
+    so the rest deleted row by row is a day or two, as for a daily cron job."""
+    oldest = now - datetime.timedelta(days=DAYS)
+    month_after = (oldest.replace(day=28) + datetime.timedelta(days=4)).replace(day=1, hour=0, minute=0,
+                                                                                second=0, microsecond=0)
+    return (now - month_after - datetime.timedelta(days=1)).days
+
+
 def retention_seconds(stack):
-    """Wall time of `flask retention apply` of the oldest month, and what it printed."""
-    started = time.perf_counter()
-    output = stack.flask("retention", "apply", "--days", str(RETENTION_DAYS))
-    return time.perf_counter() - started, " / ".join(output.strip().splitlines())
+    """Wall times (start-up included) of `flask retention apply` of the oldest month and
+    of the `flask retention reclaim` after it, with what each printed."""
+    days = retention_days(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+    timed = []
+    for command in (("retention", "apply", "--days", str(days)), ("retention", "reclaim")):
+        started = time.perf_counter()
+        output = stack.flask(*command)
+        timed += [time.perf_counter() - started, " / ".join(output.strip().splitlines())]
+    return timed
 
 
 def conversion(server_url, rows):
@@ -221,8 +236,9 @@ def report(rows, rounds, retention, converted):
             cells += ["%.0f (p99 %.0f ms)" % (empty["rps"] * scale, empty["p99_ms"]),
                       "**%.2f** (p99 %.0f ms)" % (grown["rps"] / empty["rps"], grown["p99_ms"])]
         print("| %d | %s |" % (number, " | ".join(cells)))
-    for name, (seconds, output) in retention.items():
-        print("retention apply of the oldest month, %s store: %.1f s (%s)" % (name, seconds, output))
+    for name, (seconds, output, reclaim_seconds, reclaimed) in retention.items():
+        print("retention apply of the oldest month, %s store: %.1f s (%s); then retention reclaim: %.1f s (%s)"
+              % (name, seconds, output, reclaim_seconds, reclaimed))
     if converted:
         print("flask migrate of %d unpartitioned interactions: %.1f s (%s)" % ((CONVERSION_ROWS,) + converted))
     print(json.dumps({"rows": rows, "rounds": rounds, "retention": retention, "conversion": converted}))

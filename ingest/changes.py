@@ -159,30 +159,48 @@ def number(items, organization_of, kind, subject_of, subject_at_of):
 
 # Retention ---------------------------------------------------------------------
 
-def prune(before, organization_id=None, chunk=1000):
-    """Delete the changes recorded before ``before`` (naive UTC), of one organization
-    or of all; returns how many. Each stream's oldest position moves past them
-    first, so that a cursor among them is answered 410, never skipped silently."""
+def prune(before, organization_id=None):
+    """Put the changes recorded before ``before`` (naive UTC), of one organization or
+    of all, out of reach: each stream's oldest position moves past them, so that a
+    cursor among them is answered 410, never skipped silently. Returns how many were
+    put out of reach; ``reclaim`` deletes their rows later."""
     organizations = ([organization_id] if organization_id else
                      [org for (org,) in ChangeStream.select(ChangeStream.organization).tuples()])
-    return sum(_prune(organization, before, chunk) for organization in organizations)
+    return sum(_prune(organization, before) for organization in organizations)
 
 
-def _prune(organization_id, before, chunk):
+def _prune(organization_id, before):
+    """Out of reach: the changes before the first one (from the oldest kept on)
+    recorded at ``before`` or later. The walk reads the primary key from the oldest
+    kept and stops there: what it reads is about what it prunes, not the stream."""
     ours = Change.organization_id == organization_id
-    last = Change.select(fn.MAX(Change.position)).where(ours & (Change.recorded_at < before)).scalar()
-    if last is None:
+    oldest = stream(organization_id)[1]
+    first_kept = (Change.select(Change.position)
+                  .where(ours & (Change.position >= oldest) & (Change.recorded_at >= before))
+                  .order_by(Change.position).limit(1).scalar())
+    last = (first_kept - 1 if first_kept is not None else
+            Change.select(fn.MAX(Change.position)).where(ours).scalar())
+    if last is None or last < oldest:
         return 0
     (ChangeStream.update(oldest=last + 1)
      .where((ChangeStream.organization == organization_id) & (ChangeStream.oldest < last + 1)).execute())
+    return last + 1 - oldest
+
+
+def reclaim(limit=None, chunk=10_000):
+    """Delete the rows of changes out of reach (below their stream's oldest position),
+    ``chunk`` a transaction, up to ``limit`` (None: all); returns how many."""
     deleted = 0
-    while True:
-        gone = Change.delete().where(ours & Change.position.in_(
-            Change.select(Change.position).where(ours & (Change.position <= last))
-            .order_by(Change.position).limit(chunk))).execute()
-        deleted += gone
-        if gone < chunk:
-            return deleted
+    for organization_id, oldest in ChangeStream.select(ChangeStream.organization, ChangeStream.oldest).tuples():
+        ours = Change.organization_id == organization_id
+        while limit is None or deleted < limit:
+            gone = Change.delete().where(ours & Change.position.in_(
+                Change.select(Change.position).where(ours & (Change.position < oldest))
+                .order_by(Change.position).limit(chunk))).execute()
+            deleted += gone
+            if gone < chunk:
+                break
+    return deleted
 
 
 # Reading -----------------------------------------------------------------------

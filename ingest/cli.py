@@ -263,7 +263,20 @@ def retention_apply(days, organization_id, dry_run):
     click.echo("deleted %d interaction(s) older than %s UTC (%d partition(s) dropped whole) in %.1f s" % (
         deleted, cutoff.isoformat(" ", "seconds"), dropped, time.monotonic() - started))
     pruned = changes.prune(cutoff, organization_id)
-    click.echo("deleted %d change(s) recorded before then; older cursors are answered 410" % pruned)
+    click.echo("%d change(s) recorded before then are out of reach: cursors among them are answered 410; "
+               "their rows (and dropped partitions' message keys) go with `retention reclaim`, which the "
+               "consumer runs hourly" % pruned)
+
+
+@retention.command("reclaim")
+def retention_reclaim():
+    """Delete now what retention put out of reach (the consumer does it hourly, a
+    bounded amount at a time): the rows of pruned changes, the message keys of
+    dropped partitions."""
+    started = time.monotonic()
+    reclaimed = lifecycle.reclaim()
+    click.echo("deleted %d change row(s) and %d message key(s) in %.1f s" % (
+        reclaimed["changes"], reclaimed["message_keys"], time.monotonic() - started))
 
 
 @click.group("changes")

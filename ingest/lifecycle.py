@@ -12,21 +12,20 @@ Segment event are serialized too (``external_ids_locked``), so that whether the
 event is older than the erasure is decided with the erasure either committed
 or not begun (ingest/segment.py).
 """
-import collections
 import contextlib
 import datetime
 import hashlib
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, namedtuple
 
 from peewee import IntegrityError, OperationalError
 
 from ingest import changes, partitions, schemas
 from ingest.problems import load
 from ingest.reads import find_customer
-from models import Customer, Erasure, Interaction, Organization, db, is_postgres, utcnow
+from models import Customer, Erasure, Interaction, Organization, db, is_postgres, one_at_a_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK, progres
     ``cutoff`` less the 24 hours an event time may run ahead (so every event time
     in it is before ``cutoff``); then delete the rest oldest first, ``chunk`` per
     transaction. ``progress(rows)`` is called as rows go. Returns a Retention."""
-    with _one_retention():
+    with one_at_a_time("ingest retention"):  # a partition's rows are counted before it is dropped
         dropped = deleted = 0
         if organization_id is None and partitions.is_partitioned():
             for partition in partitions.expired(cutoff - schemas.MAX_FUTURE):
@@ -196,7 +195,15 @@ def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK, progres
     return Retention(dropped, deleted)
 
 
-Retention = collections.namedtuple("Retention", "partitions_dropped deleted")
+Retention = namedtuple("Retention", "partitions_dropped deleted")
+
+
+def reclaim(limit=None):
+    """Delete what retention put out of reach, up to ``limit`` rows of each kind
+    (None: all): {"changes": rows of pruned changes, "message_keys": keys of dropped
+    partitions}. Nothing depends on it but the space they take."""
+    return {"changes": changes.reclaim(limit),
+            "message_keys": partitions.reclaim_keys(limit) if partitions.is_partitioned() else 0}
 
 
 def _retried(transaction, attempts=3):
@@ -213,20 +220,6 @@ def _retried(transaction, attempts=3):
             time.sleep(0.05 * 2 ** attempt)
 
 
-@contextlib.contextmanager
-def _one_retention():
-    """PostgreSQL: one retention run at a time (a partition's rows are counted before
-    it is dropped, and another run must not delete them meanwhile)."""
-    if not is_postgres():
-        yield
-        return
-    db.execute_sql("SELECT pg_advisory_lock(hashtext('ingest retention'))")
-    try:
-        yield
-    finally:
-        db.execute_sql("SELECT pg_advisory_unlock(hashtext('ingest retention'))")
-
-
 def _drop_partition(partition):
     """Drop a partition and take its rows off their customers' counters, in one
     transaction; returns its rows. They are counted before the table is locked: of
@@ -238,9 +231,9 @@ def _drop_partition(partition):
     with db.atomic():
         db.execute_sql("LOCK TABLE interaction IN ACCESS EXCLUSIVE MODE")
         partitions.drop(partition)
+        partitions.keep_from(partition.end)
         if counts:
             _uncount(Counter(counts))
-    partitions.forget_keys(partition)
     return sum(counts.values())
 
 
@@ -258,15 +251,17 @@ def _delete_chunk(cutoff, organization_id, chunk):
     Deleting oldest first keeps ``last_seen_at`` (the newest) unchanged until a
     customer's last interaction goes; it is recomputed anyway, from what remains."""
     with db.atomic():
-        rows = list(Interaction.select(Interaction.id, Interaction.customer)
+        rows = list(Interaction.select(Interaction.id, Interaction.customer, Interaction.received_at)
                     .where(_expired(cutoff, organization_id))
                     .order_by(Interaction.timestamp, Interaction.id).limit(chunk).tuples())
         if not rows:
             return 0, 0
-        _locked(Customer.select(Customer.id).where(Customer.id.in_({c for _, c in rows})))
-        forget_message_ids(Interaction.id.in_([i for i, _ in rows]))
-        gone = Counter(customer for (customer,) in Interaction.delete()
-                       .where(Interaction.id.in_([i for i, _ in rows]))
+        _locked(Customer.select(Customer.id).where(Customer.id.in_({c for _, c, _ in rows})))
+        # The received_at range keeps the lookups by id to the partitions that hold them.
+        these = Interaction.id.in_([i for i, _, _ in rows]) & Interaction.received_at.between(
+            min(at for _, _, at in rows), max(at for _, _, at in rows))
+        forget_message_ids(these)
+        gone = Counter(customer for (customer,) in Interaction.delete().where(these)
                        .returning(Interaction.customer).tuples().execute())
         if gone:
             _uncount(gone)

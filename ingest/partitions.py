@@ -9,16 +9,16 @@ ensure`). A row outside every partition goes to ``interaction_default`` rather
 than fail; ``ensure`` moves such rows into the partition it creates for them, and
 ``status`` and /metrics report how many the default holds.
 
-Expiring whole partitions is retention's fast path (ingest/lifecycle.py). SQLite
+Expiring whole partitions is retention's fast path (ingest/lifecycle.py); the
+message keys of a dropped partition are reclaimed later (``reclaim_keys``). SQLite
 keeps one table: ``is_partitioned()`` is false there and the rest is not called.
 """
-import contextlib
 import datetime
 import logging
 import re
 from dataclasses import dataclass
 
-from models import db, is_postgres, utcnow
+from models import db, is_postgres, one_at_a_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def convert(interval, ahead, now, chunk=CHUNK, limit=None, progress=None):
     each chunk. Returns the rows copied by this call, or None if nothing was to do."""
     if not is_postgres():
         return None
-    with _one_converter():
+    with one_at_a_time("ingest conversion"):  # two processes upgrading at once convert in turn
         state = conversion_state()
         if state in ("sqlite", "partitioned") or limit is not None and (
                 state == "started" or _rows_over(limit)):
@@ -223,16 +223,6 @@ def convert(interval, ahead, now, chunk=CHUNK, limit=None, progress=None):
         if state == "unpartitioned":
             _start(interval, ahead, now)
         return _copy(chunk, progress)
-
-
-@contextlib.contextmanager
-def _one_converter():
-    """A session lock: two processes upgrading at once convert one after the other."""
-    db.execute_sql("SELECT pg_advisory_lock(hashtext('ingest conversion'))")
-    try:
-        yield
-    finally:
-        db.execute_sql("SELECT pg_advisory_unlock(hashtext('ingest conversion'))")
 
 
 def _key_index():
@@ -360,16 +350,26 @@ def drop(partition):
     db.execute_sql('DROP TABLE "%s"' % partition.name)
 
 
-def forget_keys(partition, chunk=50_000):
-    """Delete the ``message_key`` rows of a dropped partition's interactions, a
-    chunk a transaction; returns how many. Until then such a messageId still
-    answers as a duplicate of the interaction that was dropped."""
+def keep_from(moment):
+    """Record that nothing received before ``moment`` is kept any more (in the
+    transaction that drops the partition), so its message keys are taken over."""
+    db.execute_sql("INSERT INTO storage_horizon (id, kept_from) VALUES (1, %s) ON CONFLICT (id) DO UPDATE "
+                   "SET kept_from = GREATEST(storage_horizon.kept_from, excluded.kept_from)", [moment])
+
+
+def reclaim_keys(limit=None, chunk=10_000):
+    """Delete the ``message_key`` rows of dropped partitions (received before the
+    storage horizon), ``chunk`` a transaction, up to ``limit`` (None: all); returns
+    how many. Until then such a key is taken over by the next interaction with its
+    messageId (ingest/store.py), so this only reclaims space."""
+    horizon = db.execute_sql("SELECT kept_from FROM storage_horizon").fetchone()
+    if horizon is None:
+        return 0
     deleted = 0
-    while True:
-        gone = db.execute_sql(
-            "DELETE FROM message_key WHERE ctid = ANY(ARRAY(SELECT ctid FROM message_key "
-            "WHERE received_at >= %s AND received_at < %s LIMIT %s))",
-            [partition.start, partition.end, chunk]).rowcount
+    while limit is None or deleted < limit:
+        gone = db.execute_sql("DELETE FROM message_key WHERE ctid = ANY(ARRAY(SELECT ctid FROM message_key "
+                              "WHERE received_at < %s LIMIT %s))", [horizon[0], chunk]).rowcount
         deleted += gone
         if gone < chunk:
-            return deleted
+            break
+    return deleted

@@ -235,6 +235,9 @@ def _insert_then_count(items):
 # parameter (its text never changes, so psycopg parses it once and the server
 # prepares it). JSON, not one array per column: psycopg adapts a list to an array
 # item by item in Python, which cost the writer 23 ms for 500 rows against 7 ms.
+# A messageId is stored once through message_key (docs/design.md §17): an item is
+# inserted only if its key was new, or was received before what is kept (a dropped
+# partition's key, deleted later by retention's reclaim: it is taken over).
 # The counts come from the rows actually inserted (RETURNING), so a conflict is
 # never counted; last_seen_at only ever moves forward. The rows inserted take
 # positions in their organizations' streams in item order (``ord``), the streams
@@ -245,9 +248,11 @@ INSERT_AND_COUNT = (
     "AS v(id uuid, organization_id uuid, customer_id uuid, message_id text, \"timestamp\" timestamp, "
     "received_at timestamp, channel text, event_type text, content text, metadata text, "
     "analysis_status text, ord int)), "
-    "keyed AS (INSERT INTO message_key (organization_id, message_id, interaction_id, received_at) "
+    "keyed AS (INSERT INTO message_key AS k (organization_id, message_id, interaction_id, received_at) "
     "SELECT organization_id, message_id, id, received_at FROM v WHERE message_id IS NOT NULL "
-    "ON CONFLICT (organization_id, message_id) DO NOTHING RETURNING interaction_id), "
+    "ON CONFLICT (organization_id, message_id) DO UPDATE SET interaction_id = excluded.interaction_id, "
+    "received_at = excluded.received_at WHERE k.received_at < (SELECT kept_from FROM storage_horizon) "
+    "RETURNING interaction_id), "
     "inserted AS (INSERT INTO interaction (%(columns)s) SELECT %(columns)s FROM v "
     "WHERE message_id IS NULL OR id IN (SELECT interaction_id FROM keyed) "
     "RETURNING id, organization_id, customer_id, timestamp, received_at), "
@@ -287,13 +292,14 @@ def _insert_and_count(items):
 
 def _stored_ids(items):
     """Map (organization, message_id) to the id already stored, for conflicting items
-    (on PostgreSQL from ``message_key``, where each messageId stored has its row)."""
+    (on PostgreSQL from ``message_key``, where each messageId kept has its row)."""
     if not items:
         return {}
     if is_postgres():
         rows = db.execute_sql(
             "SELECT organization_id, message_id, interaction_id FROM message_key "
-            "WHERE organization_id = ANY(%s::uuid[]) AND message_id = ANY(%s::text[])",
+            "WHERE organization_id = ANY(%s::uuid[]) AND message_id = ANY(%s::text[]) "
+            "AND received_at >= COALESCE((SELECT kept_from FROM storage_horizon), '-infinity')",
             [list({str(i.organization_id) for i in items}), list({i.message_id for i in items})]).fetchall()
         return {(org, message_id): id_ for org, message_id, id_ in rows}
     query = (Interaction

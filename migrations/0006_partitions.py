@@ -6,7 +6,9 @@
 - PostgreSQL: ``message_key``, one row per (organization, messageId) stored,
   written in the same statement as the interaction. A partitioned table cannot
   hold a unique index without its partition key, so this small table keeps
-  "a messageId is stored once" exact across partitions (docs/design.md §17).
+  "a messageId is stored once" exact across partitions (docs/design.md §17);
+  ``storage_horizon``: the start of what is kept since retention dropped partitions
+  (a key received before it points at nothing, and is taken over).
 """
 
 from peewee import DateTimeField, PostgresqlDatabase
@@ -23,6 +25,7 @@ def up(migrator, db):
                        "interaction_id uuid NOT NULL, received_at timestamp NOT NULL, "
                        "PRIMARY KEY (organization_id, message_id))")
         db.execute_sql("CREATE INDEX message_key_received_at ON message_key (received_at)")
+        db.execute_sql("CREATE TABLE storage_horizon (id integer PRIMARY KEY, kept_from timestamp NOT NULL)")
         db.execute_sql("INSERT INTO message_key SELECT organization_id, message_id, id, received_at "
                        "FROM interaction WHERE message_id IS NOT NULL")
     else:
@@ -33,6 +36,7 @@ def up(migrator, db):
 def down(migrator, db):
     if _postgres(db):
         db.execute_sql("DROP TABLE message_key")
+        db.execute_sql("DROP TABLE storage_horizon")
     migrator.migrate(migrator.drop_column("change", "subject_at"))
 
 

@@ -54,7 +54,7 @@ def empty_tables(attempts=5):
         if is_postgres():
             for attempt in range(attempts):
                 try:
-                    db.execute_sql("TRUNCATE %s" % ", ".join(TABLES + ("message_key",)))
+                    db.execute_sql("TRUNCATE %s" % ", ".join(TABLES + ("message_key", "storage_horizon")))
                     return
                 except OperationalError as error:
                     if "deadlock detected" not in str(error) or attempt == attempts - 1:

@@ -107,6 +107,8 @@ def test_retention_answers_410_with_the_oldest_cursor_never_a_silent_skip(app, c
     new = str(service.ingest(org["organizationId"], interaction(customer_id))[0])
     with app.app_context():
         assert changes.prune(utcnow() - datetime.timedelta(days=30)) == len(old)
+        assert Change.select().count() == len(old) + 1  # out of reach, their rows still there
+        assert changes.reclaim() == len(old) and Change.select().count() == 1
     for cursor in (start[0]["cursor"], start[1]["cursor"]):
         response = client.get("/api/changes", query_string={"after": cursor}, headers=bearer(org["readKey"]))
         assert response.status_code == 410 and response.get_json()["error"] == "cursor_expired"

@@ -18,6 +18,7 @@ import pytest
 from playhouse.migrations import Runner
 
 import models
+import tasks
 from ingest import analysis, changes, lifecycle, partitions, store
 from ingest.store import CREATED, DUPLICATE, NewInteraction
 from models import Interaction, db, utcnow
@@ -134,7 +135,7 @@ def test_retention_drops_whole_partitions_while_ingest_goes_on(app, service, org
     """Months-old rows, with their messageIds, in partitions of their own; live
     ingest for the same customers meanwhile. After: the old months' partitions are
     gone, every live row is there, the counters agree (§4), and an old messageId can
-    be stored again."""
+    be stored again (taking over its key, which the hourly reclaim deletes otherwise)."""
     customers = [make_customer(app, org) for _ in range(5)]
     old = utcnow() - datetime.timedelta(days=150)
     partitions.ensure("month", 2, old)
@@ -160,7 +161,10 @@ def test_retention_drops_whole_partitions_while_ingest_goes_on(app, service, org
     assert not [p for p in partitions.partitions() if p.end <= month_start(old, 2)]
     assert dbs.invariant_violations() == []
     assert {str(i) for (i,) in Interaction.select(Interaction.id).tuples()} == {str(i) for i in live}
-    assert write(org, customers[0], utcnow(), "old-1")[0] == CREATED
+    assert write(org, customers[0], utcnow(), "old-1")[0] == CREATED  # its key, left behind, taken over
+    tasks.maintain_storage.call_local()  # the consumer's hourly task deletes the other keys left behind
+    assert db.execute_sql("SELECT message_id FROM message_key WHERE message_id LIKE 'old-%%'").fetchall() == [
+        ("old-1",)]
 
 
 @postgres_only
