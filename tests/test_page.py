@@ -174,15 +174,22 @@ def auths(page):
 def assert_each_socket_resumed_where_the_last_left_off(page):
     """The first socket authenticated without a cursor (live from then on), and
     each later one with the cursor of the last change the page had received (or,
-    before any, the one its first socket started after, as `ready` said)."""
-    cursor = None
-    for frames in page.sockets:
-        if frames["sent"]:  # (one that closed before it opened sent nothing)
-            assert json.loads(frames["sent"][0]).get("after") == cursor
-        for payload in map(json.loads, frames["received"]):
-            if payload["type"] != "ready" or cursor is None:
-                cursor = payload.get("cursor", cursor)
-    assert page.evaluate("() => feed.cursor") == cursor
+    before any, the one its first socket started after, as `ready` said). The
+    page's cursor is the last one received: awaited, as a change may still be
+    arriving (a late analysis), and Playwright reports its frame after the page
+    has taken it."""
+    def last_received():
+        cursor = None
+        for frames in page.sockets:
+            if frames["sent"]:  # (one that closed before it opened sent nothing)
+                assert json.loads(frames["sent"][0]).get("after") == cursor
+            for payload in map(json.loads, frames["received"]):
+                if payload["type"] != "ready" or cursor is None:
+                    cursor = payload.get("cursor", cursor)
+        return cursor
+
+    wait_until(lambda: page.evaluate("() => feed.cursor") == last_received(), timeout=10,
+               message="the page's cursor to be the last one its sockets received")
 
 
 def socket_worker(stack, org):
