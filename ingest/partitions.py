@@ -130,7 +130,7 @@ def _create(table, start, end):
 # The partitioned table is built beside the old one under NEW's name, the rows are
 # copied in chunks in (received_at, id) order, each chunk committing with the last key
 # it copied (so a killed run resumes after it), and a trigger on the old table applies
-# to the copy every update and delete of a row already copied. New rows have the newest
+# to the copy every write to a row at or below that key. New rows have the newest
 # received_at: later chunks copy them. The last chunk and the swap of names run in one
 # transaction that holds the old table's lock; the old table is dropped with it.
 
@@ -156,9 +156,9 @@ NEW_TABLE = (
     "INSERT INTO {progress} VALUES (1, '-infinity', '00000000-0000-0000-0000-000000000000')",
 )
 
-# Updates and deletes of rows already copied reach the copy. The progress row is read
-# FOR SHARE: a chunk that is being copied holds it FOR UPDATE, so a change to one of
-# its rows waits for the chunk to commit, then finds the row copied.
+# Writes to rows already copied reach the copy. The progress row is read FOR SHARE: a
+# chunk that is being copied holds it FOR UPDATE, so a write to one of its rows waits
+# for the chunk to commit, then finds the row copied.
 MIRROR = """
 CREATE FUNCTION interaction_conversion_mirror() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE copied record;
