@@ -160,7 +160,9 @@ class ResultWriter:
 
 
 def publish_analyzed(written):
-    """Log and publish the ``interaction.analyzed`` events of analysis.store's results."""
+    """Log and publish the ``interaction.analyzed`` events of analysis.store's results.
+    A failed publish is logged, never raised: the results are stored, and sockets
+    read what the bus lost from the store (DESIGN §8)."""
     log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
     by_organization = defaultdict(list)
     for result in written:
@@ -169,7 +171,11 @@ def publish_analyzed(written):
             changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
                 result["id"], result["customer_id"], result["analysis_status"],
                 sentiment.get("label"), sentiment.get("score")))))
-    event_bus().publish(by_organization)
+    try:
+        event_bus().publish(by_organization)
+    except Exception:
+        log.warning("publishing analyses failed; sockets read them from the store", exc_info=True,
+                    extra={"analysed": len(written)})
 
 
 results = ResultWriter()
