@@ -258,16 +258,15 @@ def read(organization_id, after=None, limit=MAX_PAGE):
         if after is not None:
             raise ExpiredCursor(cursor(organization_id, oldest - 1))
         return read(organization_id, None, limit)  # pruned while it read: from the new oldest
-    cursor_of = cursors(organization_id)
-    events = [{"type": TYPES[row[1]], "cursor": cursor_of(row[0]), "data": data}
-              for row in rows for data in (_data(row),) if data is not None]
+    events = [event(row[1], organization_id, row[0], data) for row in rows for data in (_data(row),)
+              if data is not None]
     return events, rows[-1][0] if rows else start
 
 
 def _data(row):
     """The event's data of a change row joined to its interaction (see PAGE_POSTGRES); None
-    when the interaction is gone. Equal to what the writer published: test_changes
-    holds it to ``schemas.dump_interaction`` and ``analyzed_data``."""
+    when the interaction is gone. Equal to what the writer published: test_properties
+    holds it to the read API's dump of the interaction, pending."""
     _, kind, subject, interaction_id, customer_id, message_id, timestamp, received_at, channel, \
         event_type, content, metadata, status, label, score = row
     if kind == CUSTOMER_DELETED:
