@@ -265,8 +265,7 @@ def read(organization_id, after=None, limit=MAX_PAGE):
 
 def _data(row):
     """The event's data of a change row joined to its interaction (see PAGE_POSTGRES); None
-    when the interaction is gone. Equal to what the writer published: test_properties
-    holds it to the read API's dump of the interaction, pending."""
+    when the interaction is gone."""
     _, kind, subject, interaction_id, customer_id, message_id, timestamp, received_at, channel, \
         event_type, content, metadata, status, label, score = row
     if kind == CUSTOMER_DELETED:
@@ -277,11 +276,20 @@ def _data(row):
         return analyzed_data(uuid_text(interaction_id), uuid_text(customer_id), status, label, score)
     if kind == ANALYSIS_FAILED:
         return analyzed_data(uuid_text(interaction_id), uuid_text(customer_id), FAILED, None, None)
-    return {"id": uuid_text(interaction_id), "customerId": uuid_text(customer_id), "messageId": message_id,
+    return created_data(uuid_text(interaction_id), uuid_text(customer_id), message_id, timestamp, received_at,
+                        channel, event_type, content, json.loads(metadata))
+
+
+def created_data(interaction_id, customer_id, message_id, timestamp, received_at, channel, event_type,
+                 content, metadata):
+    """The data of an ``interaction.created`` event: the interaction as the read API
+    shows it (schemas.InteractionOut), as it was stored, not yet analysed. The writer
+    publishes it and the change feed reads it back; test_properties holds both to
+    the read API's dump."""
+    return {"id": interaction_id, "customerId": customer_id, "messageId": message_id,
             "timestamp": _instant(timestamp), "receivedAt": _instant(received_at), "channel": channel,
-            "eventType": event_type, "content": content, "metadata": json.loads(metadata),
-            "analysisStatus": PENDING, "sentiment": None, "analysisError": None,
-            "analyzedAt": None}  # as it was stored: not yet analysed
+            "eventType": event_type, "content": content, "metadata": metadata,
+            "analysisStatus": PENDING, "sentiment": None, "analysisError": None, "analyzedAt": None}
 
 
 def _instant(value):

@@ -122,10 +122,8 @@ def configure(level="INFO"):
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
     root.setLevel(level)
-    # A line carries neither the caller's source position nor thread names: not
-    # gathering them makes every record cheaper (the logging documentation's
-    # "Optimization" section).
-    logging._srcfile = None
+    # A line carries no thread or process names: not gathering them makes every
+    # record cheaper (the logging documentation's "Optimization" section).
     logging.logThreads = False
     logging.logMultiprocessing = False
     huey_logger = logging.getLogger("huey")
