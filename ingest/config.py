@@ -7,6 +7,8 @@ the bus, the sweep) comes from the environment only: ENVIRONMENT_ONLY.
 """
 import os
 
+from flask import Flask
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTANCE_PATH = os.environ.get("INSTANCE_PATH") or os.path.join(ROOT, "instance")
 
@@ -57,13 +59,17 @@ INTEGER_KEYS = ("EVENTS_STREAM_BYTES", "EVENTS_TOTAL_BYTES", "MAX_CONTENT_LENGTH
 
 
 def load(environ=None, overrides=None, fixed=None):
-    """Return the settings: defaults, then the environment, then ``overrides``.
+    """Return the settings: defaults, then the environment, then ``overrides`` (a key
+    that is neither one of DEFAULTS nor one of Flask's own is a ValueError).
 
     ``fixed``: settings the process already acted on (tasks.settings). An
     ENVIRONMENT_ONLY key that ends up different from it, by an override or by an
     environment changed since, is a ValueError, never ignored.
     """
     environ = os.environ if environ is None else environ
+    unknown = set(overrides or ()) - set(DEFAULTS) - set(Flask.default_config)
+    if unknown:  # a misspelt key would otherwise be ignored
+        raise ValueError("unknown setting(s): %s" % ", ".join(sorted(unknown)))
     settings = dict(DEFAULTS)
     for key in DEFAULTS:
         if environ.get(key):

@@ -33,6 +33,11 @@ def test_settings_that_come_from_the_environment_cannot_be_overridden(key, value
         create_app({key: value})
 
 
+def test_a_misspelt_setting_is_refused():
+    with pytest.raises(ValueError, match="RATE_LIMT"):
+        create_app({"TESTING": True, "RATE_LIMT": "1/s"})
+
+
 def test_an_override_equal_to_the_environment_is_accepted():
     app = create_app({"QUEUE_URL": tasks.settings["QUEUE_URL"], "MAX_BATCH_ITEMS": 3})
     assert app.extensions["ingest"].max_batch_items == 3
