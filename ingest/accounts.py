@@ -8,10 +8,17 @@ request). Its first characters, the prefix, name it in listings and
 """
 import hashlib
 import secrets
+from enum import StrEnum
 
 from models import ApiKey, Organization, db
 
-SCOPES = ("ingest", "read")
+
+
+class Scope(StrEnum):
+    """What a key may do: send interactions, or read them (the read API and the feed)."""
+    INGEST = "ingest"
+    READ = "read"
+
 PREFIX_LENGTH = 12
 
 
@@ -27,9 +34,9 @@ def hash_key(key):
 
 def create_key(organization_id, scopes):
     """Create a key with ``scopes``; returns (plain key, ApiKey row)."""
-    unknown = set(scopes) - set(SCOPES)
+    unknown = set(scopes) - set(Scope)
     if unknown or not scopes:
-        raise ValueError("scopes must be among %s" % ", ".join(SCOPES))
+        raise ValueError("scopes must be among %s" % ", ".join(Scope))
     key = "ik_" + secrets.token_urlsafe(32)
     with db.atomic():
         row = ApiKey.create(organization=organization_id, prefix=key[:PREFIX_LENGTH],
@@ -54,5 +61,5 @@ def new_keys(organization_id):
     """A new ingest key and read key for an organization; keys are returned once."""
     with db.atomic():
         return {"organizationId": str(organization_id),
-                "ingestKey": create_key(organization_id, ["ingest"])[0],
-                "readKey": create_key(organization_id, ["read"])[0]}
+                "ingestKey": create_key(organization_id, [Scope.INGEST])[0],
+                "readKey": create_key(organization_id, [Scope.READ])[0]}

@@ -11,10 +11,11 @@ from flask import Blueprint, current_app, g, request
 
 from ingest import lifecycle, reads, schemas, segment
 from ingest import openapi as openapi_spec
+from ingest.accounts import Scope
 from ingest.auth import authenticate, charge_events, key_from_request, require
 from ingest.body import read_json
 from ingest.errors import ApiError, too_many_requests
-from ingest.problems import validation_error
+from ingest.problems import Code, validation_error
 from models import db
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -39,27 +40,27 @@ def refuse_unsupported_dry_run():
 
 
 @api.post("/customers")
-@require("ingest")
+@require(Scope.INGEST)
 def create_customer():
     customer, created = lifecycle.create_customer(g.organization_id, read_json())
     return schemas.customer_out.dump(customer), 201 if created else 200
 
 
 @api.get("/customers/<customer_id>")
-@require("read")
+@require(Scope.READ)
 def get_customer(customer_id):
     return schemas.customer_out.dump(reads.get_customer(g.organization_id, customer_id))
 
 
 @api.delete("/customers/<customer_id>")
-@require("ingest")
+@require(Scope.INGEST)
 def erase_customer(customer_id):
     service().erase_customer(g.organization_id, customer_id)
     return "", 204
 
 
 @api.get("/customers")
-@require("read")
+@require(Scope.READ)
 def find_customers():
     customers = reads.find_customers(g.organization_id, request.args.to_dict())
     return schemas.customer_list.dump({"items": customers})
@@ -70,7 +71,7 @@ def check_backlog():
     organization over its share of it (DESIGN §13; overload.Backlog)."""
     wait = current_app.extensions["backlog"].retry_after(g.organization_id)
     if wait is not None:
-        raise too_many_requests("analysis_backlog_full", "Too many interactions are waiting for "
+        raise too_many_requests(Code.ANALYSIS_BACKLOG_FULL, "Too many interactions are waiting for "
                                 "analysis, and this organization's are over its share of the "
                                 "bound; retry after %d s." % wait, wait)
 
@@ -101,7 +102,7 @@ def charge(payload, field=None):
 
 
 @api.post("/data/ingest")
-@require("ingest")
+@require(Scope.INGEST)
 @bounded
 def ingest():
     dry = dry_run()
@@ -113,7 +114,7 @@ def ingest():
 
 
 @api.post("/data/ingest/batch")
-@require("ingest")
+@require(Scope.INGEST)
 @bounded
 def ingest_batch():
     dry = dry_run()
@@ -123,21 +124,21 @@ def ingest_batch():
 
 
 @api.get("/interactions")
-@require("read")
+@require(Scope.READ)
 def list_interactions():
     items, next_cursor = reads.list_interactions(g.organization_id, request.args.to_dict())
     return schemas.interaction_page.dump({"items": items, "next_cursor": next_cursor})
 
 
 @api.get("/changes")
-@require("read")
+@require(Scope.READ)
 def list_changes():
     items, next_cursor = reads.list_changes(g.organization_id, request.args.to_dict())
     return {"items": items, "nextCursor": next_cursor}  # built as schemas.ChangePage says
 
 
 @api.get("/interactions/<interaction_id>")
-@require("read")
+@require(Scope.READ)
 def get_interaction(interaction_id):
     return schemas.interaction_out.dump(reads.get_interaction(g.organization_id, interaction_id))
 
@@ -149,16 +150,16 @@ def segment_events(kind=None):
     should act (400 bad envelope, 401/403 key, 429 and 503 retry)."""
     key = key_from_request()
     if key:
-        authenticate("ingest", key)
+        authenticate(Scope.INGEST, key)
     payload = read_json()
     if not key:
-        authenticate("ingest", payload.get("writeKey") if isinstance(payload, dict) else None)
+        authenticate(Scope.INGEST, payload.get("writeKey") if isinstance(payload, dict) else None)
     check_backlog()
     dry = dry_run()
     charge(payload, "batch" if kind is None else None)
     problems, retry = segment.ingest(service(), g.organization_id, payload, kind, dry_run=dry)
     if retry:
-        raise ApiError(503, "storage_error", "Storing failed; retry the batch.",
+        raise ApiError(503, Code.STORAGE_ERROR, "Storing failed; retry the batch.",
                        {"errors": segment.problem_out.dump(problems, many=True)},
                        headers={"Retry-After": "1"})
     result = {"success": True, "dry_run": dry, **({"errors": problems} if problems else {})}

@@ -28,7 +28,7 @@ from ingest.accounts import hash_key
 from ingest.errors import ApiError, too_many_requests
 from ingest.logs import bind_context
 from ingest.overload import EVENTS, REQUESTS
-from ingest.problems import validation_error
+from ingest.problems import Code, validation_error
 from models import ApiKey, connection
 
 KEY_CACHE_SECONDS = 5
@@ -164,12 +164,12 @@ def authenticate(scope, key=None):
         principal = check_key(hash_key(key or key_from_request()), request.remote_addr or "unknown",
                               current_app.extensions["keys"], current_app.extensions["auth_failures"])
     except AddressRefused as refused:
-        _refuse(refused.refusal, "auth_rate_limited", "Too many failed authentications from this address")
+        _refuse(refused.refusal, Code.AUTH_RATE_LIMITED, "Too many failed authentications from this address")
     if principal is None:
-        raise ApiError(401, "unauthorized", "A valid API key is required.",
+        raise ApiError(401, Code.UNAUTHORIZED, "A valid API key is required.",
                        headers={"WWW-Authenticate": 'Bearer realm="ingest"'})
     if scope not in principal.scopes:
-        raise ApiError(403, "forbidden", "This key lacks the '%s' scope." % scope)
+        raise ApiError(403, Code.FORBIDDEN, "This key lacks the '%s' scope." % scope)
     g.organization_id = principal.organization_id
     g.key_hash = principal.key_hash
     bind_context(organization_id=principal.organization_id)
@@ -194,7 +194,7 @@ def _check_rate(kind, cost):
     """429 once the key has spent its RATE_LIMIT budget of ``kind`` (DESIGN §13)."""
     rate_limit = current_app.extensions["rate_limit"]
     if rate_limit is not None:
-        _refuse(rate_limit.retry_after(g.key_hash, kind, cost), "rate_limited", "This key is over its rate limit")
+        _refuse(rate_limit.retry_after(g.key_hash, kind, cost), Code.RATE_LIMITED, "This key is over its rate limit")
 
 
 def _refuse(refusal, reason, what):

@@ -12,6 +12,7 @@ import zlib
 from flask import current_app, request
 
 from ingest.errors import ApiError
+from ingest.problems import Code
 
 
 def _reject_constant(name):
@@ -39,16 +40,16 @@ def read_json():
     """The request's JSON document, or an ApiError (400, 413, 415)."""
     mimetype = request.mimetype
     if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type",
+        raise ApiError(415, Code.UNSUPPORTED_MEDIA_TYPE,
                        "Send JSON with Content-Type: application/json.")
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     raw = _decoded_body(_body(limit), limit)
     try:
         return _decoder.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ApiError(400, "invalid_json", "The body is not UTF-8.") from None
+        raise ApiError(400, Code.INVALID_JSON, "The body is not UTF-8.") from None
     except (ValueError, RecursionError) as error:
-        raise ApiError(400, "invalid_json", "The body is not valid JSON: %s" % error) from None
+        raise ApiError(400, Code.INVALID_JSON, "The body is not valid JSON: %s" % error) from None
 
 
 def _body(limit):
@@ -60,7 +61,7 @@ def _body(limit):
         return request.get_data(cache=False)
     body = environ["wsgi.input"].read(limit + 1)  # the server ends a chunked stream
     if len(body) > limit:
-        raise ApiError(413, "payload_too_large", "The body is larger than %d bytes." % limit)
+        raise ApiError(413, Code.PAYLOAD_TOO_LARGE, "The body is larger than %d bytes." % limit)
     return body
 
 
@@ -69,18 +70,18 @@ def _decoded_body(data, limit):
     if encoding in ("", "identity"):
         return data
     if encoding not in ("gzip", "x-gzip"):
-        raise ApiError(415, "unsupported_media_type",
+        raise ApiError(415, Code.UNSUPPORTED_MEDIA_TYPE,
                        "Content-Encoding must be gzip or absent, not %r." % encoding)
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
         body = inflater.decompress(data, limit + 1)
     except zlib.error:
-        raise ApiError(400, "invalid_gzip", "The body is not valid gzip.") from None
+        raise ApiError(400, Code.INVALID_GZIP, "The body is not valid gzip.") from None
     if len(body) > limit or inflater.unconsumed_tail:
-        raise ApiError(413, "payload_too_large",
+        raise ApiError(413, Code.PAYLOAD_TOO_LARGE,
                        "The decompressed body is larger than %d bytes." % limit)
     if not inflater.eof:
-        raise ApiError(400, "invalid_gzip", "The gzip body is truncated.")
+        raise ApiError(400, Code.INVALID_GZIP, "The gzip body is truncated.")
     return body
 
 

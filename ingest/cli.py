@@ -121,7 +121,7 @@ def create_org(name, as_json):
 @click.command("create-key")
 @click.argument("organization_id")
 @click.option("--scope", "scopes", multiple=True, required=True,
-              type=click.Choice(accounts.SCOPES), help="ingest and/or read (repeatable).")
+              type=click.Choice([scope.value for scope in accounts.Scope]), help="ingest and/or read (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def create_key(organization_id, scopes, as_json):
     """Create an API key for an organization."""

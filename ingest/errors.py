@@ -11,24 +11,24 @@ from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
 from ingest import metrics, schemas
-from ingest.problems import ServiceError
+from ingest.problems import Code, ServiceError
 
 log = logging.getLogger(__name__)
 
 # ServiceError codes -> HTTP status.
 SERVICE_STATUS = {
-    "validation_error": 400,
-    "customer_not_found": 404,
-    "interaction_not_found": 404,
-    "cursor_expired": 410,
-    "storage_error": 503,
-    "commit_outcome_unknown": 503,
+    Code.VALIDATION_ERROR: 400,
+    Code.CUSTOMER_NOT_FOUND: 404,
+    Code.INTERACTION_NOT_FOUND: 404,
+    Code.CURSOR_EXPIRED: 410,
+    Code.STORAGE_ERROR: 503,
+    Code.COMMIT_OUTCOME_UNKNOWN: 503,
 }
 
 
 # Werkzeug's name for a status where ours differs (a body too large, however it
 # was found out, is one code).
-HTTP_CODES = {413: "payload_too_large"}
+HTTP_CODES = {413: Code.PAYLOAD_TOO_LARGE}
 
 
 class ApiError(Exception):
@@ -72,7 +72,7 @@ def register(app):
     @app.errorhandler(MaxConnectionsExceeded)
     def _database_unavailable(error):
         log.warning("database unavailable: %s", error)
-        return error_response(503, "database_unavailable",
+        return error_response(503, Code.DATABASE_UNAVAILABLE,
                               "The database is unavailable; retry shortly.", headers={"Retry-After": "1"})
 
     @app.errorhandler(HTTPException)
@@ -83,4 +83,4 @@ def register(app):
     @app.errorhandler(Exception)
     def _unexpected(error):
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "An unexpected error occurred.")
+        return error_response(500, Code.INTERNAL_ERROR, "An unexpected error occurred.")

@@ -42,9 +42,11 @@ import struct
 import threading
 import time
 import weakref
+from enum import IntEnum
 
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
 from ingest import changes, metrics
@@ -108,6 +110,15 @@ def text_frame(message):
 
 def notice_frame(kind, **fields):
     return text_frame(json.dumps({"type": kind, **fields}))
+
+
+class Close(IntEnum):
+    """The feed's own close codes (RFC 6455 leaves 4000-4999 to applications); the
+    standard ones are wsproto's CloseReason."""
+    BAD_CURSOR = 4400  # the auth message's ``after`` is not a cursor of the organization
+    UNAUTHORIZED = 4401  # no valid key, no auth message in time, or the key was revoked
+    FORBIDDEN = 4403  # the key lacks the read scope
+    CURSOR_EXPIRED = 4410  # the changes after ``after`` are no longer kept
 
 
 class Refused(Exception):
@@ -219,7 +230,7 @@ class FeedSocket:
                              self.allowance + (now - self.refilled_at) * INBOUND_RATE) - len(data)
         self.refilled_at = now
         if self.allowance < 0:
-            return 1008, "nothing more is expected from the client"
+            return CloseReason.POLICY_VIOLATION, "nothing more is expected from the client"
         self.ws.receive_data(data)
         for event in self.ws.events():
             if isinstance(event, Ping):
@@ -230,12 +241,12 @@ class FeedSocket:
                 self.message_bytes += len(event.data)
                 if self.state is GREETING:
                     if isinstance(event, BytesMessage):
-                        return 4401, "authentication failed"
+                        return Close.UNAUTHORIZED, "authentication failed"
                     if self.message_bytes > MAX_AUTH_MESSAGE:
-                        return 1009, "the auth message is too big"
+                        return CloseReason.MESSAGE_TOO_BIG, "the auth message is too big"
                     self.auth_parts.append(event.data)
                 if self.message_bytes > MAX_MESSAGE:
-                    return 1009, "message too big"
+                    return CloseReason.MESSAGE_TOO_BIG, "message too big"
                 if event.message_finished:
                     self.message_bytes = 0
                     if self.state is GREETING:
@@ -487,7 +498,7 @@ class FanOut:
             self._post(("refuse", feed_socket, refused.code, refused.reason))
         except Exception:
             log.exception("feed socket authentication failed")
-            self._post(("refuse", feed_socket, 1011, "unexpected error"))
+            self._post(("refuse", feed_socket, CloseReason.INTERNAL_ERROR, "unexpected error"))
 
     def _on_events(self, touched, organization_id, items):
         feed = self._feeds.get(organization_id)
@@ -568,7 +579,7 @@ class FanOut:
 
     def _on_expired(self, touched, feed_socket, oldest):
         feed_socket.reading = False
-        feed_socket.begin_close(4410, "cursor expired; oldest: " + oldest, time.monotonic())
+        feed_socket.begin_close(Close.CURSOR_EXPIRED, "cursor expired; oldest: " + oldest, time.monotonic())
         touched.add(feed_socket)
 
     def _fill(self, organization_id, feed):
@@ -657,7 +668,7 @@ class FanOut:
         try:
             close = feed_socket.receive(data, time.monotonic())
         except LocalProtocolError:
-            close = (1002, "protocol error")
+            close = (CloseReason.PROTOCOL_ERROR, "protocol error")
         if close:
             feed_socket.begin_close(*close, time.monotonic())
         message = feed_socket.take_auth_message()
@@ -706,7 +717,7 @@ class FanOut:
             if feed_socket.closing_until is not None:
                 expired = now > feed_socket.closing_until
             elif feed_socket.state is GREETING and now > feed_socket.auth_deadline:
-                feed_socket.begin_close(4401, "authentication timed out", now)
+                feed_socket.begin_close(Close.UNAUTHORIZED, "authentication timed out", now)
                 self._flush(feed_socket)
                 continue
             else:
@@ -775,7 +786,7 @@ def _positioned(organization_id, events):
             for event, text in zip(events, encode(events))]
 
 
-def close_all(code=1001, reason="server restarting"):
+def close_all(code=CloseReason.GOING_AWAY, reason="server restarting"):
     """Close every feed socket of this process (a worker stopping), so that each
     browser reconnects at once, to another worker."""
     for loop in list(_loops):

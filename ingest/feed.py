@@ -33,11 +33,12 @@ from flask_sock import Sock
 from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
 from wsproto.events import CloseConnection
+from wsproto.frame_protocol import CloseReason
 
 from ingest import changes
-from ingest.accounts import hash_key
+from ingest.accounts import Scope, hash_key
 from ingest.auth import KEY_CACHE_SECONDS, AddressRefused, check_key
-from ingest.fanout import FeedSocket, Refused, text_frame
+from ingest.fanout import Close, FeedSocket, Refused, text_frame
 from ingest.threads import PerProcess
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,14 @@ def websocket(ws):
         connection = take_over(ws)
     except OSError:  # out of descriptors: answer on the server's socket, as it is
         log.exception("could not take over a feed socket")
-        ws.close(1013, "try again later")
+        ws.close(CloseReason.TRY_AGAIN_LATER, "try again later")
         return
     bus, keys = current_app.extensions["bus"], current_app.extensions["keys"]
     check = functools.partial(check_key, address=request.remote_addr or "unknown", keys=keys,
                               failures=current_app.extensions["auth_failures"])
     if not bus.fanout.greet(FeedSocket(connection, ws.ws), functools.partial(authenticate, bus, keys, check)):
-        _refuse(connection, ws.ws, 1013, "this server holds all the sockets it can; try again later")
+        _refuse(connection, ws.ws, CloseReason.TRY_AGAIN_LATER,
+                "this server holds all the sockets it can; try again later")
 
 
 def take_over(ws):
@@ -129,24 +131,25 @@ def authenticate(bus, keys, check, feed_socket, message):
     try:
         principal = check(key_hash)
     except UNAVAILABLE:
-        raise Refused(1013, "database unavailable; try again later") from None
+        raise Refused(CloseReason.TRY_AGAIN_LATER, "database unavailable; try again later") from None
     except AddressRefused:
-        raise Refused(1013, "too many failed authentications from this address; try again later") from None
+        raise Refused(CloseReason.TRY_AGAIN_LATER,
+                      "too many failed authentications from this address; try again later") from None
     if principal is None:
-        raise Refused(4401, "authentication failed")
-    if "read" not in principal.scopes:
-        raise Refused(4403, "this key lacks the read scope")
+        raise Refused(Close.UNAUTHORIZED, "authentication failed")
+    if Scope.READ not in principal.scopes:
+        raise Refused(Close.FORBIDDEN, "this key lacks the read scope")
     feed_socket.after = _after(principal.organization_id, parsed.get("after"))
     try:
         feed_socket.start = bus.fanout.start_position(principal.organization_id)
     except UNAVAILABLE:
-        raise Refused(1013, "database unavailable; try again later") from None
+        raise Refused(CloseReason.TRY_AGAIN_LATER, "database unavailable; try again later") from None
     feed_socket.authenticated(principal.organization_id, key_hash)
     starts_after = feed_socket.start if feed_socket.after is None else feed_socket.after
     greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id,
                                       "cursor": changes.cursor(principal.organization_id, starts_after)}))
     if not bus.attach(feed_socket, greeting):
-        raise Refused(1013, "this server holds all the sockets it can; try again later")
+        raise Refused(CloseReason.TRY_AGAIN_LATER, "this server holds all the sockets it can; try again later")
     _watch_keys(bus.fanout, keys)
     log.info("feed socket connected", extra={"organization_id": principal.organization_id})
 
@@ -158,7 +161,7 @@ def _after(organization_id, cursor):
     try:
         return changes.position_of(organization_id, cursor if isinstance(cursor, str) else "")
     except changes.BadCursor:
-        raise Refused(4400, "after is not a cursor of this organization's changes") from None
+        raise Refused(Close.BAD_CURSOR, "after is not a cursor of this organization's changes") from None
 
 
 def _refuse(connection, ws, code, reason):
@@ -190,7 +193,7 @@ def _check_keys(fanout, keys):
             log.warning("could not check the feed sockets' keys", exc_info=True)
             continue
         if revoked:
-            fanout.close_keys(revoked, 4401, "key revoked")
+            fanout.close_keys(revoked, Close.UNAUTHORIZED, "key revoked")
 
 
 _key_watch = PerProcess(("feed-keys", _check_keys))

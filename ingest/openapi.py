@@ -6,6 +6,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
 from ingest import segment
+from ingest.accounts import Scope
 from ingest.schemas import (BatchResult, ChangePage, ChangeQuery, CustomerIn, CustomerList, CustomerOut,
                             CustomerQuery, Error, Health, IngestResult, InteractionIn, InteractionOut,
                             InteractionPage, InteractionQuery)
@@ -69,30 +70,30 @@ def _id(name):
 
 PATHS = {
     "/api/customers": {
-        "post": _operation("Create a customer (an existing externalId returns it)", "ingest", {
+        "post": _operation("Create a customer (an existing externalId returns it)", Scope.INGEST, {
             "201": _response(CustomerOut, "Created."),
             "200": _response(CustomerOut, "A customer with this externalId already existed.")},
             (400, 401, 403, 413, 415), body=_body(CustomerIn)),
-        "get": _operation("Find customers by external id", "read", {
+        "get": _operation("Find customers by external id", Scope.READ, {
             "200": _response(CustomerList, "Matching customers (zero or one).")},
             (400, 401, 403), parameters=[{"in": "query", "schema": CustomerQuery}]),
     },
     "/api/customers/{customer_id}": {
-        "get": _operation("Get a customer with its counters", "read", {
+        "get": _operation("Get a customer with its counters", Scope.READ, {
             "200": _response(CustomerOut, "The customer.")}, (400, 401, 403, 404),
             parameters=[_id("customer_id")]),
-        "delete": _operation("Erase a customer and every interaction of it (DESIGN §15)", "ingest", {
+        "delete": _operation("Erase a customer and every interaction of it (DESIGN §15)", Scope.INGEST, {
             "204": {"description": "Erased; open feed sockets got `customer.deleted`."}}, (400, 401, 403, 404),
             parameters=[_id("customer_id")]),
     },
     "/api/data/ingest": {
-        "post": _operation("Ingest one interaction", "ingest", {
+        "post": _operation("Ingest one interaction", Scope.INGEST, {
             "201": _response(IngestResult, "Stored."),
             "200": _response(IngestResult, "A duplicate messageId: the original's id; or a dry run.")},
             (400, 401, 403, 404, 413, 415, 503), body=_body(InteractionIn), parameters=[DRY_RUN]),
     },
     "/api/data/ingest/batch": {
-        "post": _operation("Ingest a batch of interactions", "ingest", {
+        "post": _operation("Ingest a batch of interactions", Scope.INGEST, {
             "200": _response(BatchResult, "Per-item outcome: ids and errors by index.")},
             (400, 401, 403, 413, 415), body=_body({
                 "type": "object", "required": ["interactions"], "additionalProperties": False,
@@ -101,28 +102,28 @@ PATHS = {
             parameters=[DRY_RUN]),
     },
     "/api/interactions": {
-        "get": _operation("List interactions, newest first (keyset pagination)", "read", {
+        "get": _operation("List interactions, newest first (keyset pagination)", Scope.READ, {
             "200": _response(InteractionPage, "A page; follow nextCursor for the next.")},
             (400, 401, 403), parameters=[{"in": "query", "schema": InteractionQuery}]),
     },
     "/api/changes": {
-        "get": _operation("The organization's changes after a cursor, oldest first (DESIGN §16)", "read", {
+        "get": _operation("The organization's changes after a cursor, oldest first (DESIGN §16)", Scope.READ, {
             "200": _response(ChangePage, "A page; ask after nextCursor for what follows.")},
             (400, 401, 403, 410), parameters=[{"in": "query", "schema": ChangeQuery}]),
     },
     "/api/interactions/{interaction_id}": {
-        "get": _operation("Get an interaction with its analysis", "read", {
+        "get": _operation("Get an interaction with its analysis", Scope.READ, {
             "200": _response(InteractionOut, "The interaction.")}, (400, 401, 403, 404),
             parameters=[_id("interaction_id")]),
     },
     "/v1/batch": {
         "post": _operation("Segment-compatible batch (write key as Basic user or writeKey)",
-                           "ingest", {"200": _response(segment.SegmentResult, "Accepted; per-event problems.")},
+                           Scope.INGEST, {"200": _response(segment.SegmentResult, "Accepted; per-event problems.")},
                            (400, 401, 403, 413, 415, 503), body=_body(segment.SegmentBatch),
                            parameters=[DRY_RUN]),
     },
     **{"/v1/%s" % kind: {
-        "post": _operation("Segment-compatible %s call" % kind, "ingest", {
+        "post": _operation("Segment-compatible %s call" % kind, Scope.INGEST, {
             "200": _response(segment.SegmentResult, "Accepted; per-event problems.")},
             (400, 401, 403, 413, 415, 503), body=_body(segment.SegmentEvent), parameters=[DRY_RUN])}
        for kind in ("track", "identify", "page")},

@@ -7,14 +7,14 @@ from functools import reduce
 from peewee import Tuple
 
 from ingest import changes, schemas
-from ingest.problems import ServiceError, load, not_found, uuid_or_none, validation_error
+from ingest.problems import Code, ServiceError, load, not_found, uuid_or_none, validation_error
 from models import Customer, Interaction
 
 
 def get_customer(organization_id, customer_id):
     customer = _get_or_none(Customer, organization_id, customer_id)
     if customer is None:
-        raise not_found("customer_not_found")
+        raise not_found(Code.CUSTOMER_NOT_FOUND)
     return customer
 
 
@@ -75,7 +75,7 @@ def list_changes(organization_id, query):
     except changes.BadCursor:
         raise validation_error({"after": ["Not a cursor of this organization's changes."]}) from None
     except changes.ExpiredCursor as expired:
-        raise ServiceError("cursor_expired", "The changes after this cursor are no longer kept; "
+        raise ServiceError(Code.CURSOR_EXPIRED, "The changes after this cursor are no longer kept; "
                            "start again from oldestCursor.", {"oldestCursor": expired.oldest}) from None
     return events, changes.cursor(organization_id, last)
 
@@ -83,7 +83,7 @@ def list_changes(organization_id, query):
 def get_interaction(organization_id, interaction_id):
     interaction = _get_or_none(Interaction, organization_id, interaction_id)
     if interaction is None:
-        raise not_found("interaction_not_found")
+        raise not_found(Code.INTERACTION_NOT_FOUND)
     return interaction
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from marshmallow import INCLUDE, Schema, ValidationError, fields
 
 from ingest import lifecycle, metrics
-from ingest.problems import ServiceError, validation_error
+from ingest.problems import Code, ServiceError, validation_error
 from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text, interaction_in
 from ingest.service import BatchOutcome, validate_interaction
 from models import Customer, db, is_postgres, utcnow
@@ -121,10 +121,10 @@ def ingest(service, organization_id, payload, kind=None, dry_run=False):
         BatchOutcome(total=len(tracks), ids=[None] * len(tracks)))
     for error in result.errors:
         event = tracks[error["index"]]
-        problems.append(_erased(event, events, ERASED_IN_FLIGHT) if error["error"] == "customer_not_found"
+        problems.append(_erased(event, events, ERASED_IN_FLIGHT) if error["error"] == Code.CUSTOMER_NOT_FOUND
                         else {**error, "index": event.index, "message_id": _message_id(events[event.index])})
     problems.sort(key=lambda problem: problem["index"])
-    return problems, any(e["error"] == "storage_error" for e in result.errors)
+    return problems, any(e["error"] == Code.STORAGE_ERROR for e in result.errors)
 
 
 def _accept(index, event, sent_at, received_at):
@@ -172,7 +172,7 @@ def _users(events):
 
 
 def _problem(index, event, details):
-    return {"index": index, "error": "validation_error", "message": "The event is invalid.",
+    return {"index": index, "error": Code.VALIDATION_ERROR, "message": "The event is invalid.",
             "details": details, "message_id": _message_id(event)}
 
 

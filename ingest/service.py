@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ingest import changes, lifecycle, metrics, schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
 from ingest.logs import bind_context
-from ingest.problems import ServiceError, load, not_found, uuid_or_none, validation_error
+from ingest.problems import Code, ServiceError, load, not_found, uuid_or_none, validation_error
 from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, probe, write_group
 from models import release_connection
 
@@ -28,13 +28,13 @@ CHUNK_SIZE = 100
 
 
 def storage_error():
-    return ServiceError("storage_error", "Nothing was stored; retry the request.",
+    return ServiceError(Code.STORAGE_ERROR, "Nothing was stored; retry the request.",
                         {"retryable": True, "stored": False})
 
 
 def outcome_unknown():
     return ServiceError(
-        "commit_outcome_unknown",
+        Code.COMMIT_OUTCOME_UNKNOWN,
         "The database did not answer in time while storing this; it may or may not "
         "have been stored. Retry with the same messageId: the retry is then safe.",
         {"retryable": "with the same messageId"})
@@ -211,7 +211,7 @@ class IngestService:
         customer_uuid = uuid_or_none(customer_id)
         position = None if customer_uuid is None else lifecycle.erase_customer(organization_id, customer_uuid)
         if position is None:
-            raise not_found("customer_not_found")
+            raise not_found(Code.CUSTOMER_NOT_FOUND)
         self.writer.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
         self.writer.safely_publish({organization_id: [(position, changes.event(
             changes.CUSTOMER_DELETED, organization_id, position, {"id": str(customer_uuid)}))]})
@@ -258,7 +258,7 @@ def validate_interaction(payload):
 
 
 def customer_not_found(item):
-    return not_found("customer_not_found", {"customerId": [str(item.customer_id)]})
+    return not_found(Code.CUSTOMER_NOT_FOUND, {"customerId": [str(item.customer_id)]})
 
 
 def item_error(index, error):
