@@ -14,8 +14,19 @@ import uuid
 from urllib.parse import urlparse
 
 from peewee import (
-    BigIntegerField, BooleanField, CharField, CompositeKey, DatabaseProxy, DateTimeField,
-    DoubleField, ForeignKeyField, IntegerField, Model, SmallIntegerField, SqliteDatabase, TextField,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    CompositeKey,
+    DatabaseProxy,
+    DateTimeField,
+    DoubleField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    SmallIntegerField,
+    SqliteDatabase,
+    TextField,
     UUIDField,
 )
 from playhouse.db_url import parse as parse_db_url

@@ -15,6 +15,7 @@
     .venv/bin/python -m bench.changes [--count 20000] [--seconds 10] [--rounds 3] [--skip read,ingest]
 """
 import argparse
+import functools
 import json
 import os
 import random
@@ -142,8 +143,8 @@ def read_figures(server_url, count, seconds):
         figures = {"database": stack.kind, "changes": 2 * count, "pages": len(paths)}
         for connections in CONNECTIONS:
             log("%s: reading pages, %d connection(s)" % (stack.kind, connections))
-            figures[connections] = _timed(stack, lambda: wrk_get(stack.url, org["readKey"], paths,
-                                                                  connections, seconds))
+            figures[connections] = _timed(stack, functools.partial(wrk_get, stack.url, org["readKey"], paths,
+                                                                   connections, seconds))
         log("%s: flask changes export" % stack.kind)
         figures["export"] = export_rate(stack, org)
     finally:

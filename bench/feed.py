@@ -44,6 +44,7 @@ def stop_clients(process):
 def send(url, key, customer, rate, seconds):
     """Single ingests at ``rate`` a second from 8 threads; [(id, response time)]."""
     import requests
+
     from tests.helpers import interaction
 
     sent = []
@@ -86,6 +87,7 @@ def delivery(stack, sockets, rate, seconds):
 
 def ingest_ms(url, key, customer, count=200):
     import requests
+
     from tests.helpers import interaction
 
     session = requests.Session()

@@ -74,7 +74,7 @@ def rows_per_second(database_url, organization_id, customer_ids, seconds, batch=
     times = [now - datetime.timedelta(seconds=random.randint(0, 3600)) for _ in range(batch)]
     fields = [(customers[n % len(customers)], stamp(times[n])) for n in range(batch)]
     newest = {}
-    for (customer, _), when in zip(fields, times):
+    for (customer, _), when in zip(fields, times, strict=True):
         newest[customer] = max(newest.get(customer, when), when)
     counts = [value for customer in customers
               for value in (customer, batch // len(customers), stamp(newest[customer]))]

@@ -116,7 +116,7 @@ def plot(results, path):
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(1, len(results), figsize=(7 * len(results), 4), squeeze=False)
-    for axis, (kind, samples) in zip(axes[0], results):
+    for axis, (kind, samples) in zip(axes[0], results, strict=True):
         for name in samples[0][1]:
             axis.plot([seconds / 60 for seconds, _ in samples], [values[name] for _, values in samples],
                       label=name)

@@ -13,7 +13,6 @@ from enum import StrEnum
 from models import ApiKey, Organization, db
 
 
-
 class Scope(StrEnum):
     """What a key may do: send interactions, or read them (the read API and the feed)."""
     INGEST = "ingest"

@@ -110,10 +110,10 @@ class GroupCommitter:
                 self._reset_connection()
                 return []
             return [pair for entry in group for pair in self._commit([entry])]
-        for (_, future), result in zip(group, results):
+        for (_, future), result in zip(group, results, strict=True):
             future.set_result(result)
         metrics.COMMIT_SIZE.observe(sum(len(job.items) for job, _ in group))
-        return [(job, result) for (job, _), result in zip(group, results)]
+        return [(job, result) for (job, _), result in zip(group, results, strict=True)]
 
     def _follow(self):
         while True:

@@ -128,7 +128,7 @@ class MemoryBus:
     def publish(self, events_by_organization):
         for organization_id, events in events_by_organization.items():
             positions = [position for position, _ in events]
-            self.fanout.dispatch(organization_id, list(zip(positions, encode([e for _, e in events]))))
+            self.fanout.dispatch(organization_id, list(zip(positions, encode([e for _, e in events]), strict=True)))
 
     def held_bytes(self):
         """Bytes held for listeners that lag: none here (for /metrics)."""
@@ -285,7 +285,7 @@ class RedisBus(MemoryBus):
             sequence = _sequence(fields)
             if EVENTS_FIELD in fields:
                 positions = map(int, fields[POSITIONS_FIELD].split(b","))
-                items.extend(zip(positions, fields[EVENTS_FIELD].split(b"\n")))
+                items.extend(zip(positions, fields[EVENTS_FIELD].split(b"\n"), strict=True))
         if items:
             self.fanout.dispatch(organization_id, items)
 

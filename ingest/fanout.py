@@ -783,7 +783,7 @@ class FanOut:
 def _positioned(organization_id, events):
     """(position, JSON text) of change events read from the store."""
     return [(changes.position_of(organization_id, event["cursor"]), text)
-            for event, text in zip(events, encode(events))]
+            for event, text in zip(events, encode(events), strict=True)]
 
 
 def close_all(code=CloseReason.GOING_AWAY, reason="server restarting"):

@@ -14,6 +14,7 @@ or not begun (ingest/segment.py).
 """
 import contextlib
 import datetime
+import functools
 import hashlib
 import logging
 import time
@@ -186,7 +187,7 @@ def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK, progres
                          [org for (org,) in Organization.select(Organization.id).tuples()])
         for organization in organizations:
             while True:
-                found, count = _retried(lambda: _delete_chunk(cutoff, organization, chunk))
+                found, count = _retried(functools.partial(_delete_chunk, cutoff, organization, chunk))
                 deleted += count
                 if progress:
                     progress(count)

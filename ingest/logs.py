@@ -12,13 +12,14 @@ import re
 import sys
 import time
 import traceback
+import types
 
 from flask import request
 
 from ingest import ids
 from ingest.threads import PerProcess
 
-_context = contextvars.ContextVar("log_context", default={})
+_context = contextvars.ContextVar("log_context", default=types.MappingProxyType({}))  # never mutated: replaced
 _started = contextvars.ContextVar("request_started", default=0.0)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

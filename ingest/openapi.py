@@ -7,9 +7,22 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 
 from ingest import segment
 from ingest.accounts import Scope
-from ingest.schemas import (BatchResult, ChangePage, ChangeQuery, CustomerIn, CustomerList, CustomerOut,
-                            CustomerQuery, Error, Health, IngestResult, InteractionIn, InteractionOut,
-                            InteractionPage, InteractionQuery)
+from ingest.schemas import (
+    BatchResult,
+    ChangePage,
+    ChangeQuery,
+    CustomerIn,
+    CustomerList,
+    CustomerOut,
+    CustomerQuery,
+    Error,
+    Health,
+    IngestResult,
+    InteractionIn,
+    InteractionOut,
+    InteractionPage,
+    InteractionQuery,
+)
 
 JSON = "application/json"
 ERRORS = {

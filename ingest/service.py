@@ -101,7 +101,7 @@ class Writer:
         events = defaultdict(list)
         outcomes = defaultdict(int)
         for job, results in committed:
-            for item, (status, _) in zip(job.items, results):
+            for item, (status, _) in zip(job.items, results, strict=True):
                 outcomes[status] += 1
                 if status == CREATED:
                     ids[job.high_priority][item.organization_id].append(item.id)
@@ -194,7 +194,7 @@ class IngestService:
         futures = [self.writer.submit(Job([item for _, item in chunk], high_priority=False))
                    for chunk in chunks]
         release_connection()
-        for chunk, future in zip(chunks, futures):
+        for chunk, future in zip(chunks, futures, strict=True):
             try:
                 self._record(chunk, _wait(future, self.commit_timeout), outcome)
             except ServiceError as error:
@@ -224,7 +224,7 @@ class IngestService:
     @staticmethod
     def _record(chunk, outcomes, batch):
         """Enter the outcomes of ``chunk``'s items in ``batch``."""
-        for (index, item), (status, interaction_id) in zip(chunk, outcomes):
+        for (index, item), (status, interaction_id) in zip(chunk, outcomes, strict=True):
             if status == UNKNOWN_CUSTOMER:
                 batch.errors.append(item_error(index, customer_not_found(item)))
                 continue

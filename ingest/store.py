@@ -284,7 +284,7 @@ def _insert_and_count(items):
     if not items:
         return {}
     order = {item.id: n for n, item in enumerate(items)}
-    rows = json.dumps([{**dict(zip(COLUMNS, _values(item))), "ord": order[item.id]}
+    rows = json.dumps([{**dict(zip(COLUMNS, _values(item), strict=True)), "ord": order[item.id]}
                        for item in _in_key_order(items)],
                       ensure_ascii=False, default=datetime.datetime.isoformat)
     return dict(db.execute_sql(INSERT_AND_COUNT, [rows]).fetchall())

@@ -4,8 +4,15 @@ A frozen copy of the models as they were (playhouse.migrations' convention):
 later changes to models.py come as new numbered migrations, never edits here.
 """
 from peewee import (
-    BooleanField, CharField, DateTimeField, DoubleField, ForeignKeyField,
-    IntegerField, Model, TextField, UUIDField,
+    BooleanField,
+    CharField,
+    DateTimeField,
+    DoubleField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+    UUIDField,
 )
 
 

@@ -16,5 +16,5 @@ def up(migrator, db):
 
 
 def down(migrator, db):
-    for name, columns in REDUNDANT:
+    for _, columns in REDUNDANT:
         migrator.migrate(migrator.add_index("interaction", columns))

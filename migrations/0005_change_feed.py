@@ -1,8 +1,7 @@
 """The change feed (DESIGN §16): every organization's stream of positions, and one
 row per committed change. Organizations that exist get an empty stream; what was
 stored before this migration is not in it (the read API has it)."""
-from peewee import (BigIntegerField, CompositeKey, DateTimeField, ForeignKeyField, Model, SmallIntegerField,
-                    UUIDField)
+from peewee import BigIntegerField, CompositeKey, DateTimeField, ForeignKeyField, Model, SmallIntegerField, UUIDField
 
 
 def tables(db):
