@@ -34,7 +34,6 @@ from bench.common import ROOT, Stack, database_arguments, servers, texts
 
 LUA = os.path.join(ROOT, "bench", "post.lua")
 GROWTH_ROWS = 1_000_000
-TARGETS = {"single": 0.5, "batch": 0.5, "growth": 0.8, "analysis": 0.8}
 
 
 def log(message):
