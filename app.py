@@ -12,19 +12,16 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import models
 import tasks
-from ingest import api, body, cli, config, errors, feed, logs, metrics, overload, security
-from ingest.auth import KeyCache
-from ingest.service import IngestService
+from ingest import api, body, cli, config, errors, feed, logs, metrics, runtime, security
 
 
 def create_app(test_config=None):
-    """Build the app. ``test_config`` overrides settings read from the environment.
+    """Build the app and its process runtime (ingest/runtime.py), not yet started.
+    ``test_config`` overrides settings read from the environment.
 
     The queue, the event bus and the sweep come from the environment only
     (tasks.py reads it at import), so that web and consumer processes always
-    agree; overriding them here is refused (config.ENVIRONMENT_ONLY). The
-    database, the writer thread and the bus are the process's: every app
-    created in one process shares them.
+    agree; overriding them here is refused (config.ENVIRONMENT_ONLY).
     """
     settings = config.load(overrides=test_config, fixed=tasks.settings)
     app = Flask(__name__, instance_path=config.INSTANCE_PATH)
@@ -33,23 +30,16 @@ def create_app(test_config=None):
     # The feed's sockets are read, written and pinged by its fan-out thread (ingest/feed.py).
     app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": feed.NoReaderThread}
     logs.configure(settings["LOG_LEVEL"])
-    models.bind(settings["DATABASE_URL"], settings["DB_POOL_SIZE"])
+    process = runtime.Runtime(settings, tasks.Enqueuer(), tasks.huey.pending_count)
+    process.bind()  # the CLI's commands query without starting anything
+    app.extensions["runtime"] = process
 
     logs.init_app(app)
     models.init_app(app)
     security.init_app(app)
     errors.register(app)
     body.init_app(app)
-    bus = tasks.event_bus()
-    app.extensions["bus"] = bus
-    app.extensions["keys"] = KeyCache()
-    app.extensions["ingest"] = IngestService(tasks.enqueue_analysis, bus.publish,
-                                             settings["MAX_BATCH_ITEMS"], settings["COMMIT_TIMEOUT"])
-    app.extensions["queue_size"] = tasks.huey.pending_count
-    app.extensions["rate_limit"] = _limit(settings["RATE_LIMIT"], settings)
-    app.extensions["auth_failures"] = _limit(settings["AUTH_FAILURE_LIMIT"], settings)
-    app.extensions["backlog"] = overload.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
-    metrics.init_app(app, app.extensions["backlog"], bus)
+    metrics.init_app(app, process.backlog, process.bus)
     app.register_blueprint(api.api)
     app.register_blueprint(api.segment_api)
     app.register_blueprint(api.health)
@@ -58,11 +48,6 @@ def create_app(test_config=None):
     if settings["TRUSTED_PROXIES"]:  # the client's address from X-Forwarded-For (ingest/auth.py)
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings["TRUSTED_PROXIES"])
     return app
-
-
-def _limit(spec, settings):
-    """The RateLimit of ``spec`` in RATE_LIMIT_URL's store, or None for no limit."""
-    return overload.RateLimit(spec, settings["RATE_LIMIT_URL"]) if spec else None
 
 
 def main(argv=None):
@@ -75,11 +60,14 @@ def main(argv=None):
     with app.app_context():
         models.migrate(app.config["PARTITION_INTERVAL"])
         cli.greet_first_start("http://%s:%d" % (args.host, args.port))
+    process = runtime.of(app)
+    process.start()
     consumer = tasks.start_embedded_consumer()
     try:
         app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
     finally:
         consumer.stop(graceful=True)
+        process.stop()
 
 
 if __name__ == "__main__":

@@ -22,19 +22,35 @@ keepalive = 5
 accesslog = None
 
 
+def _runtime(worker):
+    """The worker's runtime (ingest/runtime.py); None for an app without one (the
+    benchmarks' anchors share this file)."""
+    return getattr(worker.wsgi, "extensions", {}).get("runtime")
+
+
 def post_worker_init(worker):
-    # On SIGTERM (a restart), close the live-feed sockets at once with 1001 so
-    # browsers reconnect, rather than holding the shutdown for graceful_timeout.
+    # The app is loaded: start its runtime. On SIGTERM (a restart), close the
+    # live-feed sockets at once with 1001 so browsers reconnect, rather than
+    # holding the shutdown for graceful_timeout.
     import signal
 
-    from ingest.fanout import close_all
+    process = _runtime(worker)
+    if process is not None:
+        process.start()
 
-    def handle_exit(signum, frame):
-        close_all()
-        worker.handle_exit(signum, frame)
+        def handle_exit(signum, frame):
+            process.close_sockets()
+            worker.handle_exit(signum, frame)
 
-    signal.signal(signal.SIGTERM, handle_exit)
+        signal.signal(signal.SIGTERM, handle_exit)
     worker.log.info("worker %s ready", worker.pid)
+
+
+def worker_exit(server, worker):
+    # Commit what is waiting, write the last results, join every thread.
+    process = _runtime(worker)
+    if process is not None:
+        process.stop()
 
 
 def child_exit(server, worker):
@@ -46,8 +62,8 @@ def child_exit(server, worker):
 
 # Each worker on a CPU of its own, while there are as many CPUs as workers: a
 # worker's threads take turns holding the GIL, and when the turn passes to a
-# thread on another core the data it works on moves with it. Pinned, single
-# ingest served 15-40 % more (docs/BENCHMARKS.md). WEB_PIN_CPUS=0 leaves
+# thread on another core the data it works on moves with it: pinned workers
+# serve more single ingests (docs/BENCHMARKS.md). WEB_PIN_CPUS=0 leaves
 # placement to the OS (say, when other processes are pinned on the same CPUs).
 pin_cpus = os.environ.get("WEB_PIN_CPUS", "1") != "0" and hasattr(os, "sched_setaffinity")
 

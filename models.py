@@ -123,26 +123,12 @@ class QueuedWritersSqliteDatabase(SqliteDatabase):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-_bound = {}  # (process, url, pool_size) the proxy points at -> its database
-_binding = threading.Lock()
-
-
-def bind(url, pool_size=10):
-    """Point the proxy at the database of ``url``; returns that database.
-
-    The database is one per process (the writer and consumer threads use it
-    too): binding again to the same url keeps it and its connections, binding to
-    another url replaces it for everyone. A forked child never reuses its
-    parent's connections."""
-    key = (os.getpid(), url, pool_size)
-    with _binding:
-        if key not in _bound:
-            _bound.clear()
-            _bound[key] = make_database(url, pool_size)
-        database = _bound[key]
-        if db.obj is not database:
-            db.initialize(database)
-    return database
+def close_all(database):
+    """Close ``database``'s connections: all of a pool's, or this thread's."""
+    if isinstance(database, PooledPostgresqlDatabase):
+        database.close_all()
+    else:
+        database.close()
 
 
 def is_postgres():

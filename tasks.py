@@ -6,20 +6,16 @@ import: the queue, the bus and the sweep's age come from the environment only
 (config.ENVIRONMENT_ONLY), and create_app refuses an override of them.
 """
 import logging
-import queue
 import signal
 import threading
 import time
-from collections import defaultdict
 from urllib.parse import urlparse
 
 from huey import PostgresHuey, PriorityRedisHuey, SqliteHuey, crontab
 from huey.storage import PostgresStorage
 
 import models
-from ingest import analysis, changes, config, lifecycle, logs, partitions
-from ingest.events import bus_for
-from ingest.threads import PerProcess
+from ingest import analysis, config, lifecycle, logs, partitions, runtime
 
 settings = config.load()
 log = logging.getLogger(__name__)
@@ -56,11 +52,6 @@ def make_huey(url):
 huey = make_huey(settings["QUEUE_URL"])
 
 
-def event_bus():
-    """This process's event bus (ingest/events.py), which the web app shares."""
-    return bus_for(settings["EVENTS_URL"], settings["EVENTS_STREAM_BYTES"], settings["EVENTS_TOTAL_BYTES"])
-
-
 def create_queue_tables(queue=None):
     """Create the queue's tables where it keeps them in a SQL database (idempotent)."""
     storage = (queue or huey).storage
@@ -69,12 +60,20 @@ def create_queue_tables(queue=None):
 
 
 @huey.on_startup()
-def start_consumer():
-    """A consumer process logs JSON lines and opens the database the web processes
-    write to (in the dev server, the app has bound it already)."""
+def join_runtime():
+    """Each consumer worker, as it starts: JSON log lines, and the process's runtime
+    (ingest/runtime.py): the first worker starts one that serves no requests; in
+    the dev server, the app's is used."""
     logs.configure(settings["LOG_LEVEL"])
-    if models.db.obj is None:
-        models.bind(settings["DATABASE_URL"], settings["DB_POOL_SIZE"])
+    runtime.join(lambda: runtime.Runtime(settings, Enqueuer(), huey.pending_count))
+
+
+@huey.on_shutdown()
+def leave_runtime():
+    """Each consumer worker, as it stops; the last one stops the runtime (its
+    results written first)."""
+    runtime.current().results.drain()
+    runtime.leave()
 
 
 @huey.task(retries=3, retry_delay=2, retry_backoff=2, context=True)
@@ -82,13 +81,13 @@ def analyze(ids, task=None):
     # A consumer thread keeps its connection from task to task (on SQLite that
     # spares a connect and its pragmas each time); any failure drops it.
     last_attempt = task is None or task.retries == 0
+    results = runtime.current().results
     try:
         scored, failed, unread = analysis.score(ids, TASK_BUDGET)
     except Exception as error:  # the reading failed: every id is retried
         models.release_connection()
         if last_attempt:
-            with models.db.connection_context():
-                publish_analyzed(analysis.mark_failed(ids, error))
+            results.failed(ids, error)
         raise
     if unread:  # costly texts: the rest waits behind everyone else's work
         requeue(unread)
@@ -100,90 +99,13 @@ def analyze(ids, task=None):
     results.write(scored)
     if last_attempt:
         for interaction_id, error in failed.items():
-            publish_analyzed(analysis.mark_failed([interaction_id], error))
+            results.failed([interaction_id], error)
     raise AnalysisFailed("analysis of %d interaction(s) failed: %s" % (
         len(failed), next(iter(failed.values()))))
 
 
 class AnalysisFailed(Exception):
     """Some items of a task raised; the task is retried for them."""
-
-
-class ResultWriter:
-    """Stores and publishes analysis results from a thread of its own, so that a
-    consumer thread goes on to its next task (its SELECT and VADER) while the
-    database writes the last one's: their time overlaps instead of adding up.
-
-    At most BACKLOG tasks' results wait; a consumer thread that finds it full
-    waits too. Results whose write fails leave their interactions pending, and
-    the sweep queues them again.
-    """
-
-    BACKLOG = 4
-
-    def __init__(self):
-        self._queue = queue.Queue(self.BACKLOG)
-        self._thread = PerProcess(("analysis-results", self._run))
-
-    def submit(self, scored):
-        """Write ``scored`` soon, from the writer thread."""
-        if scored:
-            self._thread.start()
-            self._queue.put(scored)
-
-    def write(self, scored):
-        """Write ``scored`` now, from this thread."""
-        if scored:
-            self._write(scored)
-
-    def drain(self, timeout=10):
-        """Wait (up to ``timeout``) until every submitted result is written."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def _run(self):
-        while True:
-            scored = self._queue.get()
-            try:
-                self._write(scored)
-            except Exception:
-                models.release_connection()
-                log.warning("storing analysis results failed; the sweep will queue them again",
-                            exc_info=True, extra={"analysed": len(scored)})
-            finally:
-                self._queue.task_done()
-
-    @staticmethod
-    def _write(scored):
-        publish_analyzed(analysis.store(scored))
-
-
-def publish_analyzed(written):
-    """Log and publish the ``interaction.analyzed`` events of analysis.store's results.
-    A failed publish is logged, never raised: the results are stored, and sockets
-    read what the bus lost from the store (DESIGN §8)."""
-    log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
-    by_organization = defaultdict(list)
-    for result in written:
-        sentiment = result["sentiment"] or {}
-        by_organization[result["organization_id"]].append((result["position"], changes.event(
-            changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
-                result["id"], result["customer_id"], result["analysis_status"],
-                sentiment.get("label"), sentiment.get("score")))))
-    try:
-        event_bus().publish(by_organization)
-    except Exception:
-        log.warning("publishing analyses failed; sockets read them from the store", exc_info=True,
-                    extra={"analysed": len(written)})
-
-
-results = ResultWriter()
-
-
-@huey.on_shutdown()
-def write_remaining_results():
-    results.drain()
 
 
 @huey.periodic_task(crontab(minute="*"))
@@ -235,15 +157,18 @@ class Shares:
         return min(9, queued // SHARE_STEP)
 
 
-shares = Shares()
+class Enqueuer:
+    """``enqueue(ids_by_organization, high_priority)``: queue analyses of
+    ``{organization_id: ids}``, each organization's in tasks of its own, at its
+    lane's priority less its penalty (a process's runtime holds one)."""
 
+    def __init__(self):
+        self._shares = Shares()
 
-def enqueue_analysis(ids_by_organization, high_priority):
-    """Queue analyses of ``{organization_id: ids}``, each organization's in tasks
-    of its own, at its lane's priority less its penalty."""
-    lane = SINGLE_LANE if high_priority else BATCH_LANE
-    for organization_id, ids in ids_by_organization.items():
-        _enqueue(ids, lane - shares.penalty(organization_id, len(ids)))
+    def __call__(self, ids_by_organization, high_priority):
+        lane = SINGLE_LANE if high_priority else BATCH_LANE
+        for organization_id, ids in ids_by_organization.items():
+            _enqueue(ids, lane - self._shares.penalty(organization_id, len(ids)))
 
 
 def requeue(ids):

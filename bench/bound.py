@@ -28,7 +28,7 @@ from bench.ingest import log, single_bodies, wrk
 def stripped_app(store=True):
     """The app with the three parts above taken out (gunicorn "bench.bound:stripped_app()")."""
     from app import create_app
-    from ingest import service
+    from ingest import runtime, service
     from ingest.store import CREATED
 
     def bare_conversion(payload):
@@ -39,10 +39,11 @@ def stripped_app(store=True):
                 "message_id": payload.get("messageId")}
 
     service.validate_interaction = bare_conversion
-    service.Writer._after_commit = lambda writer, committed: None
-    if not store:
-        service.write_group = lambda jobs, known: [[(CREATED, item.id) for item in job] for job in jobs]
     app = create_app()
+    committer = runtime.of(app).committer
+    committer.after_commit = lambda committed: None
+    if not store:
+        committer.write_group = lambda jobs: [[(CREATED, item.id) for item in job] for job in jobs]
     app.before_request_funcs.clear()
     app.after_request_funcs.clear()
     return app

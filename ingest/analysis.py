@@ -10,13 +10,28 @@ import datetime
 import functools
 import json
 import logging
+import queue
 import re
 import time
+from collections import defaultdict
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from ingest import changes, metrics
-from models import DONE, FAILED, PENDING, SKIPPED, Interaction, db, is_postgres, utcnow, uuid_text
+from ingest.threads import Threads
+from models import (
+    DONE,
+    FAILED,
+    PENDING,
+    SKIPPED,
+    Interaction,
+    connection,
+    db,
+    is_postgres,
+    release_connection,
+    utcnow,
+    uuid_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +55,8 @@ def label_for(compound):
 
 
 # What VADER reads of a text: its cost grows with the square of the words it
-# sees, and each emoji becomes several words. Within these bounds a text costs
-# at most ~20 ms (10,000 emoji in full: 18 s); the sentiment is the opening's.
+# sees, and each emoji becomes several words, so a long text is read only up to
+# these bounds (docs/BENCHMARKS.md); the sentiment is the opening's.
 READ_CHARACTERS = 2000
 READ_EMOJI = 200
 
@@ -159,8 +174,8 @@ def _pending_rows(ids):
 
 
 # PostgreSQL takes a task's ids, and stores its results, as one JSON parameter:
-# psycopg adapts a Python list to an array in Python, item by item, which took
-# a consumer several percent of its time next to VADER; json.dumps is C.
+# psycopg adapts a Python list to an array in Python, item by item, where
+# json.dumps is C.
 PENDING_POSTGRES = ("SELECT id::text, organization_id::text, content, analysis_status, received_at "
                     "FROM interaction WHERE id = ANY(ARRAY(SELECT json_array_elements_text(%s::json)::uuid))")
 PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status, received_at FROM interaction "
@@ -217,3 +232,81 @@ def requeue_failed():
             (Interaction.update(analysis_status=PENDING, analysis_error=None)
              .where(Interaction.id.in_(ids)).execute())
     return ids
+
+
+class ResultWriter:
+    """Stores and publishes analysis results from a thread of its own, so that a
+    consumer thread goes on to its next task (its SELECT and VADER) while the
+    database writes the last one's: their time overlaps instead of adding up.
+
+    At most BACKLOG tasks' results wait; a consumer thread that finds it full
+    waits too. Results whose write fails leave their interactions pending, and
+    the sweep queues them again. ``publish`` is the event bus's.
+    """
+
+    BACKLOG = 4
+
+    def __init__(self, publish):
+        self._publish = publish
+        self._queue = queue.Queue(self.BACKLOG)
+        self._threads = Threads(("analysis-results", self._run), wake=lambda: self._queue.put(None))
+
+    def start(self):
+        self._threads.start()
+
+    def stop(self):
+        """Write what was submitted, then end the thread."""
+        self._threads.stop()
+
+    def submit(self, scored):
+        """Write ``scored`` soon, from the writer thread."""
+        if scored:
+            self._queue.put(scored)
+
+    def write(self, scored):
+        """Write ``scored`` now, from this thread."""
+        if scored:
+            publish_analyzed(self._publish, store(scored))
+
+    def failed(self, ids, error):
+        """Mark ``ids`` failed for good (``error``) and publish that, from this thread."""
+        with connection():
+            publish_analyzed(self._publish, mark_failed(ids, error))
+
+    def drain(self, timeout=10):
+        """Wait (up to ``timeout``) until every submitted result is written."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self):
+        while (scored := self._queue.get()) is not None:
+            try:
+                self.write(scored)
+            except Exception:
+                release_connection()
+                log.warning("storing analysis results failed; the sweep will queue them again",
+                            exc_info=True, extra={"analysed": len(scored)})
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+
+def publish_analyzed(publish, written):
+    """Log and publish (with the bus's ``publish``) the ``interaction.analyzed`` events
+    of ``store``'s results.
+    A failed publish is logged, never raised: the results are stored, and sockets
+    read what the bus lost from the store (DESIGN §8)."""
+    log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
+    by_organization = defaultdict(list)
+    for result in written:
+        sentiment = result["sentiment"] or {}
+        by_organization[result["organization_id"]].append((result["position"], changes.event(
+            changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
+                result["id"], result["customer_id"], result["analysis_status"],
+                sentiment.get("label"), sentiment.get("score")))))
+    try:
+        publish(by_organization)
+    except Exception:
+        log.warning("publishing analyses failed; sockets read them from the store", exc_info=True,
+                    extra={"analysed": len(written)})

@@ -9,7 +9,7 @@ import functools
 
 from flask import Blueprint, current_app, g, request
 
-from ingest import lifecycle, reads, schemas, segment
+from ingest import lifecycle, reads, runtime, schemas, segment
 from ingest import openapi as openapi_spec
 from ingest.accounts import Scope
 from ingest.auth import authenticate, charge_events, key_from_request, require
@@ -29,7 +29,7 @@ DRY_RUN_VIEWS = ("api.ingest", "api.ingest_batch", "segment.segment_events")
 
 
 def service():
-    return current_app.extensions["ingest"]
+    return runtime.of(current_app).ingest
 
 
 @api.before_request
@@ -69,7 +69,7 @@ def find_customers():
 def check_backlog():
     """429 while the analysis backlog is over ANALYSIS_BACKLOG_MAX and the key's
     organization over its share of it (DESIGN §13; overload.Backlog)."""
-    wait = current_app.extensions["backlog"].retry_after(g.organization_id)
+    wait = runtime.of(current_app).backlog.retry_after(g.organization_id)
     if wait is not None:
         raise too_many_requests(Code.ANALYSIS_BACKLOG_FULL, "Too many interactions are waiting for "
                                 "analysis, and this organization's are over its share of the "
@@ -179,7 +179,7 @@ def healthz():
 @health.get("/readyz")
 def readyz():
     checks = {"database": _check(lambda: db.execute_sql("SELECT 1")),
-              "queue": _check(current_app.extensions["queue_size"])}
+              "queue": _check(runtime.of(current_app).pending_count)}
     ready = all(value == "ok" for value in checks.values())
     return schemas.health.dump({"status": "ready" if ready else "unavailable", "checks": checks}), \
         200 if ready else 503

@@ -134,8 +134,8 @@ def record(rows):
 
 @functools.lru_cache(maxsize=256)
 def _record_sql(rows, placeholder):
-    """The INSERT of ``rows`` changes, written out: peewee's insert_many took most of
-    SQLite's write of a batch building it (docs/BENCHMARKS.md)."""
+    """The INSERT of ``rows`` changes, written out: building it with peewee's
+    insert_many for every group cost more than running it (docs/BENCHMARKS.md)."""
     return ('INSERT INTO "change" (organization_id, position, kind, subject, recorded_at, subject_at) VALUES '
             + ", ".join(["(%s)" % ", ".join([placeholder] * 6)] * rows))
 

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ingest import metrics
-from ingest.threads import PerProcess
+from ingest.threads import Threads
 from models import db
 
 log = logging.getLogger(__name__)
@@ -48,39 +48,52 @@ class GroupCommitter:
     def __init__(self, write_group, after_commit, max_items=500):
         """``write_group(jobs) -> results per job`` runs in one transaction;
         ``after_commit(jobs, results)`` runs after it, off the writer thread."""
-        self._write_group = write_group
-        self._after_commit = after_commit
+        self.write_group = write_group
+        self.after_commit = after_commit
         self._max_items = max_items
         self._waiting = collections.OrderedDict()  # organization -> deque of (job, future)
         self._arrived = threading.Condition()
         self._committed = queue.SimpleQueue()
-        self._threads = PerProcess(("group-commit", self._write), ("after-commit", self._follow))
+        self._threads = Threads(("group-commit", self._write), ("after-commit", self._follow), wake=self._wake)
+
+    def start(self):
+        self._threads.start()
+
+    def stop(self):
+        """Commit what is waiting, do its follow-up, and end both threads."""
+        self._threads.stop()
 
     def submit(self, job):
         """Queue ``job`` for storage; returns a Future of its results. Cancelling
         the future withdraws the job, unless its commit has begun."""
-        self._threads.start()
+        if not self._threads.running:
+            raise RuntimeError("the group committer is not running (Runtime.start)")
         future = Future()
         with self._arrived:
             self._waiting.setdefault(job.organization_id, collections.deque()).append((job, future))
             self._arrived.notify()
         return future
 
+    def _wake(self):
+        with self._arrived:
+            self._arrived.notify_all()
+
     def _write(self):
-        while True:
-            group = self._next_group()
-            if group:
-                committed = self._commit(group)
-                if committed:
-                    self._committed.put(committed)
+        while (group := self._next_group()) is not None:
+            committed = self._commit(group) if group else []
+            if committed:
+                self._committed.put(committed)
+        self._committed.put(None)  # the follow-up thread ends after what came before
 
     def _next_group(self):
         """Up to max_items of waiting jobs, one job of each organization in turn:
         one organization's backlog never holds back another's next request.
         Jobs withdrawn by their callers (cancelled) are dropped; the ones taken
-        can no longer be withdrawn."""
+        can no longer be withdrawn. None once stopping with nothing left."""
         with self._arrived:
             while not self._waiting:
+                if self._threads.stopping.is_set():
+                    return None
                 self._arrived.wait()
             group, size = [], 0
             while self._waiting and size < self._max_items:
@@ -102,7 +115,7 @@ class GroupCommitter:
         """Commit ``group``, or each of its jobs alone if that fails; answers every
         caller and returns the (job, results) pairs that were stored."""
         try:
-            results = self._write_group([job.items for job, _ in group])
+            results = self.write_group([job.items for job, _ in group])
         except Exception:
             if len(group) == 1:
                 group[0][1].set_exception(StorageFailure())
@@ -116,16 +129,23 @@ class GroupCommitter:
         return [(job, result) for (job, _), result in zip(group, results, strict=True)]
 
     def _follow(self):
-        while True:
+        last = False
+        while not last:
             committed = self._committed.get()
+            if committed is None:
+                return
             time.sleep(FOLLOW_WINDOW)
             while True:  # whatever else was committed meanwhile, in the same follow-up
                 try:
-                    committed += self._committed.get_nowait()
+                    more = self._committed.get_nowait()
                 except queue.Empty:
                     break
+                if more is None:
+                    last = True
+                    break
+                committed += more
             try:
-                self._after_commit(committed)
+                self.after_commit(committed)
             except Exception:  # never let one group's follow-up stop the next
                 log.exception("after-commit work failed")
 

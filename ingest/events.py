@@ -27,17 +27,15 @@ EVENTS_TOTAL_BYTES, empties the streams published to least recently. So one tena
 stream until Redis as a whole is at its bound.
 """
 import collections
-import functools
 import logging
 import threading
-import time
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ingest.fanout import FanOut, encode
-from ingest.threads import PerProcess
+from ingest.threads import Threads
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +123,13 @@ class MemoryBus:
     def __init__(self):
         self.fanout = FanOut(on_leave=self._left)
 
+    def start(self):
+        self.fanout.start()
+
+    def stop(self):
+        """Close this process's sockets (1001: they reconnect elsewhere) and end its threads."""
+        self.fanout.stop()
+
     def publish(self, events_by_organization):
         for organization_id, events in events_by_organization.items():
             positions = [position for position, _ in events]
@@ -169,7 +174,16 @@ class RedisBus(MemoryBus):
         # organization -> (last stream id read, its sequence number or None), None: unknown
         self._positions = {}
         self._failed = set()  # organizations whose events this process failed to publish
-        self._listener = PerProcess(("events-listener", self._listen))
+        self._listener = Threads(("events-listener", self._listen))
+
+    def start(self):
+        super().start()
+        self._listener.start()
+
+    def stop(self):
+        self._listener.stop()
+        super().stop()
+        self._redis.close()
 
     def publish(self, events_by_organization):
         """One pipelined round trip: an APPEND per organization (after a gap marker
@@ -208,7 +222,6 @@ class RedisBus(MemoryBus):
         return int(self._redis.hget(SIZES_KEY, "*") or 0)
 
     def _joined(self, organization_id):
-        self._listener.start()
         with self._lock:
             self._watchers[organization_id] += 1
             if organization_id in self._positions:
@@ -237,7 +250,7 @@ class RedisBus(MemoryBus):
 
     def _listen(self):
         client, run_id, delay = None, None, 0.1
-        while True:
+        while not self._listener.stopping.is_set():
             try:
                 if client is None:
                     client = redis.Redis.from_url(self._url, socket_connect_timeout=2,
@@ -252,8 +265,10 @@ class RedisBus(MemoryBus):
             except (redis.RedisError, OSError):
                 log.warning("event listener lost Redis; reconnecting", exc_info=True)
                 client = None
-                time.sleep(delay)
+                self._listener.stopping.wait(delay)
                 delay = min(delay * 2, 5)
+        if client is not None:
+            client.close()
 
     def _read(self, client):
         with self._lock:
@@ -263,7 +278,7 @@ class RedisBus(MemoryBus):
         with self._lock:
             streams = {STREAM_PREFIX + org: position[0] for org, position in self._positions.items()}
         if not streams:
-            time.sleep(READ_BLOCK_MS / 1000)
+            self._listener.stopping.wait(READ_BLOCK_MS / 1000)
             return
         for key, entries in client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS) or ():
             organization_id = key.decode()[len(STREAM_PREFIX):]
@@ -327,10 +342,9 @@ def _lost(fields, previous):
     return GAP_FIELD in fields or (previous is not None and sequence is not None and sequence != previous + 1)
 
 
-@functools.lru_cache(maxsize=None)
-def bus_for(url, stream_bytes=STREAM_BYTES, total_bytes=TOTAL_BYTES):
-    """This process's bus for EVENTS_URL (and EVENTS_STREAM_BYTES, EVENTS_TOTAL_BYTES):
-    the web app and the tasks share it."""
+def make_bus(url, stream_bytes=STREAM_BYTES, total_bytes=TOTAL_BYTES):
+    """The bus for EVENTS_URL (and EVENTS_STREAM_BYTES, EVENTS_TOTAL_BYTES); the
+    process's runtime holds it."""
     if url.startswith("memory://"):
         return MemoryBus()
     if url.startswith(("redis://", "rediss://")):

@@ -41,7 +41,6 @@ import socket
 import struct
 import threading
 import time
-import weakref
 from enum import IntEnum
 
 from wsproto.connection import ConnectionState
@@ -51,7 +50,7 @@ from wsproto.utilities import LocalProtocolError
 
 from ingest import changes, metrics
 from ingest.feeds import HOLE_SECONDS, OrgFeed
-from ingest.threads import PerProcess
+from ingest.threads import Threads
 from models import connection
 
 log = logging.getLogger(__name__)
@@ -83,10 +82,7 @@ STORE_PAGE = 200
 COALESCE_SECONDS = 0.005
 SENDMSG_BUFFERS = 64
 
-_loops = weakref.WeakSet()
-
-# One encoder for every event: json.dumps with options builds a new one per call,
-# which cost a third of encoding an analysed event (a consumer encodes thousands a second).
+# One encoder for every event: json.dumps with options builds a new one per call.
 _encoder = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -284,9 +280,24 @@ class FanOut:
         self._unauthenticated = 0  # sockets greeted and not yet adopted or gone
         self._keys = collections.Counter()
         self._starts = {}  # organization -> (its last position in the store, when read)
-        self._loop = PerProcess(("feed-fanout", self._run), setup=self._set_up)
+        self._loop = Threads(("feed-fanout", self._run), wake=self._wake)
         self._woken = False
-        _loops.add(self)
+        self._set_up()
+
+    def start(self):
+        self._loop.start()
+
+    def stop(self):
+        """Close every socket (1001: browsers reconnect, to another worker) and end
+        the loop and its work threads."""
+        self.close_all(CloseReason.GOING_AWAY, "server restarting")
+        self._loop.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for feed_socket in self._sockets:  # what close_all did not reach: not yet authenticated
+            feed_socket.sock.close()
+        self._selector.close()
+        self._wakeup.close()
+        self._waker.close()
 
     # Any thread -------------------------------------------------------------
 
@@ -364,17 +375,19 @@ class FanOut:
         return self._count
 
     def _post(self, command):
-        self._loop.start()
         self._inbox.append(command)
         if not self._woken:
-            self._woken = True
-            try:
-                self._waker.send(b"\0")
-            except BlockingIOError:
-                pass  # already full of wake-ups
+            self._wake()
+
+    def _wake(self):
+        self._woken = True
+        try:
+            self._waker.send(b"\0")
+        except BlockingIOError:
+            pass  # already full of wake-ups
 
     def _set_up(self):
-        """The loop's state, made in the process that runs the loop."""
+        """The loop's state."""
         self._selector = selectors.DefaultSelector()
         self._wakeup, self._waker = socket.socketpair()
         self._wakeup.setblocking(False)
@@ -395,7 +408,7 @@ class FanOut:
     # The loop thread ----------------------------------------------------------
 
     def _run(self):
-        while True:
+        while not self._loop.stopping.is_set():
             try:
                 self._step()
             except Exception:  # the loop must outlive any one socket's surprise
@@ -784,10 +797,3 @@ def _positioned(organization_id, events):
     """(position, JSON text) of change events read from the store."""
     return [(changes.position_of(organization_id, event["cursor"]), text)
             for event, text in zip(events, encode(events), strict=True)]
-
-
-def close_all(code=CloseReason.GOING_AWAY, reason="server restarting"):
-    """Close every feed socket of this process (a worker stopping), so that each
-    browser reconnects at once, to another worker."""
-    for loop in list(_loops):
-        loop.close_all(code, reason)

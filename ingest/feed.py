@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import socket
-import time
 
 from flask import Blueprint, current_app, render_template, request
 from flask_sock import Sock
@@ -35,11 +34,10 @@ from playhouse.pool import MaxConnectionsExceeded
 from wsproto.events import CloseConnection
 from wsproto.frame_protocol import CloseReason
 
-from ingest import changes
+from ingest import changes, runtime
 from ingest.accounts import Scope, hash_key
-from ingest.auth import KEY_CACHE_SECONDS, AddressRefused, check_key
 from ingest.fanout import Close, FeedSocket, Refused, text_frame
-from ingest.threads import PerProcess
+from ingest.keys import AddressRefused, check_key
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +87,10 @@ def websocket(ws):
         log.exception("could not take over a feed socket")
         ws.close(CloseReason.TRY_AGAIN_LATER, "try again later")
         return
-    bus, keys = current_app.extensions["bus"], current_app.extensions["keys"]
+    process = runtime.of(current_app)
+    bus, keys = process.bus, process.keys
     check = functools.partial(check_key, address=request.remote_addr or "unknown", keys=keys,
-                              failures=current_app.extensions["auth_failures"])
+                              failures=process.auth_failures)
     if not bus.fanout.greet(FeedSocket(connection, ws.ws), functools.partial(authenticate, bus, keys, check)):
         _refuse(connection, ws.ws, CloseReason.TRY_AGAIN_LATER,
                 "this server holds all the sockets it can; try again later")
@@ -150,7 +149,6 @@ def authenticate(bus, keys, check, feed_socket, message):
                                       "cursor": changes.cursor(principal.organization_id, starts_after)}))
     if not bus.attach(feed_socket, greeting):
         raise Refused(CloseReason.TRY_AGAIN_LATER, "this server holds all the sockets it can; try again later")
-    _watch_keys(bus.fanout, keys)
     log.info("feed socket connected", extra={"organization_id": principal.organization_id})
 
 
@@ -173,27 +171,3 @@ def _refuse(connection, ws, code, reason):
         pass
     finally:
         connection.close()
-
-
-def _watch_keys(fanout, keys):
-    """Start this process's check of the keys its sockets were opened with: every
-    KEY_CACHE_SECONDS, the sockets of a key revoked meanwhile are closed (4401)."""
-    _key_watch.start(fanout, keys)
-
-
-def _check_keys(fanout, keys):
-    while True:
-        time.sleep(KEY_CACHE_SECONDS)
-        in_use = fanout.key_hashes()
-        if not in_use:
-            continue
-        try:
-            revoked = in_use - keys.live(in_use)
-        except Exception:  # the database is away; keep the sockets, ask again later
-            log.warning("could not check the feed sockets' keys", exc_info=True)
-            continue
-        if revoked:
-            fanout.close_keys(revoked, Close.UNAUTHORIZED, "key revoked")
-
-
-_key_watch = PerProcess(("feed-keys", _check_keys))

@@ -8,6 +8,7 @@ import contextvars
 import io
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -17,7 +18,7 @@ import types
 from flask import request
 
 from ingest import ids
-from ingest.threads import PerProcess
+from ingest.threads import Threads
 
 _context = contextvars.ContextVar("log_context", default=types.MappingProxyType({}))  # never mutated: replaced
 _started = contextvars.ContextVar("request_started", default=0.0)
@@ -86,10 +87,11 @@ class BatchingHandler(logging.StreamHandler):
         super().__init__(io.TextIOWrapper(
             io.BufferedWriter(io.FileIO(sys.stderr.fileno(), "wb", closefd=False), 1 << 16),
             encoding="utf-8", errors="backslashreplace"))
-        self._flusher = PerProcess(("log-flush", self._flush_often))
+        self._start_flusher()
+        # A forked child (a consumer's process worker) inherits no thread: it starts its own.
+        os.register_at_fork(after_in_child=self._start_flusher)
 
     def emit(self, record):
-        self._flusher.start()
         super().emit(record)
         if record.levelno >= logging.WARNING:
             self.drain()
@@ -102,12 +104,17 @@ class BatchingHandler(logging.StreamHandler):
             self.stream.flush()
 
     def close(self):
+        """Stop the flushing thread (logging.shutdown calls this at exit), then drain."""
+        self._flusher.stop()
         self.drain()
         super().close()
 
+    def _start_flusher(self):
+        self._flusher = Threads(("log-flush", self._flush_often))
+        self._flusher.start()
+
     def _flush_often(self):
-        while True:
-            time.sleep(self.FLUSH_SECONDS)
+        while not self._flusher.stopping.wait(self.FLUSH_SECONDS):
             self.drain()
 
 

@@ -24,9 +24,9 @@ sustained rate and the burst of a token bucket of 1,000 tokens refilled at
 protects the service; it must not take it down) and a warning is logged, at
 most once per FAIL_OPEN_SECONDS.
 
-A Redis round trip per request cost single ingest 18-35 % (bench/overhead.py), so
-a process takes a key's budget from the store in leases of 1 % of it (at least
-1, and at least what the request costs) and spends them locally for up to
+A Redis round trip per request would slow single ingest noticeably
+(bench/overhead.py, docs/BENCHMARKS.md), so a process takes a key's budget from
+the store in leases of 1 % of it (at least 1, and at least what the request costs) and spends them locally for up to
 LEASE_SECONDS: the limit is never exceeded (a lease is counted in the store
 when taken, atomically with the check), and a lease left unspent only makes it
 stricter, by at most 1 % of the budget per process. A request that one of
@@ -197,6 +197,19 @@ class Backlog:
         self._sampled_at = float("-inf")
         self._lock = threading.Lock()
         self._sampling = False
+        self._sampler = None
+        self._stopped = False
+
+    def start(self):
+        """Samples are taken on demand (``refresh``), each on a thread of its own."""
+
+    def stop(self):
+        """Take no more samples, and wait for the one under way."""
+        with self._lock:
+            self._stopped = True
+            sampler = self._sampler
+        if sampler is not None:
+            sampler.join()
 
     def retry_after(self, organization_id):
         """None when ``organization_id`` may ingest, else the seconds to wait."""
@@ -208,10 +221,11 @@ class Backlog:
         if self._sampling or time.monotonic() - self._sampled_at < BACKLOG_SAMPLE_SECONDS:
             return  # the common case, decided without the lock every request would take
         with self._lock:
-            if self._sampling or time.monotonic() - self._sampled_at < BACKLOG_SAMPLE_SECONDS:
+            if self._stopped or self._sampling or time.monotonic() - self._sampled_at < BACKLOG_SAMPLE_SECONDS:
                 return
             self._sampling = True
-        threading.Thread(target=self._sample, name="backlog-sample", daemon=True).start()
+            self._sampler = threading.Thread(target=self._sample, name="backlog-sample", daemon=True)
+            self._sampler.start()
 
     def _sample(self):
         try:

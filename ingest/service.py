@@ -9,8 +9,8 @@ the web layer maps codes to HTTP statuses. Reads are in ingest/reads.py, custome
 creation and the erasure's SQL in ingest/lifecycle.py, Segment's workflow in
 ingest/segment.py.
 """
+import functools
 import logging
-import threading
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -73,81 +73,65 @@ class BatchOutcome:
         return self.total - self.failed - self.duplicates
 
 
-class Writer:
-    """The state of a process's write path: the group committer (its writer
-    thread), the cache of known customers, and the work after each commit.
+def after_commit(committed, enqueue_analysis, publish):
+    """Hand committed groups' new interactions to the live feed (one publish) and to
+    analysis (one enqueue per priority); never raises. The group committer calls it
+    off its writer thread with the (job, results) pairs of one or more groups.
 
     ``enqueue_analysis(ids_by_organization, high_priority)`` and
-    ``publish(events_by_organization)`` are called after commit, once for each
-    committed group of requests, and their failure never fails an ingest that is
-    already stored. Use ``writer_for``: one Writer per process and hooks.
-    """
-
-    def __init__(self, enqueue_analysis, publish):
-        self.enqueue_analysis = enqueue_analysis
-        self.publish = publish
-        self.known_customers = KnownCustomers()
-        self.committer = GroupCommitter(
-            lambda jobs: write_group(jobs, self.known_customers), self._after_commit)
-
-    def submit(self, job):
-        """Queue ``job`` for the next group; returns a Future of its results."""
-        return self.committer.submit(job)
-
-    def _after_commit(self, committed):
-        """Hand a committed group's new interactions to the live feed (one publish)
-        and to analysis (one enqueue per priority); never raises."""
-        ids = {True: defaultdict(list), False: defaultdict(list)}
-        events = defaultdict(list)
-        outcomes = defaultdict(int)
-        for job, results in committed:
-            for item, (status, _) in zip(job.items, results, strict=True):
-                outcomes[status] += 1
-                if status == CREATED:
-                    ids[job.high_priority][item.organization_id].append(item.id)
-                    events[item.organization_id].append((item.position, changes.event(
-                        changes.CREATED, item.organization_id, item.position, created_data(item))))
-        metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
-        metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
-        if events:  # before the analyses are queued, so that "created" precedes "analyzed"
-            self.safely_publish(events)
-        for high_priority, by_organization in ids.items():
-            if by_organization:
-                try:
-                    self.enqueue_analysis(by_organization, high_priority)
-                except Exception:
-                    log.warning("analysis enqueue failed; the sweep will pick these up", exc_info=True,
-                                extra={"count": sum(map(len, by_organization.values()))})
-
-    def safely_publish(self, events_by_organization):
-        """Publish; a failure is logged, never raised (the fan-out reads the store)."""
-        try:
-            self.publish(events_by_organization)
-        except Exception:
-            log.warning("publish failed", exc_info=True)
+    ``publish(events_by_organization)`` fail no ingest: it is already stored."""
+    ids = {True: defaultdict(list), False: defaultdict(list)}
+    events = defaultdict(list)
+    outcomes = defaultdict(int)
+    for job, results in committed:
+        for item, (status, _) in zip(job.items, results, strict=True):
+            outcomes[status] += 1
+            if status == CREATED:
+                ids[job.high_priority][item.organization_id].append(item.id)
+                events[item.organization_id].append((item.position, changes.event(
+                    changes.CREATED, item.organization_id, item.position, created_data(item))))
+    metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
+    metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
+    if events:  # before the analyses are queued, so that "created" precedes "analyzed"
+        safely_publish(publish, events)
+    for high_priority, by_organization in ids.items():
+        if by_organization:
+            try:
+                enqueue_analysis(by_organization, high_priority)
+            except Exception:
+                log.warning("analysis enqueue failed; the sweep will pick these up", exc_info=True,
+                            extra={"count": sum(map(len, by_organization.values()))})
 
 
-_writers = {}
-_writers_lock = threading.Lock()
-
-
-def writer_for(enqueue_analysis, publish):
-    """This process's Writer for these hooks: every app created in a process with
-    the same queue and bus shares one writer thread and one cache."""
-    with _writers_lock:
-        key = (enqueue_analysis, publish)
-        if key not in _writers:
-            _writers[key] = Writer(enqueue_analysis, publish)
-        return _writers[key]
+def safely_publish(publish, events_by_organization):
+    """Publish; a failure is logged, never raised (the fan-out reads the store)."""
+    try:
+        publish(events_by_organization)
+    except Exception:
+        log.warning("publish failed", exc_info=True)
 
 
 class IngestService:
-    """Single and batch ingest, and erasure, through the process's Writer."""
+    """Single and batch ingest, and erasure, through a group committer of its own
+    (with its cache of known customers): one per process, held by its runtime.
+    ``enqueue_analysis`` and ``publish`` are after_commit's; erasure publishes too.
+    ``start()`` before use, ``stop()`` after."""
 
     def __init__(self, enqueue_analysis, publish, max_batch_items=1000, commit_timeout=20):
-        self.writer = writer_for(enqueue_analysis, publish)
+        self.known_customers = KnownCustomers()
+        self.committer = GroupCommitter(
+            functools.partial(write_group, known=self.known_customers),
+            functools.partial(after_commit, enqueue_analysis=enqueue_analysis, publish=publish))
+        self.publish = publish
         self.max_batch_items = max_batch_items
         self.commit_timeout = commit_timeout  # seconds a request waits for its commit
+
+    def start(self):
+        self.committer.start()
+
+    def stop(self):
+        """Store and follow up what is waiting, then end the committer's threads."""
+        self.committer.stop()
 
     def ingest(self, organization_id, payload, dry_run=False):
         """Store one interaction; returns (interaction_id, duplicate).
@@ -191,7 +175,7 @@ class IngestService:
         (a BatchOutcome whose errors may hold the items that failed validation)."""
         valid = [(index, self._prepare(organization_id, data)) for index, data in valid]
         chunks = [valid[start:start + CHUNK_SIZE] for start in range(0, len(valid), CHUNK_SIZE)]
-        futures = [self.writer.submit(Job([item for _, item in chunk], high_priority=False))
+        futures = [self.committer.submit(Job([item for _, item in chunk], high_priority=False))
                    for chunk in chunks]
         release_connection()
         for chunk, future in zip(chunks, futures, strict=True):
@@ -212,12 +196,12 @@ class IngestService:
         position = None if customer_uuid is None else lifecycle.erase_customer(organization_id, customer_uuid)
         if position is None:
             raise not_found(Code.CUSTOMER_NOT_FOUND)
-        self.writer.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
-        self.writer.safely_publish({organization_id: [(position, changes.event(
+        self.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
+        safely_publish(self.publish, {organization_id: [(position, changes.event(
             changes.CUSTOMER_DELETED, organization_id, position, {"id": str(customer_uuid)}))]})
 
     def _store(self, job):
-        future = self.writer.submit(job)
+        future = self.committer.submit(job)
         release_connection()
         return _wait(future, self.commit_timeout)
 

@@ -234,7 +234,7 @@ def _insert_then_count(items):
 # PostgreSQL: one statement for any number of rows, the rows passed as one JSON
 # parameter (its text never changes, so psycopg parses it once and the server
 # prepares it). JSON, not one array per column: psycopg adapts a list to an array
-# item by item in Python, which cost the writer 23 ms for 500 rows against 7 ms.
+# item by item in Python, where json.dumps is C.
 # A messageId is stored once through message_key (docs/design.md §17): an item is
 # inserted only if its key was new, or was received before what is kept (a dropped
 # partition's key, deleted later by retention's reclaim: it is taken over).

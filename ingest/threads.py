@@ -1,36 +1,42 @@
-"""Background threads, started once per process.
+"""The background threads of one part of the runtime (ingest/runtime.py), started
+and stopped together.
 
-A forked process (a gunicorn worker) inherits no thread, so each of ours is
-started lazily, on first use in a process, and again in a child after a fork.
+Each target is a loop that runs until the part's ``stopping`` event is set: it
+either waits on that event (``stopping.wait(seconds)``) or is woken by the part's
+``wake`` callable (a sentinel in its queue, a byte on its socket) and then
+checks it.
 """
-import os
 import threading
 
+JOIN_SECONDS = 5
 
-class PerProcess:
-    """``start(*args)`` starts a daemon thread running ``target(*args)`` for each
-    ``(name, target)`` the first time it is called in a process, after ``setup()``
-    if given; later calls cost one comparison."""
 
-    def __init__(self, *threads, setup=None):
-        self._threads = threads
-        self._setup = setup
-        self._pid = None
-        self._lock = threading.Lock()
+class Threads:
+    """Named daemon threads running ``target()`` for each ``(name, target)``."""
 
-    def start(self, *args):
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            if self._setup is not None:
-                self._setup()
-            for name, target in self._threads:
-                threading.Thread(target=target, args=args, name=name, daemon=True).start()
-            self._pid = os.getpid()
+    def __init__(self, *targets, wake=None):
+        self._targets = targets
+        self._wake = wake
+        self._threads = []
+        self.stopping = threading.Event()
 
     @property
     def running(self):
-        """Whether they were started in this process."""
-        return self._pid == os.getpid()
+        return bool(self._threads) and not self.stopping.is_set()
+
+    def start(self):
+        if self._threads:
+            raise RuntimeError("already started")
+        self._threads = [threading.Thread(target=target, name=name, daemon=True)
+                         for name, target in self._targets]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout=JOIN_SECONDS):
+        """Tell the loops to end, wake them, and wait for each (up to ``timeout``)."""
+        self.stopping.set()
+        if self._wake is not None:
+            self._wake()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)

@@ -28,12 +28,12 @@ os.environ.setdefault("QUEUE_URL", "sqlite:///" + os.path.join(RUN_DIR, "queue.d
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 
 import models  # noqa: E402  (after the environment is set)
-from app import create_app  # noqa: E402
-from tests.helpers import make_customer, make_organization  # noqa: E402
+from ingest import runtime  # noqa: E402
+from tests.helpers import make_customer, make_organization, started_app  # noqa: E402
 
 
 def pytest_sessionstart(session):
-    models.bind(os.environ["DATABASE_URL"])
+    models.db.initialize(models.make_database(os.environ["DATABASE_URL"]))
     models.migrate()
 
 
@@ -99,9 +99,17 @@ subprocess.Popen._execute_child = _execute_marked_child  # every process a test 
 
 @pytest.fixture
 def app():
-    app = create_app({"TESTING": True})
-    dbs.empty_tables()
-    yield app
+    """The app, its runtime started (and stopped after the test), on emptied tables."""
+    with started_app({"TESTING": True}) as app:
+        dbs.empty_tables()
+        yield app
+
+
+@pytest.fixture
+def make_app():
+    """``make_app(config)``: an app built with ``config``, its runtime started for the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda config: stack.enter_context(started_app(config))
 
 
 class SpecCheckedClient(FlaskClient):
@@ -113,6 +121,20 @@ class SpecCheckedClient(FlaskClient):
             request = response.request
             check_response(request.method, request.path, response.status_code, response.get_json())
         return response
+
+
+@pytest.fixture
+def running():
+    """``running(part)``: ``part.start()`` now, ``part.stop()`` after the test; returns ``part``."""
+    started = []
+
+    def start(part):
+        part.start()
+        started.append(part)
+        return part
+    yield start
+    for part in reversed(started):
+        part.stop()
 
 
 @pytest.fixture
@@ -129,7 +151,7 @@ def runner(app):
 @pytest.fixture
 def service(app):
     with app.app_context():
-        yield app.extensions["ingest"]
+        yield runtime.of(app).ingest
 
 
 @pytest.fixture

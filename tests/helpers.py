@@ -1,4 +1,5 @@
 """Small builders and requests shared by the tests (and the benchmarks)."""
+import contextlib
 import datetime
 import gzip
 import json
@@ -83,3 +84,18 @@ def stored_count(app):
     from models import Interaction
     with app.app_context():
         return Interaction.select().count()
+
+
+@contextlib.contextmanager
+def started_app(config):
+    """An app built with ``config`` whose runtime runs for the block."""
+    from app import create_app
+    from ingest import runtime
+
+    app = create_app(config)
+    process = runtime.of(app)
+    process.start()
+    try:
+        yield app
+    finally:
+        process.stop()

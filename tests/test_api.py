@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from app import create_app
+from ingest import runtime
 from ingest.accounts import revoke_key
 from tests.helpers import (INGEST_PATH, bearer, gzipped, hours_ago, interaction, iso, make_customer,
                            make_organization, post_batch, post_interaction, post_json, stored_count)
@@ -394,10 +395,10 @@ def test_health_and_readiness(client):
     assert ready.get_json()["checks"] == {"database": "ok", "queue": "ok"}
 
 
-def test_database_down_is_503_and_health_still_answers(org):
-    app = create_app({"DATABASE_URL": "postgresql://postgres@127.0.0.1:9/unreachable"})
+def test_database_down_is_503_and_health_still_answers(app, org):
+    down = create_app({"DATABASE_URL": "postgresql://postgres@127.0.0.1:9/unreachable"})
     try:
-        client = app.test_client()
+        client = down.test_client()
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.get_json()["checks"]["database"].startswith("error")
@@ -405,4 +406,4 @@ def test_database_down_is_503_and_health_still_answers(org):
         assert_error(response, 503, "database_unavailable")
         assert response.headers["Retry-After"]
     finally:
-        create_app()  # bind the test database again
+        runtime.of(app).bind()  # the models use the test database again

@@ -67,7 +67,7 @@ def test_streams_are_bounded_in_bytes_per_organization_and_in_total(private_redi
 
 @pytest.mark.redis
 @pytest.mark.processes
-def test_a_listener_that_lagged_past_the_bound_still_delivers_everything(app, org, customer_id,
+def test_a_listener_that_lagged_past_the_bound_still_delivers_everything(running, app, org, customer_id,
                                                                         private_redis, tmp_path):
     """A web worker frozen (SIGSTOP) while its organization's stream is trimmed past
     where its listener had read: once it runs again, its socket gets every
@@ -76,7 +76,7 @@ def test_a_listener_that_lagged_past_the_bound_still_delivers_everything(app, or
     web = Gunicorn(tmp_path / "web.log", workers=1, env={"EVENTS_URL": private_redis.url})
     # Stores in this process and publishes as a web worker of that Redis would, with a small bound.
     bus = events.RedisBus(private_redis.url, stream_bytes=64 * 1024)
-    service = IngestService(lambda ids_by_organization, high_priority: None, bus.publish)
+    service = running(IngestService(lambda ids_by_organization, high_priority: None, bus.publish))
     watcher = FeedClient(web.url, org["readKey"])
     try:
         assert watcher.next()["type"] == "ready"

@@ -5,24 +5,30 @@ import pytest
 
 import tasks
 from app import create_app
-from tests.helpers import bearer, interaction
+from ingest import runtime
+from tests.helpers import bearer, interaction, started_app
 
 
-def test_two_apps_in_one_process_share_one_writer(org, customer_id):
-    def writer_threads():
-        return len([t for t in threading.enumerate() if t.name == "group-commit"])
-
-    create_app({"TESTING": True}).test_client().post(
-        "/api/data/ingest", headers=bearer(org["ingestKey"]), json=interaction(customer_id))
-    before = writer_threads()
-    first, second = create_app({"TESTING": True}), create_app({"TESTING": True, "COMMIT_TIMEOUT": 7})
-    assert first.extensions["ingest"].writer is second.extensions["ingest"].writer
-    assert second.extensions["ingest"].commit_timeout == 7  # per-app settings still apply
+def test_two_apps_in_one_process_share_nothing(make_app, org, customer_id):
+    first, second = make_app({"TESTING": True}), make_app({"TESTING": True, "COMMIT_TIMEOUT": 7})
+    one, other = runtime.of(first), runtime.of(second)
+    assert one.committer is not other.committer and one.keys is not other.keys and one.bus is not other.bus
+    assert (one.ingest.commit_timeout, other.ingest.commit_timeout) == (20, 7)
     for app in (first, second):
         response = app.test_client().post("/api/data/ingest", headers=bearer(org["ingestKey"]),
                                           json=interaction(customer_id))
         assert response.status_code == 201
-    assert writer_threads() == before
+
+
+def test_stopping_a_runtime_joins_every_thread_it_started(org, customer_id):
+    before = set(threading.enumerate())
+    with started_app({"TESTING": True}) as app:
+        response = app.test_client().post("/api/data/ingest", headers=bearer(org["ingestKey"]),
+                                          json=interaction(customer_id))
+        assert response.status_code == 201
+        assert {thread.name for thread in set(threading.enumerate()) - before} >= {
+            "group-commit", "after-commit", "feed-fanout", "feed-keys", "analysis-results"}
+    assert set(threading.enumerate()) - before == set()
 
 
 @pytest.mark.parametrize("key, value", [("EVENTS_URL", "redis://127.0.0.1:6379/9"),
@@ -40,4 +46,4 @@ def test_a_misspelt_setting_is_refused():
 
 def test_an_override_equal_to_the_environment_is_accepted():
     app = create_app({"QUEUE_URL": tasks.settings["QUEUE_URL"], "MAX_BATCH_ITEMS": 3})
-    assert app.extensions["ingest"].max_batch_items == 3
+    assert runtime.of(app).ingest.max_batch_items == 3

@@ -16,7 +16,6 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from app import create_app
 from models import Customer, Interaction
 from tests.dbs import is_postgres_url
 from tests.helpers import bearer, interaction, make_customer, make_organization, post_interaction
@@ -172,12 +171,12 @@ def writes_blocked():
             conn.close()
 
 
-def test_a_commit_that_times_out_is_answered_honestly(org, customer_id):
+def test_a_commit_that_times_out_is_answered_honestly(make_app, org, customer_id):
     """With the database stuck, the request whose commit had begun is told its
     outcome is unknown (retry only with its messageId), and the one still waiting
     is withdrawn and told it was not stored; both are true once the database
     moves again."""
-    app = create_app({"TESTING": True, "COMMIT_TIMEOUT": 1})
+    app = make_app({"TESTING": True, "COMMIT_TIMEOUT": 1})
     answers = {}
 
     def post(message_id):

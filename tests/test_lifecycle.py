@@ -62,10 +62,10 @@ def test_a_queued_analysis_of_an_erased_interaction_is_a_no_op(app, service, org
         assert not Interaction.select().where(Interaction.id == interaction_id).exists()
 
 
-def test_another_process_that_knew_the_customer_answers_404_not_503(app, org, customer_id):
+def test_another_process_that_knew_the_customer_answers_404_not_503(running, app, org, customer_id):
     """A web process caches the customers it has seen; after another process
     erased one, its next ingest for that customer is a plain 404."""
-    this, other = (IngestService(lambda *a: None, lambda *a: None) for _ in range(2))
+    this, other = (running(IngestService(lambda *a: None, lambda *a: None)) for _ in range(2))
     with app.app_context():
         other.ingest(org["organizationId"], interaction(customer_id))  # now known to `other`
         this.erase_customer(org["organizationId"], customer_id)
@@ -105,10 +105,10 @@ def test_a_late_retry_of_an_older_segment_batch_does_not_bring_an_erased_custome
         assert str(back.id) != erased and back.interaction_count == 1
 
 
-def test_erasure_during_ingest_leaves_no_interaction_of_the_customer(app, org, customer_id):
+def test_erasure_during_ingest_leaves_no_interaction_of_the_customer(running, app, org, customer_id):
     """8 threads ingest for a customer while it is erased: every answer is a 201
     before or a 404 after, and nothing of it remains."""
-    service = IngestService(lambda *a: None, lambda *a: None)
+    service = running(IngestService(lambda *a: None, lambda *a: None))
     answers, started = [], threading.Event()
 
     def writer():
@@ -156,13 +156,13 @@ def test_retention_deletes_what_is_old_and_corrects_the_counters(app, client, ru
         assert dbs.invariant_violations() == []
 
 
-def test_retention_during_ingest_keeps_the_invariant_at_every_moment(app, org, customer_id):
+def test_retention_during_ingest_keeps_the_invariant_at_every_moment(running, app, org, customer_id):
     """Writers ingest old and new events for 3 customers while retention deletes
     in chunks of 7; a checker reads the invariant (one snapshot) all along."""
     with app.app_context():
         customers = [customer_id] + [str(Customer.create(organization=org["organizationId"]).id)
                                      for _ in range(2)]
-    service = IngestService(lambda *a: None, lambda *a: None)
+    service = running(IngestService(lambda *a: None, lambda *a: None))
     done, violations = threading.Event(), []
 
     def writer(n):

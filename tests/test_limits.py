@@ -11,9 +11,9 @@ import pytest
 import requests
 from hypothesis import given, settings, strategies as st
 
-from app import create_app
+from ingest import runtime
 from ingest.accounts import hash_key, revoke_key
-from ingest.auth import KeyCache
+from ingest.keys import KeyCache
 from ingest.overload import EVENTS, REQUESTS, RateLimit, over_share, parse_rate, pending_by_organization
 from models import Customer
 from tests.conftest import production_stack, require_redis
@@ -90,12 +90,12 @@ def test_refusals_of_large_bodies_reach_the_client_through_nginx_and_no_one_else
 
 # The backlog bound, shared fairly -----------------------------------------------------
 
-def test_one_organizations_backlog_refuses_it_and_not_another(app, org, customer_id):
+def test_one_organizations_backlog_refuses_it_and_not_another(make_app, app, org, customer_id):
     """Bound 10, no consumer (what is stored stays pending). B holds 30: B is refused,
     A, with none, is not. A's share of the bound is then 5: with 4 it goes on
     ingesting; once over 5 it is refused too, for its own backlog."""
-    app = create_app({"TESTING": True, "ANALYSIS_BACKLOG_MAX": 10})
-    client, backlog = app.test_client(), app.extensions["backlog"]
+    app = make_app({"TESTING": True, "ANALYSIS_BACKLOG_MAX": 10})
+    client, backlog = app.test_client(), runtime.of(app).backlog
     b_key, b_id = org["ingestKey"], org["organizationId"]
     a = make_organization(app, "A")
     a_customer = make_customer(app, a)
@@ -170,8 +170,8 @@ def test_rate_limit_syntax():
             parse_rate(wrong)
 
 
-def test_an_events_budget_refuses_a_batch_that_does_not_fit_whole(org, customer_id):
-    app = create_app({"TESTING": True, "RATE_LIMIT": "100/s; 20 events/min"})
+def test_an_events_budget_refuses_a_batch_that_does_not_fit_whole(make_app, org, customer_id):
+    app = make_app({"TESTING": True, "RATE_LIMIT": "100/s; 20 events/min"})
     client = app.test_client()
 
     def batch(n):
@@ -243,13 +243,13 @@ def test_the_key_cache_evicts_the_least_recently_used_and_keeps_keys_in_use(app,
         assert cache.principal(live) is not None
 
 
-def test_a_flood_of_bad_keys_from_one_address_is_refused_without_lookups(app, org, customer_id):
+def test_a_flood_of_bad_keys_from_one_address_is_refused_without_lookups(make_app, app, org, customer_id):
     """After 5 failures in a minute, the address's unknown keys are answered 429, and
     so is a live key not yet cached (no lookup is made for it), while a cached live
     key goes on working and another address is not concerned."""
     fresh = make_organization(app, "Fresh")
     fresh_customer = make_customer(app, fresh)
-    app = create_app({"TESTING": True, "AUTH_FAILURE_LIMIT": "5/min"})
+    app = make_app({"TESTING": True, "AUTH_FAILURE_LIMIT": "5/min"})
     client = app.test_client()
 
     def post_from(address, key, customer):

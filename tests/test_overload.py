@@ -12,7 +12,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from segment.analytics import Client
 
-from app import create_app
+from ingest import runtime
 from ingest.overload import RateLimit
 from models import Interaction
 from tests.conftest import production_stack, require_redis
@@ -28,8 +28,8 @@ def assert_refused(response, code):
     assert 1 <= int(response.headers["Retry-After"]) == body["details"]["retryAfter"]
 
 
-def test_a_key_over_its_rate_limit_gets_429_and_nothing_it_sent_is_stored(org, customer_id):
-    app = create_app({"TESTING": True, "RATE_LIMIT": "5/min"})
+def test_a_key_over_its_rate_limit_gets_429_and_nothing_it_sent_is_stored(make_app, org, customer_id):
+    app = make_app({"TESTING": True, "RATE_LIMIT": "5/min"})
     client = app.test_client()
     answers = [post_interaction(client, org["ingestKey"], customer_id, messageId="m-%d" % n) for n in range(8)]
     assert [a.status_code for a in answers[:5]] == [201] * 5
@@ -43,8 +43,8 @@ def test_a_key_over_its_rate_limit_gets_429_and_nothing_it_sent_is_stored(org, c
     assert client.get("/healthz").status_code == 200
 
 
-def test_a_batch_over_the_limit_is_refused_whole(org, customer_id):
-    app = create_app({"TESTING": True, "RATE_LIMIT": "1/min"})
+def test_a_batch_over_the_limit_is_refused_whole(make_app, org, customer_id):
+    app = make_app({"TESTING": True, "RATE_LIMIT": "1/min"})
     client = app.test_client()
 
     def batch(tag):
@@ -55,23 +55,23 @@ def test_a_batch_over_the_limit_is_refused_whole(org, customer_id):
     assert stored_count(app) == 50
 
 
-def test_an_unreachable_limit_store_lets_requests_through(org, customer_id):
+def test_an_unreachable_limit_store_lets_requests_through(make_app, org, customer_id):
     """The limiter protects the service; Redis being down must not take ingest down."""
-    app = create_app({"TESTING": True, "RATE_LIMIT": "1/min", "RATE_LIMIT_URL": "redis://127.0.0.1:1"})
+    app = make_app({"TESTING": True, "RATE_LIMIT": "1/min", "RATE_LIMIT_URL": "redis://127.0.0.1:1"})
     client = app.test_client()
     for n in range(3):
         response = post_interaction(client, org["ingestKey"], customer_id, messageId="m-%d" % n)
         assert response.status_code == 201
 
 
-def test_a_backlog_over_its_bound_refuses_ingest_but_not_reads(org, customer_id):
+def test_a_backlog_over_its_bound_refuses_ingest_but_not_reads(make_app, org, customer_id):
     """No consumer runs here, so what is stored stays pending."""
-    app = create_app({"TESTING": True, "ANALYSIS_BACKLOG_MAX": 3})
+    app = make_app({"TESTING": True, "ANALYSIS_BACKLOG_MAX": 3})
     client = app.test_client()
     for n in range(4):
         assert post_interaction(client, org["ingestKey"], customer_id).status_code == 201
 
-    backlog = app.extensions["backlog"]
+    backlog = runtime.of(app).backlog
     wait_until(lambda: backlog.retry_after(org["organizationId"]),
                message="the sampled backlog (sampled each second) to pass 3")
     refused = post_batch(client, org["ingestKey"], [interaction(customer_id) for _ in range(10)])
