@@ -51,7 +51,9 @@ FIXTURE_MARKERS = {
     "module_stack": ("processes", "redis"),
     "make_stack": ("processes",),  # test_consumer: gunicorn and consumers (its Redis queues are marked there)
     "browser": ("processes", "browser"),  # test_page: Chromium
-    "server": ("processes",),  # test_e2e, test_hardening, test_segment: gunicorn (and nginx)
+    "nginx_gunicorn": ("processes",),  # test_e2e
+    "gunicorn": ("processes",),  # test_segment, test_erasure_races
+    "single_worker_gunicorn": ("processes",),  # test_hardening
     "limited_server": ("processes", "redis"),  # test_overload
 }
 
