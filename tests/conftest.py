@@ -12,7 +12,7 @@ because the web app and the queue consumers read their configuration from it.
 """
 import contextlib
 import os
-import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -51,7 +51,9 @@ FIXTURE_MARKERS = {
     "module_stack": ("processes", "redis"),
     "make_stack": ("processes",),  # test_consumer: gunicorn and consumers (its Redis queues are marked there)
     "browser": ("processes", "browser"),  # test_page: Chromium
-    "server": ("processes",),  # test_e2e, test_hardening, test_segment: gunicorn (and nginx)
+    "nginx_gunicorn": ("processes",),  # test_e2e
+    "gunicorn": ("processes",),  # test_segment, test_erasure_races
+    "single_worker_gunicorn": ("processes",),  # test_hardening
     "limited_server": ("processes", "redis"),  # test_overload
 }
 
@@ -83,18 +85,19 @@ def _expect_marker(marker, doing):
                              "or write @pytest.mark.%s on the test" % (_running.nodeid, doing, marker, marker))
 
 
-_execute_child = subprocess.Popen._execute_child
-
-
-def _execute_marked_child(self, args, *rest):
-    program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
+def _audit(event, args):
+    """Every process a test starts passes here: subprocess.Popen raises the audit
+    event of that name (PEP 578) with (executable, args, cwd, env) before it forks,
+    and what a hook raises aborts the start."""
+    if event != "subprocess.Popen" or _running is None:
+        return
+    program = os.path.basename(os.fsdecode(args[0]))
     _expect_marker("processes", "starts a process (%s)" % program)
     if program == "redis-server":
         _expect_marker("redis", "starts redis-server")
-    return _execute_child(self, args, *rest)
 
 
-subprocess.Popen._execute_child = _execute_marked_child  # every process a test starts goes through here
+sys.addaudithook(_audit)  # (for the whole run: a hook cannot be removed)
 
 
 @pytest.fixture

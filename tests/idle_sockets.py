@@ -2,6 +2,7 @@
 opens them: each is re-opened as soon as the server closes it, until stopped.
 One loop (tests/crowd.py) holds thousands of them."""
 import asyncio
+import time
 
 from tests.crowd import Crowd
 
@@ -13,10 +14,19 @@ class IdleSockets(Crowd):
         self.host, port = base_url.split("//")[1].split(":")
         self.port = int(port)
         self.refused_pause = refused_pause
-        self.open = 0  # upgraded and not yet closed by the server
+        self.since = {}  # index -> when its socket, upgraded and not yet closed, was upgraded
         self.upgrades = 0
         self.refusals = 0
         super().__init__(count)
+
+    @property
+    def open(self):
+        """Sockets upgraded and not yet closed by the server."""
+        return len(self.since)
+
+    def oldest(self):
+        """When the open socket held longest was upgraded (time.monotonic()), or None."""
+        return min(list(self.since.values()), default=None)  # (a copy: the loop's thread changes it)
 
     async def member(self, index):
         request = ("GET /api/feed/ws HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
@@ -36,11 +46,11 @@ class IdleSockets(Crowd):
                     await self.pause(self.refused_pause)
                     continue
                 self.upgrades += 1
-                self.open += 1
+                self.since[index] = time.monotonic()
                 try:
                     await self._until_closed(reader)
                 finally:
-                    self.open -= 1
+                    del self.since[index]
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 await self.pause(self.refused_pause)
             finally:

@@ -2,6 +2,7 @@
 and the dev server's embedded consumer, as `python app.py` runs it."""
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -109,8 +110,20 @@ def test_dev_server_runs_everything_embedded(tmp_path):
                           message="the embedded consumer's analysis")
         assert done["label"] == "positive"
     finally:
-        process.terminate()
-        assert process.wait(timeout=15) is not None
+        code = stopped(process)
+    # (Python's default action: the dev server sets no handler for SIGTERM)
+    assert code == -signal.SIGTERM, "SIGTERM did not stop the dev server (exit %s)" % code
+
+
+def stopped(process, grace=15):
+    """The exit code of ``process`` after SIGTERM; SIGKILL's if it has not exited
+    within ``grace`` seconds (killed, so that the test leaves nothing running)."""
+    process.terminate()
+    try:
+        return process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def _up(base):

@@ -400,7 +400,6 @@ def run(stack, app, org, name, kill_a_worker=False, readers_stop=False):
     seed = int(os.environ.get("CHANGE_FEED_SEED") or random.randrange(2 ** 32))
     print("\n%s: CHANGE_FEED_SEED=%d" % (name, seed))
     rnd = random.Random(seed)
-    started = time.monotonic()
     live = [make_customer(app, org) for _ in range(LIVE_CUSTOMERS)]
     doomed = make_customer(app, org, external_id="doomed")
     writers = Writers(stack.web.url, org, live, doomed, rnd)
@@ -429,9 +428,9 @@ def run(stack, app, org, name, kill_a_worker=False, readers_stop=False):
     stack.wait_for_workers(gone=killed)
     stored, _ = database_rows(org)
     print("%s: %d requests (%d sent again), %d interactions stored; readers: %s changes in %s pages, "
-          "%s restarts; %.1f s\n  answers: %s" % (
+          "%s restarts\n  answers: %s" % (
               name, writers.requests, writers.retries, len(stored), [len(r.processed) for r in readers],
-              [r.pages for r in readers], [r.restarts for r in readers], time.monotonic() - started,
+              [r.pages for r in readers], [r.restarts for r in readers],
               ", ".join("%s %s: %d" % (kind, error, n) for (kind, error), n in sorted(writers.outcomes.items()))))
     return SimpleNamespace(writers=writers, readers=readers, stored=stored, doomed=doomed, rnd=rnd,
                            retries=writers.retries + sum(reader.retries for reader in readers))

@@ -146,7 +146,7 @@ def test_an_erasure_that_commits_while_an_older_event_waits_to_create_its_custom
 # for a user while another thread erases its customer.
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def gunicorn(tmp_path_factory):
     web = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "web.log", workers=2)
     yield web
     web.stop()
@@ -212,16 +212,16 @@ def assert_rounds(app, users, wrong):
         len(failed), len(users), sorted(back), {user: answers[:3] for user, answers in failed.items()})
 
 
-def test_events_older_than_the_erasure_never_bring_the_customer_back(app, server, org):
+def test_events_older_than_the_erasure_never_bring_the_customer_back(app, gunicorn, org):
     """ROUNDS rounds of `race` for a customer that exists, with events from before
     the round: once the erasure has answered, no customer of that external id may
     exist, whatever the interleaving."""
     users, before = ["racer-%d" % n for n in range(ROUNDS)], hours_ago(1)
-    assert_rounds(app, users, {user: race(server.url, org, user, before, lambda user=user: erase(
-        server.url, org, create(server.url, org, user))) for user in users})
+    assert_rounds(app, users, {user: race(gunicorn.url, org, user, before, lambda user=user: erase(
+        gunicorn.url, org, create(gunicorn.url, org, user))) for user in users})
 
 
-def test_events_newer_than_an_erasure_create_the_customer_anew_and_the_next_erasure_holds(app, server, org):
+def test_events_newer_than_an_erasure_create_the_customer_anew_and_the_next_erasure_holds(app, gunicorn, org):
     """Rounds of `race` for a user erased just before: its events, newer than that
     erasure, create it anew (in the transaction that locks its external id), and
     the eraser erases the new customer as soon as it appears; all the events are
@@ -229,8 +229,8 @@ def test_events_newer_than_an_erasure_create_the_customer_anew_and_the_next_eras
     users = ["churn-%d" % n for n in range(ROUNDS // 2)]
     wrong = {}
     for user in users:
-        assert erase(server.url, org, create(server.url, org, user)) == 204
+        assert erase(gunicorn.url, org, create(gunicorn.url, org, user)) == 204
         after = datetime.datetime.now(UTC)
-        wrong[user] = race(server.url, org, user, after, lambda user=user: erase(server.url, org, wait_until(
-            lambda: found(server.url, org, user), interval=0.001, message="the customer created anew")))
+        wrong[user] = race(gunicorn.url, org, user, after, lambda user=user: erase(gunicorn.url, org, wait_until(
+            lambda: found(gunicorn.url, org, user), interval=0.001, message="the customer created anew")))
     assert_rounds(app, users, wrong)

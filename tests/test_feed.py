@@ -5,6 +5,7 @@ isolated; erasures reach every socket; the close codes; a socket that stops read
 
 One stack serves the module (each test has its own organization), but for the
 test that takes Redis away."""
+import statistics
 import threading
 import time
 
@@ -139,23 +140,32 @@ def test_a_socket_that_authenticates_late_or_never_is_closed(module_stack, org):
         late.send({"type": "auth", "token": org["readKey"]})  # too late: already closed
 
 
-def timed_batches(url, key, customer_id, batches):
-    started = time.monotonic()
+def batch_seconds(url, key, customer_id, batches=10):
+    """How long each of ``batches`` batches of 500 interactions took to be stored."""
+    took = []
     for _ in range(batches):
-        response = post_batch(url, key, [interaction(customer_id) for _ in range(500)])
+        items = [interaction(customer_id) for _ in range(500)]
+        started = time.monotonic()
+        response = post_batch(url, key, items)
+        took.append(time.monotonic() - started)
         assert response.status_code == 200 and response.json()["successful"] == 500
-    return time.monotonic() - started
+    return took
 
 
 def test_a_socket_that_stops_reading_never_slows_ingest(module_stack, org, customer_id):
     """Straight to gunicorn: through nginx the stall is first absorbed by nginx's
-    socket buffers (all 5,000 events fit), and nothing is dropped."""
-    baseline = timed_batches(module_stack.url, org["ingestKey"], customer_id, 10)
+    socket buffers (all 5,000 events fit), and nothing is dropped.
+
+    What it guards against is ingest waiting on the socket (publishing that writes
+    to it, or waits for a loop that does): each batch would then take until the
+    socket is cut (STALL_SECONDS). The socket itself costs its worker only framing
+    and dropping; the bound of twice the control is for the noisy machine, and
+    medians, which a few batches slowed by it do not move, are compared."""
+    alone = statistics.median(batch_seconds(module_stack.url, org["ingestKey"], customer_id))
     stalled = RawSocket(module_stack.web.url, org["readKey"])
-    with_stalled = timed_batches(module_stack.url, org["ingestKey"], customer_id, 10)
-    print("\ningest of 5,000 events: %.2f s alone, %.2f s with a stalled socket" % (
-        baseline, with_stalled))
-    assert with_stalled < baseline * 3 + 1
+    with_stalled = statistics.median(batch_seconds(module_stack.url, org["ingestKey"], customer_id))
+    print("\nmedian batch of 500: %.3f s alone, %.3f s with a stalled socket" % (alone, with_stalled))
+    assert with_stalled < 2 * alone
     live = FeedClient(module_stack.url, org["readKey"])  # a healthy socket is still served
     assert live.next()["type"] == "ready"
     live.close()

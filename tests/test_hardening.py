@@ -105,7 +105,7 @@ def test_any_segment_batch_is_200_and_creates_only_the_customers_of_stored_event
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def single_worker_gunicorn(tmp_path_factory):
     gunicorn = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "server.log", workers=1)
     yield gunicorn
     gunicorn.stop()
@@ -116,25 +116,25 @@ def chunks(data, size=65536):
         yield data[start:start + size]
 
 
-def test_a_chunked_body_over_the_limit_is_413_like_any_other(server, org, customer_id):
+def test_a_chunked_body_over_the_limit_is_413_like_any_other(single_worker_gunicorn, org, customer_id):
     body = json.dumps({"interactions": [interaction(customer_id, content="x" * 9000)] * 150}).encode()
     assert len(body) > 1024 * 1024
     headers = {**bearer(org["ingestKey"]), "Content-Type": "application/json"}
-    sized = requests.post(server.url + "/api/data/ingest/batch", data=body, headers=headers)
-    chunked = requests.post(server.url + "/api/data/ingest/batch", data=chunks(body), headers=headers)
+    sized = requests.post(single_worker_gunicorn.url + "/api/data/ingest/batch", data=body, headers=headers)
+    chunked = requests.post(single_worker_gunicorn.url + "/api/data/ingest/batch", data=chunks(body), headers=headers)
     assert (sized.status_code, chunked.status_code) == (413, 413)
     assert sized.json()["error"] == chunked.json()["error"] == "payload_too_large"
 
 
-def segment(server, org, event):
-    return requests.post(server.url + "/v1/batch", json={"batch": [event]},
+def segment(single_worker_gunicorn, org, event):
+    return requests.post(single_worker_gunicorn.url + "/v1/batch", json={"batch": [event]},
                          auth=(org["ingestKey"], ""))
 
 
-def test_concurrent_identifies_of_one_user_keep_every_trait(app, server, org):
+def test_concurrent_identifies_of_one_user_keep_every_trait(app, single_worker_gunicorn, org):
     """40 identifies of one user at once, each with its own trait: all 40 stay."""
-    assert segment(server, org, {"type": "identify", "userId": "u-1", "traits": {}}).ok
-    threads = [threading.Thread(target=segment, args=(server, org, {
+    assert segment(single_worker_gunicorn, org, {"type": "identify", "userId": "u-1", "traits": {}}).ok
+    threads = [threading.Thread(target=segment, args=(single_worker_gunicorn, org, {
         "type": "identify", "userId": "u-1", "traits": {"trait%d" % n: n}})) for n in range(40)]
     for thread in threads:
         thread.start()
@@ -145,8 +145,8 @@ def test_concurrent_identifies_of_one_user_keep_every_trait(app, server, org):
     assert customer.traits == {"trait%d" % n: n for n in range(40)}
 
 
-def test_a_refused_segment_event_creates_no_customer(app, server, org):
-    response = segment(server, org, {"type": "track", "userId": "ghost", "event": "x" * 101})
+def test_a_refused_segment_event_creates_no_customer(app, single_worker_gunicorn, org):
+    response = segment(single_worker_gunicorn, org, {"type": "track", "userId": "ghost", "event": "x" * 101})
     assert response.status_code == 200 and response.json()["errors"][0]["index"] == 0
     with app.app_context():
         assert not Customer.select().where(Customer.external_id == "ghost").exists()

@@ -4,7 +4,6 @@ of what they refuse, while reads and health checks keep answering; the official
 Segment client backs off and still delivers everything once; `/metrics`, scraped
 from gunicorn + a consumer, agrees with what was sent."""
 import threading
-import time
 import uuid
 
 import pytest
@@ -120,7 +119,8 @@ def test_workers_share_one_budget_per_key(limited_server, org, customer_id):
 def test_reads_and_health_answer_while_ingest_is_refused(tmp_path, org, customer_id):
     """8 clients retry ingest in a tight loop on a key far over its limit (100/s);
     meanwhile every read (another key, under its own limit) and health check is
-    answered."""
+    answered, each within its timeout. (How fast is not compared: the reads share
+    the cores with the clients, and the design promises availability.)"""
     limited_server = Gunicorn(tmp_path / "web.log", workers=2, env={
         "EVENTS_URL": require_redis(), "RATE_LIMIT": "100/s"})
     stop, hammered = threading.Event(), []
@@ -133,24 +133,20 @@ def test_reads_and_health_answer_while_ingest_is_refused(tmp_path, org, customer
     threads = [threading.Thread(target=hammer) for _ in range(8)]
     for thread in threads:
         thread.start()
-    latencies = []
     try:
         wait_until(lambda: hammered.count(429) > 100, message="ingest to be refused")
+        refused = hammered.count(429)
         session = requests.Session()
         for n in range(100):
             path = "/healthz" if n % 2 else "/api/interactions?limit=10"
-            started = time.perf_counter()
             response = session.get(limited_server.url + path, headers=bearer(org["readKey"]), timeout=5)
-            latencies.append(time.perf_counter() - started)
             assert response.status_code == 200
+        assert hammered.count(429) > refused, "ingest was not refused while the reads ran: the test proves nothing"
     finally:
         stop.set()
         for thread in threads:
             thread.join()
         limited_server.stop()
-    latencies.sort()
-    print("\nreads while %d ingests were refused: p50 %.1f ms, p99 %.1f ms" % (
-        hammered.count(429), latencies[49] * 1000, latencies[98] * 1000))
     assert set(hammered) <= {201, 429}
 
 

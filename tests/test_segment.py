@@ -136,16 +136,16 @@ def test_storage_failure_asks_the_client_to_retry(client, org, storage_faults):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def gunicorn(tmp_path_factory):
     """gunicorn with 2 workers, for the module (each test has its own organization)."""
     web = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "web.log", workers=2)
     yield web
     web.stop()
 
 
-def test_official_client_delivers_every_event_exactly_once(app, server, org):
+def test_official_client_delivers_every_event_exactly_once(app, gunicorn, org):
     errors = []
-    analytics = Client(org["ingestKey"], host=server.url, gzip=True, max_retries=3,
+    analytics = Client(org["ingestKey"], host=gunicorn.url, gzip=True, max_retries=3,
                        on_error=lambda error, batch: errors.append(error), upload_size=100)
     users = ["user-%d" % n for n in range(20)]
     for user in users:
@@ -167,18 +167,18 @@ def test_official_client_delivers_every_event_exactly_once(app, server, org):
     assert customers["user-3"].name == "User-3"
 
 
-def test_official_library_replay_and_clock_skew_over_http(app, server, org):
+def test_official_library_replay_and_clock_skew_over_http(app, gunicorn, org):
     """The library's own request function: a retried (replayed) batch stores nothing
     new; a batch from a clock 2 h fast lands at the corrected time."""
     from segment.analytics.request import post as segment_post
 
     batch = [track("replayed-%d" % (n % 2)) for n in range(5)]
     for _ in range(2):
-        assert segment_post(org["ingestKey"], host=server.url, gzip=True, batch=batch).status_code == 200
+        assert segment_post(org["ingestKey"], host=gunicorn.url, gzip=True, batch=batch).status_code == 200
     now = datetime.datetime.now(UTC)
     fast = now + datetime.timedelta(hours=2)
     skewed = track("skewed", timestamp=(fast - datetime.timedelta(minutes=30)).isoformat())
-    assert segment_post(org["ingestKey"], host=server.url, gzip=True, batch=[skewed],
+    assert segment_post(org["ingestKey"], host=gunicorn.url, gzip=True, batch=[skewed],
                         sentAt=fast.isoformat()).status_code == 200
     with app.app_context():
         assert Interaction.select().count() == 6
