@@ -6,6 +6,7 @@ Production: `gunicorn -c gunicorn.conf.py "app:create_app()"` plus
 `huey_consumer tasks.huey -w N`.
 """
 import argparse
+import signal
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -63,11 +64,17 @@ def main(argv=None):
     process = runtime.of(app)
     process.start()
     consumer = tasks.start_embedded_consumer()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
     finally:
         consumer.stop(graceful=True)
         process.stop()
+
+
+def _interrupt(signum, frame):
+    """SIGTERM stops the dev server as Ctrl-C does: its consumer and runtime stop cleanly."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

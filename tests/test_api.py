@@ -10,8 +10,20 @@ import pytest
 from app import create_app
 from ingest import runtime
 from ingest.accounts import revoke_key
-from tests.helpers import (INGEST_PATH, bearer, gzipped, hours_ago, interaction, iso, make_customer,
-                           make_organization, post_batch, post_interaction, post_json, stored_count)
+from tests.helpers import (
+    INGEST_PATH,
+    bearer,
+    gzipped,
+    hours_ago,
+    interaction,
+    iso,
+    make_customer,
+    make_organization,
+    post_batch,
+    post_interaction,
+    post_json,
+    stored_count,
+)
 
 
 def get_customer(client, org, customer_id):

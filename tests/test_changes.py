@@ -5,7 +5,8 @@ import base64
 import datetime
 import threading
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingest import analysis, changes, lifecycle
 from models import Change, utcnow

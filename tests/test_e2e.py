@@ -124,7 +124,7 @@ def test_concurrent_writers_keep_every_count_exact(app, nginx_gunicorn, org):
     assert violations == [], "invariant broken as seen from outside: %s" % violations[:3]
 
     created, reported_ids = 0, set()
-    for status, text in responses:
+    for _, text in responses:
         body = json.loads(text)
         if "total" in body:
             created += body["successful"]

@@ -16,8 +16,8 @@ from ingest import lifecycle
 from models import Customer, Interaction, db
 from tests.dbs import is_postgres_url
 from tests.helpers import UTC, bearer, hours_ago, iso, make_customer
-from tests.test_hardening import writes_blocked
 from tests.servers import Gunicorn, wait_until
+from tests.test_hardening import writes_blocked
 
 
 def segment(client, org, event):

@@ -18,8 +18,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 from ingest import changes
 from ingest.fanout import text_frame
 from tests.feed_client import FeedClient, RawSocket
-from tests.helpers import (bearer, ingest, interaction, make_customer, make_organization, post_batch,
-                           post_interaction)
+from tests.helpers import bearer, ingest, interaction, make_customer, make_organization, post_batch, post_interaction
 from tests.servers import Gunicorn, RedisServer, free_port, wait_until
 
 

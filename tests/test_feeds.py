@@ -2,7 +2,8 @@
 property: whatever order the bus brings changes in, with duplicates and losses,
 and whenever the store is read, the changes delivered are in position order, each
 once, and include every change the store still has."""
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.feeds import HOLE_SECONDS, OrgFeed
 
@@ -33,7 +34,7 @@ def test_whatever_the_bus_does_changes_are_delivered_in_order_once_and_none_kept
     n, erased, arrived, cuts, page = history
     feed, delivered, now = OrgFeed(), [], 0.0
     feed.start(0)
-    for position, fill_now in zip(arrived, cuts):
+    for position, fill_now in zip(arrived, cuts, strict=True):
         now += 0.05
         delivered += feed.take([(position, "m%d" % position)], now)
         if fill_now or feed.wants_fill(now):

@@ -14,7 +14,8 @@ import uuid
 import psycopg
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from models import Customer, Interaction
 from tests.dbs import is_postgres_url

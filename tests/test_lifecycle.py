@@ -5,7 +5,8 @@ dry runs (§5) that answer what the real call does and store nothing."""
 import datetime
 import threading
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingest import analysis, lifecycle
 from ingest.accounts import new_organization

@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 import requests
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest import runtime
 from ingest.accounts import hash_key, revoke_key
@@ -17,8 +18,17 @@ from ingest.keys import KeyCache
 from ingest.overload import EVENTS, REQUESTS, RateLimit, over_share, parse_rate, pending_by_organization
 from models import Customer
 from tests.conftest import production_stack, require_redis
-from tests.helpers import (BATCH_PATH, INGEST_PATH, bearer, interaction, make_customer, make_organization,
-                           post_batch, post_interaction, stored_count)
+from tests.helpers import (
+    BATCH_PATH,
+    INGEST_PATH,
+    bearer,
+    interaction,
+    make_customer,
+    make_organization,
+    post_batch,
+    post_interaction,
+    stored_count,
+)
 from tests.servers import wait_until
 
 MIB = 1024 * 1024

@@ -67,7 +67,7 @@ def test_a_backlog_over_its_bound_refuses_ingest_but_not_reads(make_app, org, cu
     """No consumer runs here, so what is stored stays pending."""
     app = make_app({"TESTING": True, "ANALYSIS_BACKLOG_MAX": 3})
     client = app.test_client()
-    for n in range(4):
+    for _ in range(4):
         assert post_interaction(client, org["ingestKey"], customer_id).status_code == 201
 
     backlog = runtime.of(app).backlog

@@ -11,7 +11,8 @@ import datetime
 import json
 import uuid
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from ingest import schemas, service
@@ -88,7 +89,7 @@ class IngestMachine(RuleBasedStateMachine):
         result = self.service.ingest_batch(self.org_id, {"interactions": items})
         assert result.total == result.successful + result.duplicates + result.failed == size
         errors = {e["index"]: e["error"] for e in result.errors}
-        for index, item in enumerate(items):
+        for index in range(len(items)):
             if kinds[index] == "invalid":
                 assert errors[index] == "validation_error"
             elif index in errors:
