@@ -13,7 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import models
 import tasks
-from ingest import api, body, cli, config, errors, feed, logs, metrics, runtime, security
+from ingest import api, cli, config, errors, feed, logs, metrics, runtime, web
 
 
 def create_app(test_config=None):
@@ -35,11 +35,8 @@ def create_app(test_config=None):
     process.bind()  # the CLI's commands query without starting anything
     app.extensions["runtime"] = process
 
-    logs.init_app(app)
-    models.init_app(app)
-    security.init_app(app)
+    web.init_app(app)
     errors.register(app)
-    body.init_app(app)
     metrics.init_app(app, process.backlog, process.bus)
     app.register_blueprint(api.api)
     app.register_blueprint(api.segment_api)

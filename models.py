@@ -36,6 +36,32 @@ from playhouse.pool import PooledPostgresqlDatabase
 db = DatabaseProxy()
 
 
+# Random UUIDs (version 4), as uuid.uuid4 makes them, without a system call each:
+# uuid.uuid4 reads 16 bytes from os.urandom every time, a system call per
+# interaction and per request id. Here the bytes come from os.urandom 4 KiB at a
+# time. A forked process starts with an empty buffer, so no two processes ever
+# hand out the same bytes.
+_BUFFER_BYTES = 4096
+_state = {"buffer": b"", "offset": 0}
+_lock = threading.Lock()
+
+
+def _forget():
+    _state["buffer"], _state["offset"] = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget)
+
+
+def uuid4():
+    with _lock:
+        offset = _state["offset"]
+        if offset + 16 > len(_state["buffer"]):
+            _state["buffer"], offset = os.urandom(_BUFFER_BYTES), 0
+        _state["offset"] = offset + 16
+        return uuid.UUID(bytes=_state["buffer"][offset:offset + 16], version=4)
+
+
 def utcnow():
     """The current time as naive UTC, the form every timestamp is stored in."""
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
@@ -172,20 +198,6 @@ def connection():
         return
     with db.connection_context():
         yield
-
-
-def init_app(app):
-    """Give a request's connection back when it ends.
-
-    Unlike playhouse.flask_utils, which connects in before_request, nothing opens
-    one up front: peewee connects on a request's first query, so the requests
-    that need none (ingest, authenticated from the key cache and stored by the
-    group commit; health checks; the feed) never take one from the pool.
-    """
-    @app.teardown_request
-    def _close(exc):
-        if not db.is_closed():
-            db.close()
 
 
 class JSONTextField(TextField):

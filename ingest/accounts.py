@@ -6,10 +6,10 @@ random strings, so a fast hash is as safe as a slow one and costs nothing per
 request). Its first characters, the prefix, name it in listings and
 `revoke-key`.
 """
-import hashlib
 import secrets
 from enum import StrEnum
 
+from ingest.keys import hash_key
 from models import ApiKey, Organization, db
 
 
@@ -19,16 +19,6 @@ class Scope(StrEnum):
     READ = "read"
 
 PREFIX_LENGTH = 12
-
-
-def hash_key(key):
-    """The SHA-256 of a key, or None for anything that cannot be one of ours."""
-    if not isinstance(key, str) or not key:
-        return None
-    try:
-        return hashlib.sha256(key.encode("utf-8")).hexdigest()
-    except UnicodeEncodeError:  # a lone surrogate
-        return None
 
 
 def create_key(organization_id, scopes):

@@ -5,16 +5,15 @@ for writes, ingest/reads.py, ingest/lifecycle.py, ingest/segment.py), and dumps 
 result through the schema that the OpenAPI description publishes for it
 (ingest/schemas.py). Errors are raised and shaped by ingest.errors.
 """
-import functools
 
 from flask import Blueprint, current_app, g, request
 
-from ingest import lifecycle, reads, runtime, schemas, segment
+from ingest import lifecycle, reads, schemas, segment
 from ingest import openapi as openapi_spec
 from ingest.accounts import Scope
-from ingest.auth import authenticate, charge_events, key_from_request, require
+from ingest.auth import admit, charge_events, key_from_request, require
 from ingest.body import read_json
-from ingest.errors import ApiError, too_many_requests
+from ingest.errors import ApiError
 from ingest.problems import Code, validation_error
 from models import db
 
@@ -29,7 +28,7 @@ DRY_RUN_VIEWS = ("api.ingest", "api.ingest_batch", "segment.segment_events")
 
 
 def service():
-    return runtime.of(current_app).ingest
+    return current_app.extensions["runtime"].ingest
 
 
 @api.before_request
@@ -66,25 +65,6 @@ def find_customers():
     return schemas.customer_list.dump({"items": customers})
 
 
-def check_backlog():
-    """429 while the analysis backlog is over ANALYSIS_BACKLOG_MAX and the key's
-    organization over its share of it (DESIGN §13; overload.Backlog)."""
-    wait = runtime.of(current_app).backlog.retry_after(g.organization_id)
-    if wait is not None:
-        raise too_many_requests(Code.ANALYSIS_BACKLOG_FULL, "Too many interactions are waiting for "
-                                "analysis, and this organization's are over its share of the "
-                                "bound; retry after %d s." % wait, wait)
-
-
-def bounded(view):
-    """Decorator: an ingest view, refused whole while the backlog is over its bound."""
-    @functools.wraps(view)
-    def wrapped(*args, **kwargs):
-        check_backlog()
-        return view(*args, **kwargs)
-    return wrapped
-
-
 def dry_run():
     """``?dryRun=true`` (DESIGN §5): validate exactly as a real call, store nothing."""
     value = request.args.get("dryRun", "false").lower()
@@ -93,33 +73,23 @@ def dry_run():
     return value in ("true", "1")
 
 
-def charge(payload, field=None):
-    """Charge the key's events budget (RATE_LIMIT) with the events ``payload``
-    carries: the items of its ``field`` for a batch, else 1. Before anything is
-    stored, so that a batch over the budget is refused whole."""
-    items = payload.get(field) if field and isinstance(payload, dict) else None
-    charge_events(len(items) if isinstance(items, list) and items else 1, field)
-
-
 @api.post("/data/ingest")
-@require(Scope.INGEST)
-@bounded
+@require(Scope.INGEST, backlog=True)
 def ingest():
     dry = dry_run()
     payload = read_json()
-    charge(payload)
+    charge_events(payload)
     interaction_id, duplicate = service().ingest(g.organization_id, payload, dry_run=dry)
     body = schemas.ingest_result.dump({"id": interaction_id, "duplicate": duplicate, "dry_run": dry})
     return body, 200 if duplicate or dry else 201
 
 
 @api.post("/data/ingest/batch")
-@require(Scope.INGEST)
-@bounded
+@require(Scope.INGEST, backlog=True)
 def ingest_batch():
     dry = dry_run()
     payload = read_json()
-    charge(payload, "interactions")
+    charge_events(payload, "interactions")
     return schemas.batch_result.dump(service().ingest_batch(g.organization_id, payload, dry_run=dry))
 
 
@@ -150,13 +120,12 @@ def segment_events(kind=None):
     should act (400 bad envelope, 401/403 key, 429 and 503 retry)."""
     key = key_from_request()
     if key:
-        authenticate(Scope.INGEST, key)
+        admit(Scope.INGEST, key, backlog=True)
     payload = read_json()
     if not key:
-        authenticate(Scope.INGEST, payload.get("writeKey") if isinstance(payload, dict) else None)
-    check_backlog()
+        admit(Scope.INGEST, payload.get("writeKey") if isinstance(payload, dict) else None, backlog=True)
     dry = dry_run()
-    charge(payload, "batch" if kind is None else None)
+    charge_events(payload, "batch" if kind is None else None)
     problems, retry = segment.ingest(service(), g.organization_id, payload, kind, dry_run=dry)
     if retry:
         raise ApiError(503, Code.STORAGE_ERROR, "Storing failed; retry the batch.",
@@ -179,7 +148,7 @@ def healthz():
 @health.get("/readyz")
 def readyz():
     checks = {"database": _check(lambda: db.execute_sql("SELECT 1")),
-              "queue": _check(runtime.of(current_app).pending_count)}
+              "queue": _check(current_app.extensions["runtime"].pending_count)}
     ready = all(value == "ok" for value in checks.values())
     return schemas.health.dump({"status": "ready" if ready else "unavailable", "checks": checks}), \
         200 if ready else 503

@@ -1,5 +1,4 @@
-"""Reading a JSON request body: content type, gzip, size limits, strict JSON;
-and reading the rest of a body that a refusal left unread.
+"""Reading a JSON request body: content type, gzip, size limits, strict JSON.
 
 MAX_CONTENT_LENGTH bounds the body as sent (Werkzeug enforces it) and, here,
 the body once decompressed, without ever inflating more than that limit, so
@@ -25,12 +24,6 @@ def _finite_float(text):
         raise ValueError("the number %s is out of range" % text)
     return value
 
-
-# A body that a refusal left unread is read and dropped up to this many times
-# MAX_CONTENT_LENGTH: deploy/nginx.conf passes bodies up to twice the limit on
-# (client_max_body_size), so that the service answers their 413 itself.
-DISCARD_FACTOR = 2
-DISCARD_CHUNK = 64 * 1024
 
 # One decoder for every body: json.loads with hooks would build one per call.
 _decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
@@ -83,41 +76,3 @@ def _decoded_body(data, limit):
     if not inflater.eof:
         raise ApiError(400, Code.INVALID_GZIP, "The gzip body is truncated.")
     return body
-
-
-def init_app(app):
-    app.after_request(discard_unread)
-
-
-def discard_unread(response):
-    """Read and drop what is left of the request body before the answer goes out.
-
-    A refusal decided before the body is read (401, 403, 413, 429...) leaves it on
-    the connection. gunicorn then drains at most 64 KiB of it and closes the
-    connection while nginx is still sending: nginx answers 502 instead of the
-    refusal, and the kept-alive upstream connection it shares between clients
-    breaks for whoever uses it next. Read to its end, the body is gone and the
-    connection serves the next request; reading the rest of a body already read
-    costs one empty read.
-
-    Only a stream the server ends (``wsgi.input_terminated``: gunicorn always, the
-    dev server for chunked bodies) can be read past what Werkzeug would allow
-    without hanging. A body over DISCARD_FACTOR x MAX_CONTENT_LENGTH is left to
-    the server, which closes the connection: only a client without nginx in front
-    can send one.
-    """
-    bound = DISCARD_FACTOR * current_app.config["MAX_CONTENT_LENGTH"]
-    if "wsgi.input_terminated" in request.environ and (request.content_length or 0) <= bound:
-        try:
-            _discard(request.input_stream, bound)
-        except Exception:  # whatever the server raises (the client left, a broken chunk): it closes
-            pass           # the connection, and the answer stands
-    return response
-
-
-def _discard(stream, bound):
-    while bound > 0:
-        chunk = stream.read(min(DISCARD_CHUNK, bound))
-        if not chunk:
-            return
-        bound -= len(chunk)

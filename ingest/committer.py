@@ -55,18 +55,21 @@ class GroupCommitter:
         self._arrived = threading.Condition()
         self._committed = queue.SimpleQueue()
         self._threads = Threads(("group-commit", self._write), ("after-commit", self._follow), wake=self._wake)
+        self._accepting = False
 
     def start(self):
         self._threads.start()
+        self._accepting = True
 
     def stop(self):
         """Commit what is waiting, do its follow-up, and end both threads."""
+        self._accepting = False
         self._threads.stop()
 
     def submit(self, job):
         """Queue ``job`` for storage; returns a Future of its results. Cancelling
         the future withdraws the job, unless its commit has begun."""
-        if not self._threads.running:
+        if not self._accepting:
             raise RuntimeError("the group committer is not running (Runtime.start)")
         future = Future()
         with self._arrived:

@@ -10,7 +10,7 @@ from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
-from ingest import metrics, schemas
+from ingest import schemas
 from ingest.problems import Code, ServiceError
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,6 @@ class ApiError(Exception):
         self.message = message
         self.details = details or {}
         self.headers = headers or {}
-
-
-def too_many_requests(reason, message, retry_after, details=None):
-    """A 429 with Retry-After (DESIGN §13), counted by ``reason``."""
-    metrics.REFUSED.labels(reason).inc()
-    return ApiError(429, reason, message, {"retryAfter": retry_after, **(details or {})},
-                    headers={"Retry-After": str(retry_after)})
 
 
 def error_response(status, code, message, details=None, headers=None):

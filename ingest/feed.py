@@ -35,9 +35,9 @@ from wsproto.events import CloseConnection
 from wsproto.frame_protocol import CloseReason
 
 from ingest import changes, runtime
-from ingest.accounts import Scope, hash_key
+from ingest.accounts import Scope
 from ingest.fanout import Close, FeedSocket, Refused, text_frame
-from ingest.keys import AddressRefused, check_key
+from ingest.keys import AddressRefused, check_key, hash_key
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ not already cached is refused before any database lookup (a cached live key
 still goes through).
 """
 import collections
+import hashlib
 import logging
 import threading
 import time
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 KEY_CACHE_SECONDS = 5
 KEY_CACHE_ENTRIES = 10_000  # bounded: beyond it, the least recently used key goes
 LOOKUP_WAIT = 30  # seconds a request waits for another thread's lookup of the same key
+
+
+def hash_key(key):
+    """The SHA-256 of a key, or None for anything that cannot be one of ours."""
+    if not isinstance(key, str) or not key:
+        return None
+    try:
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from collections import Counter, namedtuple
 from peewee import IntegrityError, OperationalError
 
 from ingest import changes, partitions, schemas
-from ingest.problems import load
 from ingest.reads import find_customer
 from models import Customer, Erasure, Interaction, Organization, db, is_postgres, one_at_a_time, utcnow
 
@@ -35,7 +34,7 @@ RETENTION_CHUNK = 1000  # interactions deleted per transaction: ingest never wai
 
 def create_customer(organization_id, payload):
     """Create a customer; returns (customer, created). An existing externalId wins."""
-    data = load(schemas.customer_in, payload)
+    data = schemas.customer_in.load(payload)
     if data["external_id"] is not None:
         existing = find_customer(organization_id, data["external_id"])
         if existing is not None:

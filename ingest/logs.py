@@ -9,25 +9,21 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
 import types
 
-from flask import request
-
-from ingest import ids
 from ingest.threads import Threads
 
-_context = contextvars.ContextVar("log_context", default=types.MappingProxyType({}))  # never mutated: replaced
-_started = contextvars.ContextVar("request_started", default=0.0)
+# What every line logged in this context carries (the request id, the organization...);
+# never mutated: replaced (bind_context; ingest/web.py starts one per request).
+context = contextvars.ContextVar("log_context", default=types.MappingProxyType({}))
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def bind_context(**values):
-    _context.set({**_context.get(), **values})
+    context.set({**context.get(), **values})
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,7 +37,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "pid": record.process,
             "message": record.getMessage(),
-            **_context.get(),
+            **context.get(),
         }
         fields = vars(record)
         for key in fields.keys() - _STANDARD:  # what the caller passed as extra=
@@ -139,27 +135,3 @@ def configure(level="INFO"):
         huey_logger.removeHandler(handler)
     huey_logger.propagate = True
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-
-
-def init_app(app):
-    """A request id per request (X-Request-ID in and out) and one access line."""
-    access = logging.getLogger("ingest.access")
-
-    @app.before_request
-    def _start():
-        incoming = request.headers.get("X-Request-ID", "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else ids.uuid4().hex
-        _context.set({"request_id": request_id})
-        _started.set(time.perf_counter())
-
-    @app.after_request
-    def _finish(response):
-        context = _context.get()
-        response.headers["X-Request-ID"] = context.get("request_id", "")
-        if access.isEnabledFor(logging.INFO):
-            started = _started.get()
-            current = request._get_current_object()
-            access.info("request", extra={
-                "method": current.method, "path": current.path, "status": response.status_code,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
-        return response

@@ -11,9 +11,8 @@ is labelled by organization.
 """
 import logging
 import os
-import time
 
-from flask import Response, g, request
+from flask import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -115,20 +114,7 @@ def exposition(backlog, bus):
 
 
 def init_app(app, backlog, bus):
-    """Count and time every request; serve `/metrics`."""
-
-    @app.before_request
-    def _start():
-        g.metrics_started = time.perf_counter()
-
-    @app.after_request
-    def _count(response):
-        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        REQUESTS.labels(endpoint, str(response.status_code)).inc()
-        started = g.get("metrics_started")
-        if started is not None:
-            LATENCY.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    """Serve `/metrics` (requests are counted and timed by ingest/web.py)."""
 
     @app.get("/metrics")
     def metrics():

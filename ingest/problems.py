@@ -6,8 +6,6 @@ Free of Flask, like the workflows that raise it.
 import uuid
 from enum import StrEnum
 
-from marshmallow import ValidationError
-
 
 class Code(StrEnum):
     """The ``error`` of every error response (ingest/errors.py maps them to statuses)."""
@@ -45,18 +43,6 @@ def validation_error(details, message="The request is invalid."):
 def not_found(code, details=None):
     """``customer_not_found`` or ``interaction_not_found``."""
     return ServiceError(code, "No such %s." % code.split("_")[0], details)
-
-
-def load(schema, payload):
-    """``payload`` loaded by a marshmallow ``schema``; a validation_error naming each
-    wrong field otherwise."""
-    try:
-        return schema.load(payload)
-    except ValidationError as error:
-        details = error.messages
-        if not isinstance(details, dict):  # the payload itself was not an object
-            details = {"_schema": details}
-        raise validation_error(details) from None
 
 
 def uuid_or_none(value):

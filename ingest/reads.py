@@ -7,7 +7,7 @@ from functools import reduce
 from peewee import Tuple
 
 from ingest import changes, schemas
-from ingest.problems import Code, ServiceError, load, not_found, uuid_or_none, validation_error
+from ingest.problems import Code, ServiceError, not_found, uuid_or_none, validation_error
 from models import Customer, Interaction
 
 
@@ -27,7 +27,7 @@ def find_customer(organization_id, external_id):
 
 
 def find_customers(organization_id, query):
-    data = load(schemas.customer_query, query)
+    data = schemas.customer_query.load(query)
     customer = find_customer(organization_id, data["external_id"])
     return [customer] if customer else []
 
@@ -39,7 +39,7 @@ def list_interactions(organization_id, query):
     every interaction that existed when it began exactly once, whatever is
     inserted meanwhile.
     """
-    data = load(schemas.interaction_query, query)
+    data = schemas.interaction_query.load(query)
     conditions = [Interaction.organization == organization_id]
     for name, column in (("customer_id", Interaction.customer), ("channel", Interaction.channel),
                          ("event_type", Interaction.event_type)):
@@ -68,7 +68,7 @@ def list_changes(organization_id, query):
     (events, the cursor to ask after next). A cursor that is not this organization's
     is a validation_error naming ``after``; one older than what is kept,
     ``cursor_expired`` with the oldest cursor still good."""
-    data = load(schemas.change_query, query)
+    data = schemas.change_query.load(query)
     try:
         after = None if data["after"] is None else changes.position_of(organization_id, data["after"])
         events, last = changes.read(organization_id, after, data["limit"])

@@ -14,6 +14,8 @@ import uuid
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, validate
 
+from ingest.problems import validation_error
+
 CHANNELS = ("web", "mobile", "email", "chat", "phone", "social", "in_store", "api", "other")
 MAX_FUTURE = datetime.timedelta(hours=24)
 MAX_JSON_BYTES = 16 * 1024
@@ -100,7 +102,21 @@ def printable(value):
         raise ValidationError("Must contain printable characters only.")
 
 
-class InteractionIn(Schema):
+class Incoming(Schema):
+    """What a client sends: ``load`` raises a validation_error (ingest/problems.py)
+    naming each wrong field, which the error handler answers with a 400."""
+
+    def load(self, data, **kwargs):
+        try:
+            return super().load(data, **kwargs)
+        except ValidationError as error:
+            details = error.messages
+            if not isinstance(details, dict):  # the payload itself was not an object
+                details = {"_schema": details}
+            raise validation_error(details) from None
+
+
+class InteractionIn(Incoming):
     """One interaction as a client sends it (POST /api/data/ingest, batch items)."""
     customer_id = fields.UUID(required=True, data_key="customerId")
     timestamp = UtcDateTime(required=True, validate=not_far_future)
@@ -113,12 +129,12 @@ class InteractionIn(Schema):
                       validate=validate.Length(1, 128))
 
 
-class BatchIn(Schema):
+class BatchIn(Incoming):
     """The batch envelope; its items are validated one by one by the service."""
     interactions = fields.List(fields.Raw(), required=True)
 
 
-class CustomerIn(Schema):
+class CustomerIn(Incoming):
     external_id = Text(load_default=None, allow_none=True, data_key="externalId",
                        validate=validate.Length(1, 255))
     name = Text(load_default=None, allow_none=True, validate=validate.Length(max=255))
@@ -127,7 +143,7 @@ class CustomerIn(Schema):
     traits = JsonObject(load_default=dict)
 
 
-class CustomerQuery(Schema):
+class CustomerQuery(Incoming):
     external_id = Text(required=True, data_key="externalId", validate=validate.Length(1, 255))
 
 
@@ -152,7 +168,7 @@ def encode_cursor(timestamp, id_):
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-class InteractionQuery(Schema):
+class InteractionQuery(Incoming):
     """GET /api/interactions: filters, newest first, keyset pagination."""
     customer_id = fields.UUID(load_default=None, data_key="customerId")
     channel = fields.String(load_default=None, validate=validate.OneOf(CHANNELS))
@@ -163,7 +179,7 @@ class InteractionQuery(Schema):
     cursor = Cursor(load_default=None)
 
 
-class ChangeQuery(Schema):
+class ChangeQuery(Incoming):
     """GET /api/changes: the changes after a cursor, oldest first."""
     after = fields.String(load_default=None, validate=validate.Length(1, 64))
     limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ingest import changes, lifecycle, metrics, schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
 from ingest.logs import bind_context
-from ingest.problems import Code, ServiceError, load, not_found, uuid_or_none, validation_error
+from ingest.problems import Code, ServiceError, not_found, uuid_or_none, validation_error
 from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, probe, write_group
 from models import release_connection
 
@@ -216,7 +216,7 @@ class IngestService:
             batch.duplicates += status == DUPLICATE
 
     def _batch_items(self, payload):
-        items = load(schemas.batch_in, payload)["interactions"]
+        items = schemas.batch_in.load(payload)["interactions"]
         if not items:
             raise validation_error({"interactions": ["Must contain at least one item."]})
         if len(items) > self.max_batch_items:
@@ -238,7 +238,7 @@ def created_data(item):
 
 def validate_interaction(payload):
     """An interaction payload, validated (DESIGN §5), as data; or a ServiceError."""
-    return load(schemas.interaction_in, payload)
+    return schemas.interaction_in.load(payload)
 
 
 def customer_not_found(item):

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 from peewee import IntegrityError, OperationalError
 
-from ingest import changes, ids
-from models import PENDING, Customer, Interaction, db, is_postgres, utcnow
+from ingest import changes
+from models import PENDING, Customer, Interaction, db, is_postgres, utcnow, uuid4
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class NewInteraction:
     content: str | None = None
     metadata: dict = field(default_factory=dict)
     message_id: str | None = None
-    id: uuid.UUID = field(default_factory=ids.uuid4)
+    id: uuid.UUID = field(default_factory=uuid4)
     received_at: datetime.datetime = field(default_factory=utcnow)
     position: int | None = None  # in its organization's change stream, once stored
 

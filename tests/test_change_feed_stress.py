@@ -21,6 +21,7 @@ Each run prints its seed; CHANGE_FEED_SEED=<n> replays one (the interleaving wit
 servers is not replayed, the choices of the clients are).
 """
 import http.client
+import itertools
 import json
 import os
 import random
@@ -454,7 +455,7 @@ def check_feed(items, org, stored, shown, doomed, writers):
     """What a reader saw: each stored interaction created and analysed once, as stored, in
     position order; nothing else but the erased customer's changes before its erasure."""
     positions = [position_of(org["organizationId"], item["cursor"]) for item in items]
-    assert all(a < b for a, b in zip(positions, positions[1:], strict=True)), "positions not strictly increasing"
+    assert all(a < b for a, b in itertools.pairwise(positions)), "positions not strictly increasing"
     index = defaultdict(dict)  # type -> {id: where the reader saw it}
     for n, item in enumerate(items):
         assert item["data"]["id"] not in index[item["type"]], "seen twice: %s" % item
