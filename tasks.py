@@ -30,7 +30,7 @@ BATCH_LANE = 10
 REQUEUE_LANE = 0
 SHARE_WINDOW = 10
 SHARE_STEP = 500
-CHUNK = 500  # ids a task: per-task work (dequeue, one SELECT, one UPDATE, one publish) shared by more texts
+TASK_IDS = 500  # ids a task: per-task work (dequeue, one SELECT, one UPDATE, one publish) shared by more texts
 TASK_BUDGET = 1.0  # seconds a task scores before it queues the rest of its ids again
 
 
@@ -178,8 +178,8 @@ def requeue(ids):
 
 def _enqueue(ids, priority):
     ids = [str(i) for i in ids]
-    for start in range(0, len(ids), CHUNK):
-        huey.enqueue(analyze.s(ids[start:start + CHUNK], priority=priority))
+    for start in range(0, len(ids), TASK_IDS):
+        huey.enqueue(analyze.s(ids[start:start + TASK_IDS], priority=priority))
 
 
 def start_embedded_consumer(workers=2):

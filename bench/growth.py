@@ -39,7 +39,7 @@ from tests.dbs import create_scratch_database, drop_database
 
 EMPTY_ROWS = 20_000
 CUSTOMERS = 100  # an organization's
-CHUNK = 1_000_000
+FILL_ROWS = 1_000_000
 DAYS = 365
 READ_PAGES = 10
 CONVERSION_ROWS = 1_000_000
@@ -104,10 +104,10 @@ def fill(database_url, rows, organizations):
         for name, _ in indexes:
             conn.execute('DROP INDEX "%s"' % name)
         started = time.perf_counter()
-        for start in range(0, rows, CHUNK):
+        for start in range(0, rows, FILL_ROWS):
             conn.execute(FILL, {"days": DAYS, "rows": rows, "customers": customers, "start": start,
-                                "stop": min(rows, start + CHUNK)})
-            log("filled %d of %d interactions (%.0f s)" % (min(rows, start + CHUNK), rows,
+                                "stop": min(rows, start + FILL_ROWS)})
+            log("filled %d of %d interactions (%.0f s)" % (min(rows, start + FILL_ROWS), rows,
                                                          time.perf_counter() - started))
         for _, definition in indexes:  # a partitioned table's index, made ON ONLY, would skip its partitions
             conn.execute(definition.replace(" ON ONLY ", " ON "))

@@ -1,6 +1,6 @@
 """Sentiment analysis of stored interactions with VADER (DESIGN §7).
 
-``analyze(ids)`` touches only interactions still ``pending``, so running it
+``score_and_store(ids)`` touches only interactions still ``pending``, so running it
 twice, or for ids another task already did, changes nothing. It is two steps,
 so that a consumer can overlap them: ``score`` (one SELECT, then VADER) and
 ``store`` (one UPDATE for the whole list).
@@ -85,7 +85,7 @@ def sentiment_of(content):
     return DONE, label_for(compound), compound
 
 
-def analyze(ids):
+def score_and_store(ids):
     """Analyse the interactions ``ids`` still pending; returns one result dict
     for each one analysed (those that raised stay pending)."""
     scored, _, _ = score(ids)

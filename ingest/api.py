@@ -24,11 +24,11 @@ health = Blueprint("health", __name__)
 
 # The views that take ``?dryRun=true`` (DESIGN §5); every other view of /api and
 # /v1 refuses the parameter rather than ignore it and do the real thing.
-DRY_RUN_VIEWS = ("api.ingest", "api.ingest_batch", "segment.segment_events")
+DRY_RUN_VIEWS = ("api.ingest_one", "api.ingest_batch", "segment.segment_events")
 
 
 def service():
-    return current_app.extensions["runtime"].ingest
+    return current_app.extensions["runtime"].service
 
 
 @api.before_request
@@ -75,11 +75,11 @@ def dry_run():
 
 @api.post("/data/ingest")
 @require(Scope.INGEST, backlog=True)
-def ingest():
+def ingest_one():
     dry = dry_run()
     payload = read_json()
     charge_events(payload)
-    interaction_id, duplicate = service().ingest(g.organization_id, payload, dry_run=dry)
+    interaction_id, duplicate = service().ingest_one(g.organization_id, payload, dry_run=dry)
     body = schemas.ingest_result.dump({"id": interaction_id, "duplicate": duplicate, "dry_run": dry})
     return body, 200 if duplicate or dry else 201
 
@@ -126,7 +126,7 @@ def segment_events(kind=None):
         admit(Scope.INGEST, payload.get("writeKey") if isinstance(payload, dict) else None, backlog=True)
     dry = dry_run()
     charge_events(payload, "batch" if kind is None else None)
-    problems, retry = segment.ingest(service(), g.organization_id, payload, kind, dry_run=dry)
+    problems, retry = segment.accept(service(), g.organization_id, payload, kind, dry_run=dry)
     if retry:
         raise ApiError(503, Code.STORAGE_ERROR, "Storing failed; retry the batch.",
                        {"errors": segment.problem_out.dump(problems, many=True)},

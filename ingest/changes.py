@@ -187,7 +187,7 @@ def _prune(organization_id, before):
     return last + 1 - oldest
 
 
-def reclaim(limit=None, chunk=10_000):
+def reclaim(limit, chunk):
     """Delete the rows of changes out of reach (below their stream's oldest position),
     ``chunk`` a transaction, up to ``limit`` (None: all); returns how many."""
     deleted = 0

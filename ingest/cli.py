@@ -42,7 +42,7 @@ def init_db():
 
 
 @click.command("migrate")
-@click.option("--chunk", type=click.IntRange(min=1), default=partitions.CHUNK, show_default=True,
+@click.option("--chunk", type=click.IntRange(min=1), default=partitions.COPY_ROWS, show_default=True,
               help="Rows copied per transaction.")
 @with_appcontext
 def migrate(chunk):

@@ -29,7 +29,8 @@ from models import Customer, Erasure, Interaction, Organization, db, is_postgres
 
 log = logging.getLogger(__name__)
 
-RETENTION_CHUNK = 1000  # interactions deleted per transaction: ingest never waits long
+RECLAIM_ROWS = 10_000  # rows out of reach (changes, message keys) deleted per transaction
+RETENTION_ROWS = 1000  # interactions deleted per transaction: ingest never waits long
 
 
 def create_customer(organization_id, payload):
@@ -167,7 +168,7 @@ def count_expired(cutoff, organization_id=None):
     return Interaction.select().where(_expired(cutoff, organization_id)).count()
 
 
-def apply_retention(cutoff, organization_id=None, chunk=RETENTION_CHUNK, progress=None):
+def apply_retention(cutoff, organization_id=None, chunk=RETENTION_ROWS, progress=None):
     """Delete the interactions whose event time is before ``cutoff`` (naive UTC),
     correcting their customers' counters as they go. On a partitioned table (and
     for all organizations), first drop every partition received wholly before
@@ -202,8 +203,8 @@ def reclaim(limit=None):
     """Delete what retention put out of reach, up to ``limit`` rows of each kind
     (None: all): {"changes": rows of pruned changes, "message_keys": keys of dropped
     partitions}. Nothing depends on it but the space they take."""
-    return {"changes": changes.reclaim(limit),
-            "message_keys": partitions.reclaim_keys(limit) if partitions.is_partitioned() else 0}
+    return {"changes": changes.reclaim(limit, RECLAIM_ROWS),
+            "message_keys": partitions.reclaim_keys(limit, RECLAIM_ROWS) if partitions.is_partitioned() else 0}
 
 
 def _retried(transaction, attempts=3):

@@ -138,7 +138,7 @@ NEW = "interaction_partitioned"
 PROGRESS = "partition_conversion"
 KEY_INDEX = "interaction_conversion_key"
 INLINE_ROWS = 100_000  # converted by every migrate(); more waits for `flask migrate`
-CHUNK = 20_000  # rows copied a transaction
+COPY_ROWS = 20_000  # rows the conversion copies a transaction
 
 NEW_TABLE = (
     'CREATE TABLE {new} (LIKE interaction INCLUDING DEFAULTS) PARTITION BY RANGE (received_at)',
@@ -208,7 +208,7 @@ def remaining_estimate():
     return max(0, int(row[0])) if row else 0
 
 
-def convert(interval, ahead, now, chunk=CHUNK, limit=None, progress=None):
+def convert(interval, ahead, now, chunk=COPY_ROWS, limit=None, progress=None):
     """Turn ``interaction`` into the partitioned table, resuming a conversion a
     killed run left. ``limit``: do nothing when the old table holds more rows than
     that (they wait for `flask migrate`). ``progress(rows copied)`` is called after
@@ -357,7 +357,7 @@ def keep_from(moment):
                    "SET kept_from = GREATEST(storage_horizon.kept_from, excluded.kept_from)", [moment])
 
 
-def reclaim_keys(limit=None, chunk=10_000):
+def reclaim_keys(limit, chunk):
     """Delete the ``message_key`` rows of dropped partitions (received before the
     storage horizon), ``chunk`` a transaction, up to ``limit`` (None: all); returns
     how many. Until then such a key is taken over by the next interaction with its

@@ -46,11 +46,11 @@ class Runtime:
         self.rate_limit = _limit(settings["RATE_LIMIT"], settings)
         self.auth_failures = _limit(settings["AUTH_FAILURE_LIMIT"], settings)
         self.backlog = overload.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
-        self.ingest = IngestService(enqueue_analysis, self.bus.publish, settings["MAX_BATCH_ITEMS"],
+        self.service = IngestService(enqueue_analysis, self.bus.publish, settings["MAX_BATCH_ITEMS"],
                                     settings["COMMIT_TIMEOUT"])
-        self.committer = self.ingest.committer
+        self.committer = self.service.committer
         self.results = ResultWriter(self.bus.publish)
-        self._serving = [self.ingest, self.bus, keys.RevocationWatch(self.keys, self.bus.fanout),
+        self._serving = [self.service, self.bus, keys.RevocationWatch(self.keys, self.bus.fanout),
                          self.backlog]
         self._started = []
 

@@ -83,7 +83,7 @@ class Accepted:
     data: dict = None
 
 
-def ingest(service, organization_id, payload, kind=None, dry_run=False):
+def accept(service, organization_id, payload, kind=None, dry_run=False):
     """Segment's /v1/batch (or, with ``kind``, /v1/track etc.).
 
     Returns ``(problems, retry)``: per-event problems, and whether storing
@@ -181,7 +181,7 @@ def _message_id(event):
     message_id = event.get("messageId") if isinstance(event, dict) else None
     return message_id if isinstance(message_id, str) else None
 
-CHANNELS = {"browser": "web", "mobile": "mobile", "server": "api"}
+CHANNEL_OF = {"browser": "web", "mobile": "mobile", "server": "api"}  # Segment context.channel -> ours
 CONTENT_KEYS = ("content", "text", "message", "body")
 SUPPORTED = ("track", "page", "identify")
 
@@ -263,7 +263,7 @@ def interaction_of(event, customer_id, when):
     if sent_channel is None:
         channel = "web" if page else "api"
     else:
-        channel = CHANNELS.get(sent_channel, "other") if isinstance(sent_channel, str) else "other"
+        channel = CHANNEL_OF.get(sent_channel, "other") if isinstance(sent_channel, str) else "other"
     content = next((properties[k] for k in CONTENT_KEYS if isinstance(properties.get(k), str)), None)
     return {
         "customerId": str(customer_id),

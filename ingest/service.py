@@ -24,7 +24,7 @@ from models import release_connection
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 100
+BATCH_CHUNK_ITEMS = 100  # items of a batch stored in one transaction (a chunk fails or stands alone)
 
 
 def storage_error():
@@ -133,7 +133,7 @@ class IngestService:
         """Store and follow up what is waiting, then end the committer's threads."""
         self.committer.stop()
 
-    def ingest(self, organization_id, payload, dry_run=False):
+    def ingest_one(self, organization_id, payload, dry_run=False):
         """Store one interaction; returns (interaction_id, duplicate).
 
         A dry run validates and checks exactly as storing would, then stores,
@@ -174,7 +174,7 @@ class IngestService:
         """Store validated items ``[(index, data)]`` in chunks; completes ``outcome``
         (a BatchOutcome whose errors may hold the items that failed validation)."""
         valid = [(index, self._prepare(organization_id, data)) for index, data in valid]
-        chunks = [valid[start:start + CHUNK_SIZE] for start in range(0, len(valid), CHUNK_SIZE)]
+        chunks = [valid[start:start + BATCH_CHUNK_ITEMS] for start in range(0, len(valid), BATCH_CHUNK_ITEMS)]
         futures = [self.committer.submit(Job([item for _, item in chunk], high_priority=False))
                    for chunk in chunks]
         release_connection()

@@ -16,7 +16,7 @@ MESSAGES = (
     "Refund received, thank you so much!", "Why was I charged twice? This is unacceptable.",
     "The checkout was quick and easy.", "Meh, it works I guess.", "",
 )
-CHANNELS = ("web", "mobile", "email", "chat", "phone", "social")
+DEMO_CHANNELS = ("web", "mobile", "email", "chat", "phone", "social")
 EVENT_TYPES = ("page_view", "message", "email_received", "call_ended", "review", "click")
 
 
@@ -24,7 +24,7 @@ def interaction(customer_ids, rnd=random):
     return {
         "customerId": rnd.choice(customer_ids),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "channel": rnd.choice(CHANNELS),
+        "channel": rnd.choice(DEMO_CHANNELS),
         "eventType": rnd.choice(EVENT_TYPES),
         "content": rnd.choice(MESSAGES),
         "metadata": {"simulated": True},

@@ -154,7 +154,7 @@ def runner(app):
 @pytest.fixture
 def service(app):
     with app.app_context():
-        yield runtime.of(app).ingest
+        yield runtime.of(app).service
 
 
 @pytest.fixture

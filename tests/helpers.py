@@ -56,7 +56,7 @@ def post_batch(target, key, items, session=requests):
     return post_json(target, BATCH_PATH, key, {"interactions": items}, session)
 
 
-def ingest(url, key, customer_id, session=requests, **fields):
+def stored_over_http(url, key, customer_id, session=requests, **fields):
     """Store one interaction through the server at ``url``: its id (the answer must be a 201)."""
     response = post_interaction(url, key, customer_id, session, **fields)
     assert response.status_code == 201, response.text

@@ -24,18 +24,18 @@ def test_label_thresholds(compound, label):
 
 
 def stored(service, org, customer_id, content):
-    interaction_id, _ = service.ingest(org["organizationId"], interaction(customer_id, content=content))
+    interaction_id, _ = service.ingest_one(org["organizationId"], interaction(customer_id, content=content))
     return interaction_id
 
 
 def test_analyze_is_idempotent_and_skips_empty_content(service, org, customer_id):
     happy = stored(service, org, customer_id, "Great service, I am very happy")
     blank = stored(service, org, customer_id, "   ")
-    results = analysis.analyze([happy, blank])
+    results = analysis.score_and_store([happy, blank])
     assert {r["id"]: r["analysis_status"] for r in results} == {str(happy): "done", str(blank): "skipped"}
     before = {row.id: (row.analysis_status, row.sentiment_score, row.analyzed_at)
               for row in Interaction.select()}
-    assert analysis.analyze([happy, blank]) == []
+    assert analysis.score_and_store([happy, blank]) == []
     after = {row.id: (row.analysis_status, row.sentiment_score, row.analyzed_at)
              for row in Interaction.select()}
     assert after == before
@@ -66,7 +66,7 @@ def test_failure_keeps_the_error_enters_the_feed_and_retry_requeues(client, serv
     assert (row.analysis_status, row.analysis_error) == ("failed", "vader exploded")
     assert analysis.requeue_failed() == [row.id]
     assert Interaction.get_by_id(broken).analysis_status == "pending"
-    analysis.analyze([broken])
+    analysis.score_and_store([broken])
     feed = client.get("/api/changes", headers=bearer(org["readKey"])).get_json()["items"]
     # The failure stays a failure in the feed once a retry has succeeded.
     assert [(item["type"], item["data"]["analysisStatus"], item["data"]["sentiment"]) for item in feed] == [

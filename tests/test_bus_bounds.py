@@ -80,12 +80,12 @@ def test_a_listener_that_lagged_past_the_bound_still_delivers_everything(running
     watcher = FeedClient(web.url, org["readKey"])
     try:
         assert watcher.next()["type"] == "ready"
-        first, _ = service.ingest(org["organizationId"], interaction(customer_id))
+        first, _ = service.ingest_one(org["organizationId"], interaction(customer_id))
         watcher.until(lambda m: m["type"] == "interaction.created" and m["data"]["id"] == str(first))
         [worker] = web.worker_pids()
         os.kill(worker, signal.SIGSTOP)
         try:
-            later = [str(service.ingest(org["organizationId"], interaction(customer_id, content="x" * 9000))[0])
+            later = [str(service.ingest_one(org["organizationId"], interaction(customer_id, content="x" * 9000))[0])
                      for _ in range(40)]
             kept = len(redis.Redis.from_url(private_redis.url).xrange(events.STREAM_PREFIX + org["organizationId"]))
         finally:

@@ -31,15 +31,15 @@ def follow(client, org, after=None, limit=1000):
 
 
 def test_every_change_once_in_order_with_the_sockets_data(app, client, service, org, customer_id):
-    first, _ = service.ingest(org["organizationId"], interaction(customer_id, content="I love it",
+    first, _ = service.ingest_one(org["organizationId"], interaction(customer_id, content="I love it",
                                                                  messageId="m-1"))
-    duplicate, _ = service.ingest(org["organizationId"], interaction(customer_id, messageId="m-1"))
+    duplicate, _ = service.ingest_one(org["organizationId"], interaction(customer_id, messageId="m-1"))
     batch = service.ingest_batch(org["organizationId"], {"interactions": [
         interaction(customer_id, content="one"), interaction(customer_id, messageId="m-1"),
         interaction(customer_id, channel="fax"), interaction(customer_id, content="two")]})
     stored = [str(first)] + [str(i) for i in batch.ids if i is not None and str(i) != str(first)]
     with app.app_context():
-        analysis.analyze(stored)
+        analysis.score_and_store(stored)
         lifecycle.erase_customer(org["organizationId"], make_customer(app, org))
     items, _ = follow(client, org, limit=2)
     kinds = [item["type"] for item in items]
@@ -57,20 +57,20 @@ def test_every_change_once_in_order_with_the_sockets_data(app, client, service, 
 
 
 def test_resuming_after_any_cursor_gives_exactly_what_follows(client, service, org, customer_id):
-    ids = [str(service.ingest(org["organizationId"], interaction(customer_id))[0]) for _ in range(7)]
+    ids = [str(service.ingest_one(org["organizationId"], interaction(customer_id))[0]) for _ in range(7)]
     items, last = follow(client, org)
     for n, item in enumerate(items):
         rest, _ = follow(client, org, after=item["cursor"], limit=3)
         assert [i["data"]["id"] for i in rest] == ids[n + 1:]
     assert page(client, org, after=last) == {"items": [], "nextCursor": last}  # poll again later
-    more = str(service.ingest(org["organizationId"], interaction(customer_id))[0])
+    more = str(service.ingest_one(org["organizationId"], interaction(customer_id))[0])
     assert [i["data"]["id"] for i in follow(client, org, after=last)[0]] == [more]
 
 
 def test_an_erased_customers_interactions_leave_the_feed_and_its_erasure_enters_it(app, client, service,
                                                                                      org, customer_id):
-    kept, _ = service.ingest(org["organizationId"], interaction(make_customer(app, org)))
-    service.ingest(org["organizationId"], interaction(customer_id, content="private"))
+    kept, _ = service.ingest_one(org["organizationId"], interaction(make_customer(app, org)))
+    service.ingest_one(org["organizationId"], interaction(customer_id, content="private"))
     service.erase_customer(org["organizationId"], customer_id)
     items, _ = follow(client, org)
     assert [(i["type"], i["data"]["id"]) for i in items] == [
@@ -79,7 +79,7 @@ def test_an_erased_customers_interactions_leave_the_feed_and_its_erasure_enters_
 
 def test_another_organizations_cursor_or_a_forged_one_is_a_400_naming_after(app, client, service, org,
                                                                              customer_id):
-    service.ingest(org["organizationId"], interaction(customer_id))
+    service.ingest_one(org["organizationId"], interaction(customer_id))
     theirs = page(client, org)["nextCursor"]
     other = make_organization(app, "Other")
     for cursor in (theirs, theirs[:-2] + "AA", "x", base64.urlsafe_b64encode(b"\0" * 16).decode()):
@@ -101,15 +101,15 @@ def test_any_after_is_a_page_or_a_400_naming_it(client, org, text):
 
 def test_retention_answers_410_with_the_oldest_cursor_never_a_silent_skip(app, client, service, org,
                                                                           customer_id):
-    old = [service.ingest(org["organizationId"], interaction(customer_id))[0] for _ in range(3)]
+    old = [service.ingest_one(org["organizationId"], interaction(customer_id))[0] for _ in range(3)]
     start, _ = follow(client, org)
     with app.app_context():
         Change.update(recorded_at=utcnow() - datetime.timedelta(days=40)).execute()
-    new = str(service.ingest(org["organizationId"], interaction(customer_id))[0])
+    new = str(service.ingest_one(org["organizationId"], interaction(customer_id))[0])
     with app.app_context():
         assert changes.prune(utcnow() - datetime.timedelta(days=30)) == len(old)
         assert Change.select().count() == len(old) + 1  # out of reach, their rows still there
-        assert changes.reclaim() == len(old) and Change.select().count() == 1
+        assert changes.reclaim(None, 10) == len(old) and Change.select().count() == 1
     for cursor in (start[0]["cursor"], start[1]["cursor"]):
         response = client.get("/api/changes", query_string={"after": cursor}, headers=bearer(org["readKey"]))
         assert response.status_code == 410 and response.get_json()["error"] == "cursor_expired"
@@ -127,7 +127,7 @@ def test_concurrent_writers_never_commit_a_smaller_position_after_a_larger_one_i
 
     def write():
         while not stop.is_set():
-            service.ingest(org["organizationId"], interaction(customer_id))
+            service.ingest_one(org["organizationId"], interaction(customer_id))
 
     writers = [threading.Thread(target=write) for _ in range(8)]
     for writer in writers:

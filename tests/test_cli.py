@@ -111,7 +111,7 @@ def test_export_writes_each_change_once_as_the_api_lists_it_and_where_to_resume(
         app, runner, client, service, org, customer_id):
     ids = store(service, org, customer_id, 5)
     with app.app_context():
-        analysis.analyze(ids[:2])
+        analysis.score_and_store(ids[:2])
     service.erase_customer(org["organizationId"], make_customer(app, org))
     result = export(runner, org)
     assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ from models import Interaction, db
 from tests import dbs
 from tests.conftest import require_redis
 from tests.faulty_consumer import BROKEN, FLAKY
-from tests.helpers import bearer, ingest, interaction, make_customer, make_organization, post_batch
+from tests.helpers import bearer, interaction, make_customer, make_organization, post_batch, stored_over_http
 from tests.servers import ROOT, Consumer, Gunicorn, RedisServer, free_port, wait_until
 
 HEAVY = ("I really love how quickly the support team answered, but the delivery was late "
@@ -108,9 +108,9 @@ def test_consumer_analyses_what_was_ingested(make_stack, org, customer, tmp_path
     texts = {"positive": "I love this product, it is wonderful!",
              "negative": "This is terrible and I hate it.",
              "neutral": "The package arrived on Tuesday."}
-    ids = {label: ingest(stack.web.url, org["ingestKey"], customer, content=text)
+    ids = {label: stored_over_http(stack.web.url, org["ingestKey"], customer, content=text)
            for label, text in texts.items()}
-    ids["skipped"] = ingest(stack.web.url, org["ingestKey"], customer, content="")
+    ids["skipped"] = stored_over_http(stack.web.url, org["ingestKey"], customer, content="")
     stack.consumer()
     for expected, interaction_id in ids.items():
         row = wait_until(lambda: analysed(interaction_id), message="analysis of " + expected)
@@ -137,7 +137,7 @@ def test_killed_consumer_loses_nothing(make_stack, org, customer, tmp_path):
 def test_queue_down_during_ingest_then_back(make_stack, org, customer, tmp_path):
     queue = RedisServer(free_port())
     stack = make_stack(queue.url)
-    interaction_id = ingest(stack.web.url, org["ingestKey"], customer, content="What a great day")
+    interaction_id = stored_over_http(stack.web.url, org["ingestKey"], customer, content="What a great day")
     assert requests.get(stack.web.url + "/readyz").status_code == 503
     assert status_counts() == {"pending": 1}
 
@@ -154,9 +154,9 @@ def test_queue_down_during_ingest_then_back(make_stack, org, customer, tmp_path)
 
 def test_retries_then_failed_then_analysis_retry(make_stack, org, customer, tmp_path):
     stack = make_stack(queue_url("sqlite", tmp_path))
-    flaky = ingest(stack.web.url, org["ingestKey"], customer,
+    flaky = stored_over_http(stack.web.url, org["ingestKey"], customer,
                    content=FLAKY + " this works on the third try, great")
-    broken = ingest(stack.web.url, org["ingestKey"], customer, content=BROKEN + " this never works, sadly")
+    broken = stored_over_http(stack.web.url, org["ingestKey"], customer, content=BROKEN + " this never works, sadly")
     faulty = stack.consumer("faulty", module="tests.faulty_consumer", workers=1)
     # Backoff from 2 s: the flaky one succeeds after 2 + 4 s, the broken one fails after 2 + 4 + 8 s.
     assert wait_until(lambda: analysed(flaky), timeout=30).analysis_status == "done"
@@ -182,7 +182,7 @@ def test_retries_then_failed_then_analysis_retry(make_stack, org, customer, tmp_
 def test_single_ingest_is_analysed_before_a_batch_backlog(make_stack, org, customer, tmp_path, queue):
     stack = make_stack(queue_url(queue, tmp_path))
     ingest_batches(stack, org, customer, 20)
-    single = ingest(stack.web.url, org["ingestKey"], customer,
+    single = stored_over_http(stack.web.url, org["ingestKey"], customer,
                     content="Support was fantastic, thank you!")
     stack.consumer(workers=1)
     wait_until(lambda: analysed(single), timeout=60, message="the single ingest's analysis")
@@ -198,8 +198,8 @@ def test_one_tenants_costly_texts_never_hold_back_anothers_analysis(make_stack, 
     stack = make_stack(queue_url("sqlite", tmp_path))
     victim = make_organization(app, "Victim")
     victim_customer = make_customer(app, victim)
-    attack = [ingest(stack.web.url, org["ingestKey"], customer, content="😀" * 10_000) for _ in range(6)]
-    plain = ingest(stack.web.url, victim["ingestKey"], victim_customer,
+    attack = [stored_over_http(stack.web.url, org["ingestKey"], customer, content="😀" * 10_000) for _ in range(6)]
+    plain = stored_over_http(stack.web.url, victim["ingestKey"], victim_customer,
                    content="Thanks, that was quick and helpful!")
     stack.consumer(workers=1)
     assert wait_until(lambda: analysed(plain), timeout=20).analysis_status == "done"

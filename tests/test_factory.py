@@ -13,7 +13,7 @@ def test_two_apps_in_one_process_share_nothing(make_app, org, customer_id):
     first, second = make_app({"TESTING": True}), make_app({"TESTING": True, "COMMIT_TIMEOUT": 7})
     one, other = runtime.of(first), runtime.of(second)
     assert one.committer is not other.committer and one.keys is not other.keys and one.bus is not other.bus
-    assert (one.ingest.commit_timeout, other.ingest.commit_timeout) == (20, 7)
+    assert (one.service.commit_timeout, other.service.commit_timeout) == (20, 7)
     for app in (first, second):
         response = app.test_client().post("/api/data/ingest", headers=bearer(org["ingestKey"]),
                                           json=interaction(customer_id))
@@ -46,4 +46,4 @@ def test_a_misspelt_setting_is_refused():
 
 def test_an_override_equal_to_the_environment_is_accepted():
     app = create_app({"QUEUE_URL": tasks.settings["QUEUE_URL"], "MAX_BATCH_ITEMS": 3})
-    assert runtime.of(app).ingest.max_batch_items == 3
+    assert runtime.of(app).service.max_batch_items == 3

@@ -18,7 +18,15 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 from ingest import changes
 from ingest.fanout import text_frame
 from tests.feed_client import FeedClient, RawSocket
-from tests.helpers import bearer, ingest, interaction, make_customer, make_organization, post_batch, post_interaction
+from tests.helpers import (
+    bearer,
+    interaction,
+    make_customer,
+    make_organization,
+    post_batch,
+    post_interaction,
+    stored_over_http,
+)
 from tests.servers import Gunicorn, RedisServer, free_port, wait_until
 
 
@@ -184,7 +192,7 @@ def test_losing_redis_never_breaks_ingest_nor_the_feed_and_restarts_close_socket
         assert watcher.next()["type"] == "ready"
 
         def send():
-            return ingest(web.url, org["ingestKey"], customer_id)
+            return stored_over_http(web.url, org["ingestKey"], customer_id)
 
         first = send()
         watcher.until(lambda m: m.get("data", {}).get("id") == first)

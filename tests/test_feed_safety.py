@@ -19,7 +19,7 @@ from ingest import accounts, events
 from tests.conftest import require_redis
 from tests.dbs import is_postgres_url
 from tests.feed_client import FeedClient, RawSocket
-from tests.helpers import bearer, ingest, interaction, post_batch
+from tests.helpers import bearer, interaction, post_batch, stored_over_http
 from tests.servers import Gunicorn, rss_kb
 from tests.swarm import Swarm
 
@@ -27,7 +27,7 @@ from tests.swarm import Swarm
 def ingest_many(url, org, customer_id, count, **fields):
     """``count`` single ingests (over one connection); their ids."""
     session = requests.Session()
-    return [ingest(url, org["ingestKey"], customer_id, session, **fields) for _ in range(count)]
+    return [stored_over_http(url, org["ingestKey"], customer_id, session, **fields) for _ in range(count)]
 
 
 def test_a_reconnect_storm_is_served_whole_and_again_after_sigterm(module_stack, org, customer_id):

@@ -220,7 +220,7 @@ def test_the_group_commit_serves_organizations_in_turn(app, service, org, custom
         finished.append("heavy")
 
     def light():
-        service.ingest(other["organizationId"], interaction(other_customer))
+        service.ingest_one(other["organizationId"], interaction(other_customer))
         finished.append("light")
 
     with writes_blocked():

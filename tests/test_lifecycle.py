@@ -57,9 +57,9 @@ def new_organization_keys(app):
 
 def test_a_queued_analysis_of_an_erased_interaction_is_a_no_op(app, service, org, customer_id):
     with app.app_context():
-        interaction_id, _ = service.ingest(org["organizationId"], interaction(customer_id, content="Great!"))
+        interaction_id, _ = service.ingest_one(org["organizationId"], interaction(customer_id, content="Great!"))
         service.erase_customer(org["organizationId"], customer_id)
-        assert analysis.analyze([interaction_id]) == []
+        assert analysis.score_and_store([interaction_id]) == []
         assert not Interaction.select().where(Interaction.id == interaction_id).exists()
 
 
@@ -68,10 +68,10 @@ def test_another_process_that_knew_the_customer_answers_404_not_503(running, app
     erased one, its next ingest for that customer is a plain 404."""
     this, other = (running(IngestService(lambda *a: None, lambda *a: None)) for _ in range(2))
     with app.app_context():
-        other.ingest(org["organizationId"], interaction(customer_id))  # now known to `other`
+        other.ingest_one(org["organizationId"], interaction(customer_id))  # now known to `other`
         this.erase_customer(org["organizationId"], customer_id)
         try:
-            other.ingest(org["organizationId"], interaction(customer_id))
+            other.ingest_one(org["organizationId"], interaction(customer_id))
             raise AssertionError("stored for an erased customer")
         except ServiceError as error:
             assert error.code == "customer_not_found"
@@ -116,7 +116,7 @@ def test_erasure_during_ingest_leaves_no_interaction_of_the_customer(running, ap
         with app.app_context():
             for _ in range(40):
                 try:
-                    service.ingest(org["organizationId"], interaction(customer_id))
+                    service.ingest_one(org["organizationId"], interaction(customer_id))
                     answers.append(201)
                 except ServiceError as error:
                     answers.append(error.code)
@@ -169,7 +169,7 @@ def test_retention_during_ingest_keeps_the_invariant_at_every_moment(running, ap
     def writer(n):
         with app.app_context():
             for i in range(60):
-                service.ingest(org["organizationId"], interaction(
+                service.ingest_one(org["organizationId"], interaction(
                     customers[(n + i) % 3], timestamp=days_ago(40 if i % 2 else 1)))
 
     def checker():

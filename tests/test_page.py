@@ -23,7 +23,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import UTC, bearer, ingest, interaction
+from tests.helpers import UTC, bearer, interaction, stored_over_http
 from tests.servers import CHROMIUM, CHROMIUM_ARGS, wait_until
 
 
@@ -87,7 +87,7 @@ def row(page, interaction_id):
 def test_connects_from_fragment_and_shows_events_live(module_stack, page, org, customer_id):
     page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    interaction_id = ingest(module_stack.url, org["ingestKey"], customer_id,
+    interaction_id = stored_over_http(module_stack.url, org["ingestKey"], customer_id,
                             content="Absolutely wonderful support!")
     ingested = time.monotonic()
     row(page, interaction_id).wait_for(timeout=1000)
@@ -106,8 +106,8 @@ def test_form_connect_filter_and_pause(module_stack, page, org, customer_id):
     page.get_by_label("Read key").fill(org["readKey"])
     page.get_by_role("button", name="Connect").click()
     page.wait_for_selector("#state.state-open")
-    chat = ingest(module_stack.url, org["ingestKey"], customer_id, channel="chat")
-    email = ingest(module_stack.url, org["ingestKey"], customer_id, channel="email")
+    chat = stored_over_http(module_stack.url, org["ingestKey"], customer_id, channel="chat")
+    email = stored_over_http(module_stack.url, org["ingestKey"], customer_id, channel="email")
     row(page, chat).wait_for()
     row(page, email).wait_for()
 
@@ -117,7 +117,7 @@ def test_form_connect_filter_and_pause(module_stack, page, org, customer_id):
     assert row(page, chat).is_visible()
 
     page.get_by_role("button", name="Pause").click()
-    held = ingest(module_stack.url, org["ingestKey"], customer_id, content="arrives while paused")
+    held = stored_over_http(module_stack.url, org["ingestKey"], customer_id, content="arrives while paused")
     page.wait_for_function("() => feed.held.length === 1")  # it arrived, and was held back
     assert row(page, held).count() == 0
     page.get_by_role("button", name="Resume").click()
@@ -128,7 +128,7 @@ def test_content_is_text_never_html(module_stack, page, org, customer_id):
     page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
     payload = '<img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script>'
-    interaction_id = ingest(module_stack.url, org["ingestKey"], customer_id, content=payload)
+    interaction_id = stored_over_http(module_stack.url, org["ingestKey"], customer_id, content=payload)
     row(page, interaction_id).wait_for()
     assert row(page, interaction_id).locator("td").nth(4).inner_text() == payload
     assert page.locator("#rows img, #rows script").count() == 0
@@ -150,7 +150,7 @@ def test_page_sends_a_csp_forbidding_inline_scripts(module_stack):
 def test_a_row_opens_the_whole_interaction(module_stack, page, org, customer_id):
     page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    interaction_id = ingest(module_stack.url, org["ingestKey"], customer_id, content="Thanks!",
+    interaction_id = stored_over_http(module_stack.url, org["ingestKey"], customer_id, content="Thanks!",
                             messageId="order-7", metadata={"order": {"id": 7, "items": ["tea"]}})
     row(page, interaction_id).click()
     page.wait_for_selector("#details[open]")
@@ -213,7 +213,7 @@ def test_what_happened_while_the_page_was_cut_off_is_shown_once_whatever_its_tim
     interaction, once (a catch-up by event time never asked for a week back)."""
     page.goto(stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    first = ingest(stack.url, org["ingestKey"], customer_id, content="before the cut")
+    first = stored_over_http(stack.url, org["ingestKey"], customer_id, content="before the cut")
     row(page, first).wait_for()
     wait_for_analysis(page, first)  # its last change is in: the page's cursor stays put
     worker = socket_worker(stack, org)
@@ -221,7 +221,7 @@ def test_what_happened_while_the_page_was_cut_off_is_shown_once_whatever_its_tim
     a_week_ago = datetime.datetime.now(UTC) - datetime.timedelta(days=7)
     try:
         # Straight to gunicorn: nginx may hold a kept-alive connection to the stopped worker.
-        week_old = ingest(stack.web.url, org["ingestKey"], customer_id, content="sent a week late",
+        week_old = stored_over_http(stack.web.url, org["ingestKey"], customer_id, content="sent a week late",
                           timestamp=a_week_ago.isoformat())
     finally:
         os.kill(worker, signal.SIGKILL)
@@ -301,7 +301,8 @@ def test_a_change_that_arrives_twice_is_shown_once(module_stack, page, org, cust
     page.route_web_socket(re.compile(r"/api/feed/ws$"), proxy)
     page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    sent = [ingest(module_stack.url, org["ingestKey"], customer_id, content="twice? %d" % n) for n in range(3)]
+    sent = [stored_over_http(module_stack.url, org["ingestKey"], customer_id, content="twice? %d" % n)
+            for n in range(3)]
     for interaction_id in sent:
         row(page, interaction_id).wait_for()
         wait_for_analysis(page, interaction_id)
@@ -319,7 +320,7 @@ def test_a_change_that_arrives_twice_is_shown_once(module_stack, page, org, cust
     page.wait_for_selector("#state.state-reconnecting")
     page.wait_for_selector("#state.state-open")
     assert auth_cursors == [None, json.loads(delivered[-1])["cursor"]]
-    later = ingest(module_stack.url, org["ingestKey"], customer_id)
+    later = stored_over_http(module_stack.url, org["ingestKey"], customer_id)
     row(page, later).wait_for()
     assert collections.Counter(shown_ids(page)) == collections.Counter(sent + [later])
 
@@ -346,14 +347,14 @@ def test_a_page_whose_cursor_expired_resumes_from_the_oldest_change_kept(module_
     from ingest import changes
     from models import utcnow
 
-    ingest(module_stack.url, org["ingestKey"], customer_id)  # created and analysed, then forgotten
+    stored_over_http(module_stack.url, org["ingestKey"], customer_id)  # created and analysed, then forgotten
     wait_until(lambda: len(changes_of(module_stack.url, org)) == 2, message="its analysis")
     after_gone = changes_of(module_stack.url, org)[0]["cursor"]  # after it was created
     with app.app_context():
         assert changes.prune(utcnow(), org["organizationId"]) == 2
     expired = requests.get(module_stack.url + "/api/changes?after=" + after_gone, headers=bearer(org["readKey"]))
     assert expired.status_code == 410
-    kept = ingest(module_stack.url, org["ingestKey"], customer_id)
+    kept = stored_over_http(module_stack.url, org["ingestKey"], customer_id)
     connect_with_stored_cursor(page, module_stack.url, org, after_gone)
     row(page, kept).wait_for()
     page.wait_for_selector("#state.state-open")
@@ -370,7 +371,7 @@ def test_a_cursor_the_server_does_not_know_is_dropped_and_the_page_goes_live(mod
     page.wait_for_selector("#state.state-open")
     assert "could not resume" in page.locator("#state").inner_text()
     assert auths(page) == ["not-a-cursor", None]
-    interaction_id = ingest(module_stack.url, org["ingestKey"], customer_id)
+    interaction_id = stored_over_http(module_stack.url, org["ingestKey"], customer_id)
     row(page, interaction_id).wait_for()
     stored = page.evaluate("key => sessionStorage.getItem(cursorName(key))", org["readKey"])
     assert stored not in (None, "not-a-cursor")  # the one its new socket started after
@@ -381,11 +382,11 @@ def test_a_reloaded_tab_resumes_where_it_left_off(module_stack, page, org, custo
     while the page was gone is shown after it comes back."""
     page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    seen = ingest(module_stack.url, org["ingestKey"], customer_id)
+    seen = stored_over_http(module_stack.url, org["ingestKey"], customer_id)
     row(page, seen).wait_for()
     wait_for_analysis(page, seen)
     page.goto("about:blank")
-    missed = ingest(module_stack.url, org["ingestKey"], customer_id)
+    missed = stored_over_http(module_stack.url, org["ingestKey"], customer_id)
     page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     row(page, missed).wait_for()
     assert shown_ids(page) == [missed]
@@ -396,7 +397,7 @@ def test_a_reloaded_tab_resumes_where_it_left_off(module_stack, page, org, custo
 def test_an_erased_customers_rows_leave_the_page(module_stack, page, org, customer_id):
     page.goto(module_stack.url + "/feed#key=" + org["readKey"])
     page.wait_for_selector("#state.state-open")
-    gone = ingest(module_stack.url, org["ingestKey"], customer_id)
+    gone = stored_over_http(module_stack.url, org["ingestKey"], customer_id)
     row(page, gone).wait_for()
     # Its name is looked up first: a lookup after the erasure would be a (harmless)
     # 404, which the browser reports as a console error.

@@ -146,7 +146,7 @@ def test_retention_drops_whole_partitions_while_ingest_goes_on(app, service, org
 
     def ingest():
         while not stop.is_set():
-            live.append(service.ingest(org["organizationId"], interaction(customers[len(live) % 5]))[0])
+            live.append(service.ingest_one(org["organizationId"], interaction(customers[len(live) % 5]))[0])
 
     writer = threading.Thread(target=ingest)
     writer.start()
@@ -172,7 +172,7 @@ def test_the_feed_and_analysis_look_each_row_up_in_its_own_partition_only(app, s
     last_month = month_start(utcnow()) - datetime.timedelta(days=3)
     partitions.ensure("month", 1, last_month)
     write(org, customer_id, last_month)
-    new = [service.ingest(org["organizationId"], interaction(customer_id))[0] for _ in range(3)]
+    new = [service.ingest_one(org["organizationId"], interaction(customer_id))[0] for _ in range(3)]
     current = "interaction_p%s" % month_start(utcnow()).strftime("%Y%m%d")
     plan = _analyze(changes.PAGE_POSTGRES, [changes.Change.organization_id.db_value(org["organizationId"]), 1, 1000])
     assert _scans(plan) == {current: 3}, _scans(plan)

@@ -75,7 +75,7 @@ class IngestMachine(RuleBasedStateMachine):
     def single(self, data, kind):
         item = self.payload(data, kind)
         try:
-            interaction_id, duplicate = self.service.ingest(self.org_id, item)
+            interaction_id, duplicate = self.service.ingest_one(self.org_id, item)
         except ServiceError as error:
             assert error.code == {"invalid": "validation_error"}.get(kind, "storage_error")
             return

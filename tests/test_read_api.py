@@ -38,7 +38,7 @@ def stored(service, org, customer_id):
     ids = {}
     for minute in range(12):
         stamp = at(5) if minute in (5, 6, 7) else at(minute)
-        ids[minute], _ = service.ingest(org["organizationId"], interaction(
+        ids[minute], _ = service.ingest_one(org["organizationId"], interaction(
             customer_id, timestamp=stamp, channel="chat" if minute % 2 else "email",
             eventType="view" if minute < 6 else "click"))
     return {minute: str(id_) for minute, id_ in ids.items()}
@@ -88,14 +88,14 @@ def test_bad_parameters_are_400_naming_them(client, org, params, name):
 
 def test_walking_pages_while_ingesting_sees_each_existing_item_once(app, client, service, org,
                                                                      customer_id):
-    before = [str(service.ingest(org["organizationId"], interaction(customer_id, timestamp=at(m % 40)))[0])
+    before = [str(service.ingest_one(org["organizationId"], interaction(customer_id, timestamp=at(m % 40)))[0])
               for m in range(120)]
     stop, written = threading.Event(), []
 
     def ingest_meanwhile():
         with app.app_context():
             while not stop.is_set():  # new items at old and new timestamps
-                written.append(service.ingest(org["organizationId"], interaction(
+                written.append(service.ingest_one(org["organizationId"], interaction(
                     customer_id, timestamp=at(len(written) * 7 % 60)))[0])
 
     writer = threading.Thread(target=ingest_meanwhile)
