@@ -29,7 +29,7 @@ def stripped_app(store=True):
     """The app with the three parts above taken out (gunicorn "bench.bound:stripped_app()")."""
     from app import create_app
     from ingest import runtime, service
-    from ingest.store import CREATED
+    from ingest.domain import CREATED
 
     def bare_conversion(payload):
         return {"customer_id": uuid.UUID(payload["customerId"]),

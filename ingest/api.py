@@ -13,8 +13,8 @@ from ingest import openapi as openapi_spec
 from ingest.accounts import Scope
 from ingest.auth import admit, charge_events, key_from_request, require
 from ingest.body import read_json
+from ingest.domain import Code, validation_error
 from ingest.errors import ApiError
-from ingest.problems import Code, validation_error
 from models import db
 
 api = Blueprint("api", __name__, url_prefix="/api")

@@ -13,11 +13,11 @@ import functools
 from flask import current_app, g, request
 
 from ingest import metrics
+from ingest.domain import Code, validation_error
 from ingest.errors import ApiError
 from ingest.keys import AddressRefused, check_key, hash_key
 from ingest.logs import bind_context
 from ingest.overload import EVENTS, REQUESTS
-from ingest.problems import Code, validation_error
 
 
 def require(scope, backlog=False):

@@ -10,8 +10,8 @@ import zlib
 
 from flask import current_app, request
 
+from ingest.domain import Code
 from ingest.errors import ApiError
-from ingest.problems import Code
 
 
 def _reject_constant(name):

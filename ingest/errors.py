@@ -11,7 +11,7 @@ from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
 from ingest import schemas
-from ingest.problems import Code, ServiceError
+from ingest.domain import Code, ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from functools import reduce
 from peewee import Tuple
 
 from ingest import changes, schemas
-from ingest.problems import Code, ServiceError, not_found, uuid_or_none, validation_error
+from ingest.domain import Code, ServiceError, not_found, uuid_or_none, validation_error
 from models import Customer, Interaction
 
 

@@ -14,7 +14,7 @@ import uuid
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, validate
 
-from ingest.problems import validation_error
+from ingest.domain import validation_error
 
 CHANNELS = ("web", "mobile", "email", "chat", "phone", "social", "in_store", "api", "other")
 MAX_FUTURE = datetime.timedelta(hours=24)
@@ -103,7 +103,7 @@ def printable(value):
 
 
 class Incoming(Schema):
-    """What a client sends: ``load`` raises a validation_error (ingest/problems.py)
+    """What a client sends: ``load`` raises a validation_error (ingest/domain.py)
     naming each wrong field, which the error handler answers with a 400."""
 
     def load(self, data, **kwargs):

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from marshmallow import INCLUDE, Schema, ValidationError, fields
 
 from ingest import lifecycle, metrics
-from ingest.problems import Code, ServiceError, validation_error
+from ingest.domain import BatchOutcome, Code, ServiceError, validation_error
 from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text, interaction_in
-from ingest.service import BatchOutcome, validate_interaction
+from ingest.service import validate_interaction
 from models import Customer, db, is_postgres, utcnow
 
 # Segment's wire shapes, as published in the OpenAPI description. The request

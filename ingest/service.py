@@ -4,7 +4,7 @@ validate -> enrich with the organization -> store (one transaction: inserts and
 one set-based UPDATE of the customers, via the process's group committer) -> after commit:
 enqueue the analysis, publish ``interaction.created``.
 
-Failures are raised as ``ServiceError`` (ingest/problems.py) with a stable code;
+Failures are raised as ``ServiceError`` (ingest/domain.py) with a stable code;
 the web layer maps codes to HTTP statuses. Reads are in ingest/reads.py, customer
 creation and the erasure's SQL in ingest/lifecycle.py, Segment's workflow in
 ingest/segment.py.
@@ -13,13 +13,23 @@ import functools
 import logging
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from ingest import changes, lifecycle, metrics, schemas
 from ingest.committer import GroupCommitter, Job, StorageFailure
+from ingest.domain import (
+    CREATED,
+    DUPLICATE,
+    UNKNOWN_CUSTOMER,
+    BatchOutcome,
+    Code,
+    NewInteraction,
+    ServiceError,
+    not_found,
+    uuid_or_none,
+    validation_error,
+)
 from ingest.logs import bind_context
-from ingest.problems import Code, ServiceError, not_found, uuid_or_none, validation_error
-from ingest.store import CREATED, DUPLICATE, UNKNOWN_CUSTOMER, KnownCustomers, NewInteraction, probe, write_group
+from ingest.store import KnownCustomers, probe, write_group
 from models import release_connection
 
 log = logging.getLogger(__name__)
@@ -53,24 +63,6 @@ def _wait(future, timeout):
         raise storage_error() from None
     except TimeoutError:
         raise (storage_error() if future.cancel() else outcome_unknown()) from None
-
-
-@dataclass
-class BatchOutcome:
-    """What became of each item of a batch (dumped as schemas.BatchResult)."""
-    total: int
-    ids: list = field(default_factory=list)
-    errors: list = field(default_factory=list)
-    duplicates: int = 0
-    dry_run: bool = False
-
-    @property
-    def failed(self):
-        return len(self.errors)
-
-    @property
-    def successful(self):
-        return self.total - self.failed - self.duplicates
 
 
 def after_commit(committed, enqueue_analysis, publish):

@@ -25,50 +25,21 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from peewee import IntegrityError, OperationalError
 
 from ingest import changes
-from models import PENDING, Customer, Interaction, db, is_postgres, utcnow, uuid4
+from ingest.domain import CREATED, DUPLICATE, UNKNOWN_CUSTOMER
+from models import Customer, Interaction, db, is_postgres
 
 log = logging.getLogger(__name__)
 
-CREATED = "created"
-DUPLICATE = "duplicate"
-UNKNOWN_CUSTOMER = "unknown_customer"
 # A write that fails with a transient error (SQLite busy past its timeout, a
 # PostgreSQL deadlock or dropped connection) is tried this many times in all.
 ATTEMPTS = 3
 KNOWN_CUSTOMER_SECONDS = 60
 KNOWN_CUSTOMER_ENTRIES = 100_000
-
-
-@dataclass
-class NewInteraction:
-    """A validated interaction, enriched with its organization, ready to store."""
-    organization_id: uuid.UUID
-    customer_id: uuid.UUID
-    timestamp: datetime.datetime
-    channel: str
-    event_type: str
-    content: str | None = None
-    metadata: dict = field(default_factory=dict)
-    message_id: str | None = None
-    id: uuid.UUID = field(default_factory=uuid4)
-    received_at: datetime.datetime = field(default_factory=utcnow)
-    position: int | None = None  # in its organization's change stream, once stored
-
-    # How a stored row reads before its analysis (for serialisation).
-    analysis_status = PENDING
-    sentiment = sentiment_label = sentiment_score = analysis_error = analyzed_at = None
-
-    @property
-    def key(self):
-        """The idempotency key: (organization, messageId)."""
-        return (self.organization_id, self.message_id)
 
 
 # The columns an INSERT writes, and their values for an item, as both drivers

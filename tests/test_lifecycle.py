@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from ingest import analysis, lifecycle
 from ingest.accounts import new_organization
-from ingest.problems import ServiceError
+from ingest.domain import ServiceError
 from ingest.service import IngestService
 from models import Customer, Interaction, utcnow
 from tests import dbs

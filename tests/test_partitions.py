@@ -20,7 +20,7 @@ from playhouse.migrations import Runner
 import models
 import tasks
 from ingest import analysis, changes, lifecycle, partitions, store
-from ingest.store import CREATED, DUPLICATE, NewInteraction
+from ingest.domain import CREATED, DUPLICATE, NewInteraction
 from models import Interaction, db, utcnow
 from tests import dbs
 from tests.helpers import interaction, make_customer

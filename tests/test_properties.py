@@ -17,9 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from ingest import schemas, service
 from ingest.accounts import new_organization
+from ingest.domain import NewInteraction, ServiceError
 from ingest.lifecycle import apply_retention
-from ingest.problems import ServiceError
-from ingest.store import NewInteraction
 from models import Customer, Interaction
 from tests import dbs
 
