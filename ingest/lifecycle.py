@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter, namedtuple
 
-from peewee import IntegrityError, OperationalError
+from peewee import OperationalError
 
 from ingest import changes, partitions, schemas
 from ingest.reads import find_customer
@@ -36,15 +36,24 @@ RETENTION_ROWS = 1000  # interactions deleted per transaction: ingest never wait
 def create_customer(organization_id, payload):
     """Create a customer; returns (customer, created). An existing externalId wins."""
     data = schemas.customer_in.load(payload)
-    if data["external_id"] is not None:
-        existing = find_customer(organization_id, data["external_id"])
-        if existing is not None:
-            return existing, False
-    try:
-        with db.atomic():
-            return Customer.create(organization=organization_id, **data), True
-    except IntegrityError:  # created concurrently under the same externalId
-        return find_customer(organization_id, data["external_id"]), False
+    if data["external_id"] is None:
+        return Customer.create(organization=organization_id, **data), True
+    existing = find_customer(organization_id, data["external_id"])
+    if existing is not None:
+        return existing, False
+    created = add_customers(organization_id, [data])
+    return find_customer(organization_id, data["external_id"]), bool(created)
+
+
+def add_customers(organization_id, rows):
+    """Insert the customers ``rows`` (Customer fields, each with an external id) of
+    ``organization_id``; a row whose external id is taken is skipped, so the
+    customer that exists wins, however many requests add it at once. Returns the
+    external ids of the customers inserted."""
+    return [external_id for (external_id,) in Customer.insert_many(
+        [{**row, "organization": organization_id} for row in rows])
+        .on_conflict(conflict_target=[Customer.organization, Customer.external_id], action="nothing")
+        .returning(Customer.external_id).tuples().execute()]
 
 
 def external_id_hash(external_id):

@@ -18,15 +18,13 @@ customer is erased while it is in flight, after it was looked up, is refused
 the same way: the erasure came after the event.
 """
 import datetime
-import uuid
 from dataclasses import dataclass
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields
 
 from ingest import lifecycle, metrics
 from ingest.domain import BatchOutcome, Code, ServiceError, validation_error
-from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text, interaction_in
-from ingest.service import validate_interaction
+from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text, interaction_in, not_far_future
 from models import Customer, db, is_postgres, utcnow
 
 # Segment's wire shapes, as published in the OpenAPI description. The request
@@ -68,9 +66,6 @@ class SegmentEvent(Schema):
 
 problem_out = SegmentProblem()
 result_out = SegmentResult()
-
-# Stands for the customer while an event is validated, before any customer exists.
-_PLACEHOLDER = uuid.UUID(int=0)
 
 
 @dataclass
@@ -135,8 +130,7 @@ def _accept(index, event, sent_at, received_at):
     when = event_time(event, sent_at, received_at)
     if event["type"] == "identify":
         return Accepted(index, user, when, traits=traits_of(event))
-    return Accepted(index, user, when,
-                    data=validate_interaction(interaction_of(event, _PLACEHOLDER, when)))
+    return Accepted(index, user, when, data=interaction_of(event, when))
 
 
 ERASED_SINCE = "This customer was erased after this event's time."
@@ -252,8 +246,10 @@ def user_of(event):
     return user
 
 
-def interaction_of(event, customer_id, when):
-    """Our interaction payload (wire format) for a track or page event."""
+def interaction_of(event, when):
+    """A track or page event as our interaction's fields (NewInteraction's, but for
+    its organization and its customer, which are resolved later), each checked by
+    the field our own API checks it with (schemas.InteractionIn)."""
     properties = event.get("properties") or {}
     if not isinstance(properties, dict):
         raise ValidationError({"properties": ["Not a valid object."]})
@@ -265,15 +261,32 @@ def interaction_of(event, customer_id, when):
     else:
         channel = CHANNEL_OF.get(sent_channel, "other") if isinstance(sent_channel, str) else "other"
     content = next((properties[k] for k in CONTENT_KEYS if isinstance(properties.get(k), str)), None)
-    return {
-        "customerId": str(customer_id),
-        "timestamp": when.replace(tzinfo=UTC).isoformat(),
+    try:
+        not_far_future(when)
+    except ValidationError as error:
+        raise ValidationError({"timestamp": error.messages}) from None
+    return {"timestamp": when, **_checked({
         "channel": channel,
-        "eventType": "page_view" if page else event.get("event"),
+        "event_type": "page_view" if page else event.get("event"),
         "content": content if content is not None else (properties.get("title") if page else None),
         "metadata": properties,
-        "messageId": event.get("messageId"),
-    }
+        "message_id": event.get("messageId"),
+    })}
+
+
+def _checked(values):
+    """``values`` deserialised by InteractionIn's fields; a ValidationError naming
+    every wrong one (by its wire name)."""
+    checked, errors = {}, {}
+    for name, value in values.items():
+        field = interaction_in.fields[name]
+        try:
+            checked[name] = field.deserialize(value)
+        except ValidationError as error:
+            errors[field.data_key or name] = error.messages
+    if errors:
+        raise ValidationError(errors)
+    return checked
 
 
 def resolve_customers(organization_id, accepted):
@@ -296,10 +309,7 @@ def resolve_customers(organization_id, accepted):
         # their ids are not locked; their events were in flight, and are refused.
         create = missing & still_missing
         if create:
-            (Customer.insert_many([{"organization": organization_id, "external_id": ext, "traits": {}}
-                                   for ext in sorted(create)])
-             .on_conflict(conflict_target=[Customer.organization, Customer.external_id], action="nothing")
-             .execute())
+            lifecycle.add_customers(organization_id, [{"external_id": ext, "traits": {}} for ext in sorted(create)])
             customers = _existing(organization_id, _users(accepted))
     return customers, erased
 
