@@ -8,6 +8,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from ingest import segment
 from ingest.accounts import Scope
 from ingest.schemas import (
+    LIVE_MESSAGES,
     BatchResult,
     ChangePage,
     ChangeQuery,
@@ -150,15 +151,26 @@ PATHS = {
 }
 
 
+LIVE_FEED = (
+    "Live feed: a WebSocket at /api/feed/ws. The client sends {\"type\": \"auth\", \"token\": KEY} "
+    "(a key with the read scope), and {\"after\": CURSOR} in it to resume. The server answers ReadyNotice, "
+    "then sends the organization's changes in order, each once (CreatedEvent, AnalyzedEvent, DeletedEvent: "
+    "the same items as GET /api/changes), and DroppedNotice or GapNotice when it had to. Close codes: 4400 "
+    "after is not a cursor of the organization, 4401 bad or revoked key, 4403 no read scope, 4410 cursor "
+    "expired, 1013 try again later.")
+
+
 @functools.lru_cache(maxsize=None)
 def spec_dict():
     spec = APISpec(title="Interaction ingest API", version="1.0.0", openapi_version="3.0.3",
-                   plugins=[MarshmallowPlugin()])
+                   plugins=[MarshmallowPlugin()], info={"description": LIVE_FEED})
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer",
                                                "description": "Authorization: Bearer KEY"})
     spec.components.security_scheme("basic", {"type": "http", "scheme": "basic",
                                               "description": "The key as user name, no password."})
     for path, operations in PATHS.items():  # the plugin registers each schema it meets
         spec.path(path=path, operations=operations)
+    for schema in LIVE_MESSAGES.values():
+        spec.components.schema(schema.__name__, schema=schema)
     return spec.to_dict()
 

@@ -280,6 +280,71 @@ class ChangePage(Schema):
                        "when there was none (poll again later)"})
 
 
+# Live messages: what the feed's socket sends (DESIGN §8, §16), published in the
+# OpenAPI document's components. Their producers build them directly, for speed
+# (changes.event and its data builders, the fan-out's notices, the feed's ready);
+# the tests check every message a test socket receives against these.
+
+class AnalyzedData(Schema):
+    """An interaction's analysis: done, skipped (no text) or failed (no sentiment)."""
+    id = fields.UUID(required=True)
+    customer_id = fields.UUID(data_key="customerId", required=True)
+    analysis_status = fields.String(data_key="analysisStatus", required=True,
+                                    validate=validate.OneOf(("done", "skipped", "failed")))
+    sentiment = fields.Nested(SentimentOut, required=True, allow_none=True)
+
+
+class DeletedData(Schema):
+    """The erased customer."""
+    id = fields.UUID(required=True)
+
+
+class CreatedEvent(Schema):
+    """An interaction was stored: as the read API shows it, pending."""
+    type = fields.String(required=True, validate=validate.Equal("interaction.created"))
+    cursor = fields.String(required=True, metadata={"description": "opaque; resume after it"})
+    data = fields.Nested(InteractionOut, required=True)
+
+
+class AnalyzedEvent(Schema):
+    """An interaction's analysis was stored."""
+    type = fields.String(required=True, validate=validate.Equal("interaction.analyzed"))
+    cursor = fields.String(required=True, metadata={"description": "opaque; resume after it"})
+    data = fields.Nested(AnalyzedData, required=True)
+
+
+class DeletedEvent(Schema):
+    """A customer and every interaction of it were erased."""
+    type = fields.String(required=True, validate=validate.Equal("customer.deleted"))
+    cursor = fields.String(required=True, metadata={"description": "opaque; resume after it"})
+    data = fields.Nested(DeletedData, required=True)
+
+
+class ReadyNotice(Schema):
+    """The socket is authenticated; its changes follow, after ``cursor``."""
+    type = fields.String(required=True, validate=validate.Equal("ready"))
+    organization_id = fields.UUID(data_key="organizationId", required=True)
+    cursor = fields.String(required=True)
+
+
+class DroppedNotice(Schema):
+    """This socket fell behind: ``count`` changes were dropped for it, and are sent
+    again, in order, once it has drained."""
+    type = fields.String(required=True, validate=validate.Equal("dropped"))
+    count = fields.Integer(required=True)
+
+
+class GapNotice(Schema):
+    """Changes may have been missed upstream; read /api/changes after the last cursor."""
+    type = fields.String(required=True, validate=validate.Equal("gap"))
+
+
+# A live message's ``type`` -> its schema.
+LIVE_MESSAGES = {"interaction.created": CreatedEvent, "interaction.analyzed": AnalyzedEvent,
+                 "customer.deleted": DeletedEvent, "ready": ReadyNotice, "dropped": DroppedNotice,
+                 "gap": GapNotice}
+
+
 class Health(Schema):
     status = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String())

@@ -11,6 +11,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
+from tests.openapi_check import check_live_message
+
 # The client's reader thread must never keep a finished test run alive.
 DaemonThread = functools.partial(threading.Thread, daemon=True)
 
@@ -30,7 +32,7 @@ class FeedClient:
     def next(self, timeout=5.0):
         """The next message, or None after ``timeout`` seconds."""
         raw = self.ws.receive(timeout=timeout)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else check_live_message(json.loads(raw))
 
     def until(self, predicate, timeout=10.0):
         """Messages received until one satisfies ``predicate`` (returned last)."""
@@ -127,10 +129,12 @@ class LocalSocket:
         next(server.events())
         self.ws.receive_data(server.send(AcceptConnection()))
         next(self.ws.events())
+        from ingest.changes import cursor
         from ingest.fanout import FeedSocket, text_frame
         feed_socket = FeedSocket(server_end, server, organization_id, "local")
         feed_socket.start = bus.fanout.start_position(organization_id)  # as the feed's authentication does
-        bus.attach(feed_socket, text_frame('{"type": "ready"}'))
+        bus.attach(feed_socket, text_frame(json.dumps({"type": "ready", "organizationId": organization_id,
+                                                       "cursor": cursor(organization_id, feed_socket.start)})))
         assert self.next()["type"] == "ready"
 
     def next(self, timeout=5.0):
@@ -138,7 +142,7 @@ class LocalSocket:
         while True:
             for event in self.ws.events():
                 if isinstance(event, TextMessage):
-                    return json.loads(event.data)
+                    return check_live_message(json.loads(event.data))
             self.ws.receive_data(self.sock.recv(65536))
 
     def close(self):

@@ -4,6 +4,7 @@ import re
 from openapi_schema_validator import OAS30Validator
 
 from ingest.openapi import spec_dict
+from ingest.schemas import LIVE_MESSAGES
 
 
 def _operations():
@@ -26,5 +27,19 @@ def check_response(method, path, status, body):
             schema = {**documented["content"]["application/json"]["schema"],
                       "components": spec["components"]}
             OAS30Validator(schema).validate(body)
+            if path == "/api/changes" and status == 200:  # the items are the socket's changes
+                for item in body["items"]:
+                    check_live_message(item)
             return True
     return False  # not an API path (the page, static files)
+
+
+def check_live_message(message):
+    """Raise if a message of the feed's socket is not what the spec publishes for its type;
+    returns it."""
+    assert message.get("type") in LIVE_MESSAGES, "unpublished live message %r" % message
+    spec = spec_dict()
+    schema = {"$ref": "#/components/schemas/" + LIVE_MESSAGES[message["type"]].__name__,
+              "components": spec["components"]}
+    OAS30Validator(schema).validate(message)
+    return message
