@@ -4,8 +4,8 @@ Worker class: gthread (flask-sock on gunicorn needs a threaded worker). A
 request thread waits on the group commit, so a worker needs as many threads as
 ingest requests it serves at once. A live-feed WebSocket holds a thread only for
 its handshake; then the worker's fan-out thread serves it, auth message included
-(ingest/fanout.py), so sockets are not limited by threads. gevent would make
-sqlite3 and the commit thread block its event loop. See the README.
+(ingest/fanout.py), so sockets are not limited by threads. Why not gevent: see
+the README ("Why gthread workers").
 
 Every setting can be overridden on the command line or with GUNICORN_CMD_ARGS.
 """

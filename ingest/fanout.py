@@ -92,7 +92,12 @@ def encode(events):
 
 
 def text_frame(message):
-    """A server-to-client WebSocket text frame (RFC 6455 §5.2: final, unmasked)."""
+    """A server-to-client WebSocket text frame (RFC 6455 §5.2: final, unmasked).
+
+    Written here rather than by wsproto's ``send``, which frames for one connection
+    at a time: an event is framed once and the same bytes go to every socket of its
+    organization. Browsers and the tests' wsproto clients parse what it makes
+    (test_feed, test_feed_safety, test_page)."""
     payload = message.encode("utf-8") if isinstance(message, str) else message
     size = len(payload)
     if size < 126:

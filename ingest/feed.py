@@ -57,7 +57,13 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'se
 class NoReaderThread:
     """simple-websocket starts a reader thread per socket; the feed reads and writes
     its sockets itself (one fan-out thread per process), so that thread never runs.
-    Given to flask-sock as SOCK_SERVER_OPTIONS["thread_class"]."""
+    Given to flask-sock as SOCK_SERVER_OPTIONS["thread_class"], a documented option;
+    that its reader is then never needed is ours to know: simple-websocket's
+    ``thread_class(target=...).start()`` is pinned by tests/test_feed_contract.py.
+
+    Why not a thread or greenlet per socket, as flask-sock documents for many
+    sockets: measured side by side (gevent workers), that costs 10-20 times the
+    CPU per delivered event and misses the §12 live rows (docs/BENCHMARKS.md)."""
 
     def __init__(self, target):
         self.name = "unused"
@@ -105,7 +111,8 @@ def take_over(ws):
     number is pointed at a socket whose peer is already gone: the server reads
     end-of-file, its writes fail as a dropped connection, and it closes it.
     simple-websocket is told the socket is gone, so flask-sock's own close does
-    nothing.
+    nothing. What this reads and sets of simple-websocket (``sock``, ``connected``)
+    and how gunicorn closes the descriptor are pinned by tests/test_feed_contract.py.
     """
     server_socket = ws.sock
     connection = socket.socket(fileno=os.dup(server_socket.fileno()))
