@@ -47,7 +47,8 @@ class Job:
 class GroupCommitter:
     def __init__(self, write_group, after_commit, max_items=500):
         """``write_group(jobs) -> results per job`` runs in one transaction;
-        ``after_commit(jobs, results)`` runs after it, off the writer thread."""
+        ``after_commit(committed)``, with the (job, results) pairs of one or more
+        groups, runs after it, off the writer thread."""
         self.write_group = write_group
         self.after_commit = after_commit
         self._max_items = max_items

@@ -50,8 +50,7 @@ class Runtime:
                                     settings["COMMIT_TIMEOUT"])
         self.committer = self.service.committer
         self.results = ResultWriter(self.bus.publish)
-        self._serving = [self.service, self.bus, keys.RevocationWatch(self.keys, self.bus.fanout),
-                         self.backlog]
+        self._watch = keys.RevocationWatch(self.keys, self.bus.fanout)
         self._started = []
 
     def bind(self):
@@ -65,7 +64,10 @@ class Runtime:
         if self._started:
             raise RuntimeError("already started")
         self.bind()
-        self._started = [self.results, *(self._serving if serving else ())]
+        # Stopped in the reverse order: what is waiting is committed and its analyses'
+        # results written while the bus still delivers; the sockets close last.
+        self._started = ([self.bus, self._watch, self.backlog, self.results, self.service] if serving
+                         else [self.results])
         for part in self._started:
             part.start()
         with _lock:
