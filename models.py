@@ -62,6 +62,12 @@ def uuid4():
         return uuid.UUID(bytes=_state["buffer"][offset:offset + 16], version=4)
 
 
+def sentiment(label, score):
+    """An interaction's sentiment as the API and the events show it: ``{"label",
+    "score"}`` once analysed (its two columns), else None."""
+    return None if label is None else {"label": label, "score": score}
+
+
 def utcnow():
     """The current time as naive UTC, the form every timestamp is stored in."""
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
@@ -274,10 +280,7 @@ class Interaction(BaseModel):
 
     @property
     def sentiment(self):
-        """``{"label", "score"}`` once analysed, else None."""
-        if self.sentiment_label is None:
-            return None
-        return {"label": self.sentiment_label, "score": self.sentiment_score}
+        return sentiment(self.sentiment_label, self.sentiment_score)
 
     class Meta:
         indexes = (

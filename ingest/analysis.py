@@ -122,7 +122,7 @@ def store(scored, error=None):
     change for each row written (of its own kind for a failure), in one transaction
     whose organizations' streams are locked first (so an erasure, which takes them
     before it deletes rows, never waits on this one in turn). Returns a result
-    ``{"id", "organization_id", "customer_id", "analysis_status", "sentiment",
+    ``{"id", "organization_id", "customer_id", "analysis_status", "label", "score",
     "position"}`` for each row written (the ids as text, as events carry them)."""
     if not scored:
         return []
@@ -138,7 +138,7 @@ def store(scored, error=None):
                                    lambda row: written[row[0]][1])
     results = [{"id": uuid_text(row_id), "organization_id": org_id, "customer_id": uuid_text(written[row_id][0]),
                 "analysis_status": status, "position": positions[Interaction.id.python_value(row_id)],
-                "sentiment": None if label is None else {"label": label, "score": value}}
+                "label": label, "score": value}
                for row_id, org_id, (status, label, value), _ in scored if row_id in written]
     for status, count in collections.Counter(r["analysis_status"] for r in results).items():
         metrics.ANALYSES.labels(status).inc(count)
@@ -300,11 +300,9 @@ def publish_analyzed(publish, written):
     log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
     by_organization = defaultdict(list)
     for result in written:
-        sentiment = result["sentiment"] or {}
         by_organization[result["organization_id"]].append((result["position"], changes.event(
             changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
-                result["id"], result["customer_id"], result["analysis_status"],
-                sentiment.get("label"), sentiment.get("score")))))
+                result["id"], result["customer_id"], result["analysis_status"], result["label"], result["score"]))))
     try:
         publish(by_organization)
     except Exception:

@@ -28,7 +28,7 @@ import uuid
 
 from peewee import fn
 
-from models import FAILED, PENDING, Change, ChangeStream, db, is_postgres, utcnow, uuid_text
+from models import FAILED, PENDING, Change, ChangeStream, db, is_postgres, sentiment, utcnow, uuid_text
 
 # The kinds of change. An analysis that failed for good is a kind of its own: the
 # interaction's row shows only its latest analysis, and a failure can be followed by
@@ -303,4 +303,4 @@ def _instant(value):
 def analyzed_data(interaction_id, customer_id, status, label, score):
     """The data of an ``interaction.analyzed`` event."""
     return {"id": str(interaction_id), "customerId": str(customer_id), "analysisStatus": status,
-            "sentiment": None if label is None else {"label": label, "score": score}}
+            "sentiment": sentiment(label, score)}

@@ -60,7 +60,7 @@ def test_task_publishes_interaction_analyzed(service, org, customer_id):
 def test_failure_keeps_the_error_enters_the_feed_and_retry_requeues(client, service, org, customer_id):
     broken = stored(service, org, customer_id, "anything")
     [failed] = analysis.mark_failed([broken], RuntimeError("vader exploded"))
-    assert (failed["id"], failed["analysis_status"], failed["sentiment"]) == (str(broken), "failed", None)
+    assert (failed["id"], failed["analysis_status"], failed["label"]) == (str(broken), "failed", None)
     assert analysis.mark_failed([broken], RuntimeError("again")) == []  # failed already: no second change
     row = Interaction.get_by_id(broken)
     assert (row.analysis_status, row.analysis_error) == ("failed", "vader exploded")
