@@ -5,6 +5,7 @@ JSON documents (traits, metadata) as text we serialise ourselves, so a value
 reads back byte for byte the same on both databases.
 """
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -163,8 +164,36 @@ def close_all(database):
         database.close()
 
 
-def is_postgres():
-    return isinstance(db.obj, PooledPostgresqlDatabase)
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """What differs between the two databases, asked in one place (``dialect()``).
+
+    Statements that differ are kept in pairs keyed by dialect (``{POSTGRES: ...,
+    SQLITE: ...}[dialect()]``); the rest asks what the database can do."""
+    name: str
+    param: str  # the driver's placeholder
+    # Rows, and named locks, are locked one by one (FOR UPDATE, advisory locks);
+    # SQLite locks the whole database at BEGIN IMMEDIATE, so it needs neither.
+    row_locks: bool
+    # interaction is range-partitioned, its messageIds kept in message_key (§17).
+    partitions: bool
+
+    def sql(self, text):
+        """``text`` written with %s placeholders, in this driver's."""
+        return text if self.param == "%s" else text.replace("%s", self.param)
+
+    def locked(self, query):
+        """A peewee SELECT that locks its rows FOR UPDATE where rows are locked."""
+        return query.for_update() if self.row_locks else query
+
+
+POSTGRES = Dialect("postgres", "%s", row_locks=True, partitions=True)
+SQLITE = Dialect("sqlite", "?", row_locks=False, partitions=False)
+
+
+def dialect():
+    """The bound database's Dialect."""
+    return POSTGRES if isinstance(db.obj, PooledPostgresqlDatabase) else SQLITE
 
 
 def uuid_text(stored):
@@ -177,9 +206,10 @@ def uuid_text(stored):
 
 @contextlib.contextmanager
 def one_at_a_time(lock_name):
-    """PostgreSQL: hold the session advisory lock ``lock_name`` for the block, across
-    its transactions (one retention run, one conversion at a time); SQLite: nothing."""
-    if not is_postgres():
+    """Hold the session advisory lock ``lock_name`` for the block, across its
+    transactions (one retention run, one conversion at a time); SQLite: nothing is
+    needed, its writers take turns."""
+    if not dialect().row_locks:
         yield
         return
     db.execute_sql("SELECT pg_advisory_lock(hashtext(%s))", [lock_name])

@@ -23,11 +23,13 @@ from models import (
     DONE,
     FAILED,
     PENDING,
+    POSTGRES,
     SKIPPED,
+    SQLITE,
     Interaction,
     connection,
     db,
-    is_postgres,
+    dialect,
     release_connection,
     utcnow,
     uuid_text,
@@ -147,12 +149,19 @@ def store(scored, error=None):
 
 def store_statement(scored, error):
     """(sql, params) of ``store``'s UPDATE."""
-    if is_postgres():  # the received_at range: only the rows' partitions are read
-        stamps = [received_at for _, _, _, received_at in scored]
-        return STORE_POSTGRES, [error, utcnow(), json.dumps(
-            [{"id": row_id, "received_at": received_at.isoformat(), "status": status, "label": label, "score": value}
-             for row_id, _, (status, label, value), received_at in scored]), min(stamps), max(stamps)]
-    return _store_sqlite(len(scored)), [error, utcnow(), *(
+    return STORE[dialect()](scored, error)
+
+
+def _store_postgres(scored, error):
+    """The received_at range: only the rows' partitions are read."""
+    stamps = [received_at for _, _, _, received_at in scored]
+    return STORE_POSTGRES, [error, utcnow(), json.dumps(
+        [{"id": row_id, "received_at": received_at.isoformat(), "status": status, "label": label, "score": value}
+         for row_id, _, (status, label, value), received_at in scored]), min(stamps), max(stamps)]
+
+
+def _store_sqlite(scored, error):
+    return _store_sqlite_sql(len(scored)), [error, utcnow(), *(
         value for row_id, _, result, _ in scored for value in (row_id, *result))]
 
 
@@ -163,10 +172,7 @@ def _pending_rows(ids):
     database gives them (they go back to it); organizations become their canonical
     text."""
     ids = [Interaction.id.db_value(i) for i in ids]
-    if is_postgres():
-        sql, params = PENDING_POSTGRES, [json.dumps(ids)]
-    else:
-        sql, params = PENDING_SQLITE % ", ".join(["?"] * len(ids)), ids
+    sql, params = PENDING_ROWS[dialect()](ids)
     organizations = {}
     return [(row_id, organizations.get(org_id) or organizations.setdefault(
                  org_id, uuid_text(org_id)), content, status, received_at)
@@ -180,6 +186,8 @@ PENDING_POSTGRES = ("SELECT id::text, organization_id::text, content, analysis_s
                     "FROM interaction WHERE id = ANY(ARRAY(SELECT json_array_elements_text(%s::json)::uuid))")
 PENDING_SQLITE = ("SELECT id, organization_id, content, analysis_status, received_at FROM interaction "
                   "WHERE id IN (%s)")
+PENDING_ROWS = {POSTGRES: lambda ids: (PENDING_POSTGRES, [json.dumps(ids)]),
+                SQLITE: lambda ids: (PENDING_SQLITE % ", ".join(["?"] * len(ids)), ids)}
 
 
 # "|| ''" keeps PostgreSQL from reading every pending row through the status
@@ -198,12 +206,15 @@ STORE_POSTGRES = (
 
 
 @functools.lru_cache(maxsize=128)
-def _store_sqlite(rows):
+def _store_sqlite_sql(rows):
     return ("UPDATE interaction SET analysis_status = v.status, sentiment_label = v.label, "
             "sentiment_score = v.score, analysis_error = ?, analyzed_at = ? "
             "FROM (SELECT column1 AS id, column2 AS status, column3 AS label, column4 AS score "
             "FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + ")) AS v " + _STORE_WHERE +
             "RETURNING interaction.id, interaction.customer_id, interaction.received_at")
+
+
+STORE = {POSTGRES: _store_postgres, SQLITE: _store_sqlite}
 
 
 def mark_failed(ids, error):

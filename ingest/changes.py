@@ -28,7 +28,7 @@ import uuid
 
 from peewee import fn
 
-from models import FAILED, PENDING, Change, ChangeStream, db, is_postgres, sentiment, utcnow, uuid_text
+from models import FAILED, PENDING, POSTGRES, SQLITE, Change, ChangeStream, db, dialect, sentiment, utcnow, uuid_text
 
 # The kinds of change. An analysis that failed for good is a kind of its own: the
 # interaction's row shows only its latest analysis, and a failure can be followed by
@@ -106,8 +106,8 @@ TAKE = ("INSERT INTO change_stream (organization_id, position, oldest) VALUES (%
 
 def take(organization_id, count):
     """Take ``count`` positions of the organization's stream; returns the first."""
-    sql = TAKE if is_postgres() else TAKE.replace("%s", "?")
-    last = db.execute_sql(sql, [ChangeStream.organization.db_value(organization_id), count]).fetchone()[0]
+    params = [ChangeStream.organization.db_value(organization_id), count]
+    last = db.execute_sql(dialect().sql(TAKE), params).fetchone()[0]
     return last - count + 1
 
 
@@ -115,7 +115,7 @@ def lock(organization_ids):
     """Lock the organizations' streams now, in a stable order (PostgreSQL): a
     writer that will take positions after locking rows of its own takes this lock
     first, as the erasure does, so that the two never wait for each other in turn."""
-    if is_postgres() and organization_ids:
+    if dialect().row_locks and organization_ids:
         db.execute_sql("SELECT 1 FROM change_stream WHERE organization_id = ANY(%s::uuid[]) "
                        "ORDER BY organization_id FOR UPDATE",
                        [sorted(str(organization_id) for organization_id in organization_ids)])
@@ -127,7 +127,7 @@ def record(rows):
     if rows:
         now = utcnow()
         to_db = Change.subject.db_value
-        db.execute_sql(_record_sql(len(rows), "%s" if is_postgres() else "?"), [
+        db.execute_sql(_record_sql(len(rows), dialect().param), [
             value for organization_id, position, kind, subject, subject_at in rows
             for value in (to_db(organization_id), position, kind, to_db(subject), now, subject_at)])
 
@@ -221,12 +221,13 @@ PAGE_POSTGRES = (_PAGE_COLUMNS + 'LEFT JOIN LATERAL (SELECT * FROM "interaction"
                  'AND i.received_at = c.subject_at LIMIT 1) AS i ON true ORDER BY c.position')
 PAGE_SQLITE = (_PAGE_COLUMNS + 'LEFT JOIN "interaction" AS i ON i.id = c.subject AND i.received_at = c.subject_at '
                'ORDER BY c.position')
+PAGE = {POSTGRES: PAGE_POSTGRES, SQLITE: PAGE_SQLITE}
 STREAM = "SELECT position, oldest FROM change_stream WHERE organization_id = %s"
 
 
 def _sql(query, *params):
     """Rows of a query written with %s placeholders, on either database."""
-    return db.execute_sql(query if is_postgres() else query.replace("%s", "?"), params).fetchall()
+    return db.execute_sql(dialect().sql(query), params).fetchall()
 
 
 def positions(organization_ids):
@@ -251,8 +252,7 @@ def read(organization_id, after=None, limit=MAX_PAGE):
     deletes (``prune``), so rows deleted under this read show as an expired cursor,
     never as changes silently skipped."""
     start = stream(organization_id)[1] - 1 if after is None else after
-    rows = _sql(PAGE_POSTGRES if is_postgres() else PAGE_SQLITE, Change.organization_id.db_value(organization_id),
-                start, limit)
+    rows = _sql(PAGE[dialect()], Change.organization_id.db_value(organization_id), start, limit)
     oldest = stream(organization_id)[1]
     if start < oldest - 1:
         if after is not None:

@@ -31,7 +31,7 @@ from peewee import IntegrityError, OperationalError
 
 from ingest import changes
 from ingest.domain import CREATED, DUPLICATE, UNKNOWN_CUSTOMER
-from models import Customer, Interaction, db, is_postgres
+from models import POSTGRES, SQLITE, Customer, Interaction, db, dialect
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ def write_group(jobs, known):
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            if is_postgres():  # its insert-and-count is one statement: atomic alone
-                return _write(jobs, known, _insert_and_count)
-            with db.atomic():
-                return _write(jobs, known, _insert_then_count)
+            return WRITE[dialect()](jobs, known)
         except IntegrityError:
             # Only a foreign key can fail (conflicts are skipped): a customer this
             # process remembered was erased meanwhile. Ask the database again.
@@ -108,6 +105,15 @@ def write_group(jobs, known):
                         extra={"attempt": attempt})
             db.close()
             time.sleep(0.05 * 2 ** attempt)
+
+
+def _write_postgres(jobs, known):
+    return _write(jobs, known, _insert_and_count)  # one statement: atomic on its own
+
+
+def _write_sqlite(jobs, known):
+    with db.atomic():
+        return _write(jobs, known, _insert_then_count)
 
 
 def _write(jobs, known, store):
@@ -262,17 +268,22 @@ def _insert_and_count(items):
 
 
 def _stored_ids(items):
-    """Map (organization, message_id) to the id already stored, for conflicting items
-    (on PostgreSQL from ``message_key``, where each messageId kept has its row)."""
-    if not items:
-        return {}
-    if is_postgres():
-        rows = db.execute_sql(
-            "SELECT organization_id, message_id, interaction_id FROM message_key "
-            "WHERE organization_id = ANY(%s::uuid[]) AND message_id = ANY(%s::text[]) "
-            "AND received_at >= COALESCE((SELECT kept_from FROM storage_horizon), '-infinity')",
-            [list({str(i.organization_id) for i in items}), list({i.message_id for i in items})]).fetchall()
-        return {(org, message_id): id_ for org, message_id, id_ in rows}
+    """Map (organization, message_id) to the id already stored, for conflicting items."""
+    return STORED[dialect()](items) if items else {}
+
+
+def _stored_postgres(items):
+    """From ``message_key``, where each messageId kept has its row."""
+    rows = db.execute_sql(
+        "SELECT organization_id, message_id, interaction_id FROM message_key "
+        "WHERE organization_id = ANY(%s::uuid[]) AND message_id = ANY(%s::text[]) "
+        "AND received_at >= COALESCE((SELECT kept_from FROM storage_horizon), '-infinity')",
+        [list({str(i.organization_id) for i in items}), list({i.message_id for i in items})]).fetchall()
+    return {(org, message_id): id_ for org, message_id, id_ in rows}
+
+
+def _stored_sqlite(items):
+    """From ``interaction``'s unique index."""
     query = (Interaction
              .select(Interaction.organization, Interaction.message_id, Interaction.id)
              .where(Interaction.organization.in_({i.organization_id for i in items})
@@ -302,3 +313,9 @@ def _update_customers(items):
         params += [Customer.id.db_value(customer_id), len(stamps),
                    Customer.last_seen_at.db_value(max(stamps))]
     db.execute_sql(_update_sql(len(per_customer)), params)
+
+
+# What differs between the databases (models.Dialect): how a group is written, and
+# where the ids of messageIds already stored are found.
+WRITE = {POSTGRES: _write_postgres, SQLITE: _write_sqlite}
+STORED = {POSTGRES: _stored_postgres, SQLITE: _stored_sqlite}
