@@ -40,7 +40,7 @@ def stripped_app(store=True):
 
     service.validate_interaction = bare_conversion
     app = create_app()
-    committer = runtime.of(app).committer
+    committer = runtime.of(app).service.committer
     committer.after_commit = lambda committed: None
     if not store:
         committer.write_group = lambda jobs: [[(CREATED, item.id) for item in job] for job in jobs]

@@ -8,7 +8,7 @@ result through the schema that the OpenAPI description publishes for it
 
 from flask import Blueprint, current_app, g, request
 
-from ingest import lifecycle, reads, schemas, segment
+from ingest import lifecycle, reads, runtime, schemas, segment
 from ingest import openapi as openapi_spec
 from ingest.accounts import Scope
 from ingest.auth import admit, charge_events, key_from_request, require
@@ -28,7 +28,7 @@ DRY_RUN_VIEWS = ("api.ingest_one", "api.ingest_batch", "segment.segment_events")
 
 
 def service():
-    return current_app.extensions["runtime"].service
+    return runtime.of(current_app).service
 
 
 @api.before_request
@@ -148,7 +148,7 @@ def healthz():
 @health.get("/readyz")
 def readyz():
     checks = {"database": _check(lambda: db.execute_sql("SELECT 1")),
-              "queue": _check(current_app.extensions["runtime"].pending_count)}
+              "queue": _check(runtime.of(current_app).pending_count)}
     ready = all(value == "ok" for value in checks.values())
     return schemas.health.dump({"status": "ready" if ready else "unavailable", "checks": checks}), \
         200 if ready else 503

@@ -12,7 +12,7 @@ import functools
 
 from flask import current_app, g, request
 
-from ingest import metrics
+from ingest import metrics, runtime
 from ingest.domain import Code, validation_error
 from ingest.errors import ApiError
 from ingest.keys import AddressRefused, check_key, hash_key
@@ -36,7 +36,7 @@ def admit(scope, key=None, backlog=False):
     live one with ``scope`` (401, 403), within its request budget (429), and with
     ``backlog``, its organization within its share of the analysis backlog bound
     (429). Sets g.organization_id; returns the key's Principal."""
-    process = current_app.extensions["runtime"]
+    process = runtime.of(current_app)
     try:
         principal = check_key(hash_key(key or key_from_request()), request.remote_addr or "unknown",
                               process.keys, process.auth_failures)
@@ -66,7 +66,7 @@ def charge_events(payload, field=None):
     carries: the items of its ``field`` for a batch, else 1; before anything is
     stored, so that a batch over the budget is refused whole (429), and one that
     never could fit is a 400 naming ``field``."""
-    rate_limit = current_app.extensions["runtime"].rate_limit
+    rate_limit = runtime.of(current_app).rate_limit
     largest = rate_limit.largest(EVENTS) if rate_limit is not None else None
     if largest is None:
         return

@@ -48,7 +48,6 @@ class Runtime:
         self.backlog = overload.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
         self.service = IngestService(enqueue_analysis, self.bus.publish, settings["MAX_BATCH_ITEMS"],
                                     settings["COMMIT_TIMEOUT"])
-        self.committer = self.service.committer
         self.results = ResultWriter(self.bus.publish)
         self._watch = keys.RevocationWatch(self.keys, self.bus.fanout)
         self._started = []

@@ -299,24 +299,21 @@ class DeletedData(Schema):
     id = fields.UUID(required=True)
 
 
-class CreatedEvent(Schema):
+class CreatedEvent(ChangeOut):
     """An interaction was stored: as the read API shows it, pending."""
     type = fields.String(required=True, validate=validate.Equal("interaction.created"))
-    cursor = fields.String(required=True, metadata={"description": "opaque; resume after it"})
     data = fields.Nested(InteractionOut, required=True)
 
 
-class AnalyzedEvent(Schema):
+class AnalyzedEvent(ChangeOut):
     """An interaction's analysis was stored."""
     type = fields.String(required=True, validate=validate.Equal("interaction.analyzed"))
-    cursor = fields.String(required=True, metadata={"description": "opaque; resume after it"})
     data = fields.Nested(AnalyzedData, required=True)
 
 
-class DeletedEvent(Schema):
+class DeletedEvent(ChangeOut):
     """A customer and every interaction of it were erased."""
     type = fields.String(required=True, validate=validate.Equal("customer.deleted"))
-    cursor = fields.String(required=True, metadata={"description": "opaque; resume after it"})
     data = fields.Nested(DeletedData, required=True)
 
 

@@ -65,8 +65,7 @@ def finish(response):
     metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
     metrics.LATENCY.labels(endpoint).observe(seconds)
     if access.isEnabledFor(logging.INFO):
-        current = request._get_current_object()  # one proxy lookup, not one per attribute
-        access.info("request", extra={"method": current.method, "path": current.path,
+        access.info("request", extra={"method": request.method, "path": request.path,
                                       "status": response.status_code, "duration_ms": round(seconds * 1000, 2)})
     return response
 

@@ -118,17 +118,23 @@ class RawSocket:
         return event.data
 
 
+def connected_pair():
+    """A server's and a client's wsproto connection, past the handshake, in memory."""
+    server, client = WSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
+    server.receive_data(client.send(Request(host="local", target="/api/feed/ws")))
+    next(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    next(client.events())
+    return server, client
+
+
 class LocalSocket:
     """A feed socket attached straight to this process's bus over a socketpair: what a
     browser of the organization receives, without a server in between."""
 
     def __init__(self, bus, organization_id):
         server_end, self.sock = socket.socketpair()
-        server, self.ws = WSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
-        server.receive_data(self.ws.send(Request(host="local", target="/api/feed/ws")))
-        next(server.events())
-        self.ws.receive_data(server.send(AcceptConnection()))
-        next(self.ws.events())
+        server, self.ws = connected_pair()
         from ingest.changes import cursor
         from ingest.fanout import FeedSocket, text_frame
         feed_socket = FeedSocket(server_end, server, organization_id, "local")

@@ -12,12 +12,11 @@ import time
 import pytest
 import requests
 import simple_websocket
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import TextMessage
 
 from ingest import changes
 from ingest.fanout import text_frame
-from tests.feed_client import FeedClient, RawSocket
+from tests.feed_client import FeedClient, RawSocket, connected_pair
 from tests.helpers import (
     bearer,
     interaction,
@@ -222,11 +221,7 @@ def test_losing_redis_never_breaks_ingest_nor_the_feed_and_restarts_close_socket
 
 def test_text_frames_decode_as_websocket_text_messages():
     """Each length encoding of RFC 6455 (7-bit, 16-bit, 64-bit), read by wsproto."""
-    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
-    server.receive_data(client.send(Request(host="h", target="/")))
-    next(server.events())
-    client.receive_data(server.send(AcceptConnection()))
-    next(client.events())
+    _, client = connected_pair()
     messages = ["x" * 10, "é" * 200, '{"k": "%s"}' % ("y" * 70_000)]
     client.receive_data(b"".join(text_frame(m) for m in messages))
     received = [e.data for e in client.events() if isinstance(e, TextMessage)]

@@ -4,21 +4,17 @@ the client's inbound budget and its auth message (DESIGN §8, §12)."""
 import json
 import time
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
 from ingest import fanout
 from ingest.fanout import GREETING, INBOUND_BURST, OUTBOX_BYTES, Close, FeedSocket, text_frame
+from tests.feed_client import connected_pair
 
 
 def open_socket():
     """A FeedSocket past its handshake, and the browser's end of its wsproto state."""
-    server, browser = WSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
-    server.receive_data(browser.send(Request(host="local", target="/api/feed/ws")))
-    next(server.events())
-    browser.receive_data(server.send(AcceptConnection()))
-    next(browser.events())
+    server, browser = connected_pair()
     return FeedSocket(None, server, "org", "key"), browser
 
 
