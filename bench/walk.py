@@ -10,7 +10,7 @@ Only the project's own files count (not its libraries, tests or benchmarks).
 Each thread's files are listed in the order it entered them; a return is an
 entry into a file the same thread had already left.
 
-    .venv/bin/python -m bench.walk [--json]
+    .venv/bin/python -m bench.walk [--json] [--functions]
 """
 import argparse
 import collections
@@ -40,14 +40,18 @@ class Walk:
             return
         name = os.path.relpath(path, ROOT)
         steps = self.by_thread[threading.current_thread().name]
-        if not steps or steps[-1] != name:
+        if not steps or steps[-1][0] != name:
             with self._lock:
-                steps.append(name)
+                steps.append((name, frame.f_code.co_name))
 
     def summary(self):
-        files = sorted({name for steps in self.by_thread.values() for name in steps})
-        returns = sum(len(steps) - len(set(steps)) for steps in self.by_thread.values())
-        return {"files": files, "returns": returns, "threads": dict(self.by_thread)}
+        """Files, returns, and each thread's steps as "file" or, with the function
+        entered first, "file:function" under "entered"."""
+        files = sorted({name for steps in self.by_thread.values() for name, _ in steps})
+        returns = sum(len(steps) - len({name for name, _ in steps}) for steps in self.by_thread.values())
+        return {"files": files, "returns": returns,
+                "threads": {thread: [name for name, _ in steps] for thread, steps in self.by_thread.items()},
+                "entered": {thread: ["%s:%s" % step for step in steps] for thread, steps in self.by_thread.items()}}
 
 
 def traced(action):
@@ -125,6 +129,7 @@ def walks():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--functions", action="store_true", help="name the function each step entered")
     args = parser.parse_args()
     scratch_environment()
     found = walks()
@@ -133,7 +138,7 @@ def main():
         return
     for name, walk in found.items():
         print("%s: %d files, %d returns" % (name, len(walk["files"]), walk["returns"]))
-        for thread, steps in walk["threads"].items():
+        for thread, steps in walk["entered" if args.functions else "threads"].items():
             print("  %s: %s" % (thread, " > ".join(steps)))
 
 
