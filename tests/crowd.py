@@ -3,6 +3,7 @@ loop on a background thread runs a coroutine per socket (no thread each) until
 ``close()``."""
 import asyncio
 import threading
+import time
 
 
 class Crowd:
@@ -47,3 +48,13 @@ class Crowd:
     def close(self):
         self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout=30)
+
+    def wait(self, condition, timeout, message):
+        """Wait for ``condition``; fail after ``timeout`` with ``message`` (or what it
+        returns, if it is a function) and the subclass's ``summary()`` of its members."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.05)
+        raise AssertionError("%s; %s" % (message() if callable(message) else message, self.summary()))

@@ -25,6 +25,24 @@ def free_port():
         return sock.getsockname()[1]
 
 
+class Loopback:
+    """Where a process runs by default: this host, on 127.0.0.1 (tests/hosts.py
+    has hosts of their own, each in its network namespace)."""
+
+    address = "127.0.0.1"
+
+    @staticmethod
+    def command(argv):
+        return argv
+
+    @staticmethod
+    def port():
+        return free_port()
+
+
+LOCAL = Loopback()
+
+
 def wait_until(condition, timeout=20.0, interval=0.05, message="condition"):
     """Poll ``condition`` until it returns a truthy value; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -37,17 +55,18 @@ def wait_until(condition, timeout=20.0, interval=0.05, message="condition"):
 
 
 class Gunicorn:
-    """`gunicorn -c gunicorn.conf.py "app:create_app()"` on a free port, from this
-    checkout or from ``root`` (another checkout, for a side-by-side benchmark)."""
+    """`gunicorn -c gunicorn.conf.py "app:create_app()"` on a free port of ``host``,
+    from this checkout or from ``root`` (another checkout, for a side-by-side
+    benchmark)."""
 
-    def __init__(self, log_path, workers=2, env=None, app="app:create_app()", root=ROOT):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
+    def __init__(self, log_path, workers=2, env=None, app="app:create_app()", root=ROOT, host=LOCAL):
+        self.port = host.port()
+        self.url = "http://%s:%d" % (host.address, self.port)
         self.log_path = log_path
         self.workers = workers
         self.process = subprocess.Popen(
-            [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py",
-             "--bind", "127.0.0.1:%d" % self.port, "--workers", str(workers), app],
+            host.command([os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py",
+                          "--bind", "%s:%d" % (host.address, self.port), "--workers", str(workers), app]),
             cwd=root, env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},
             stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
         wait_until(self._ready, message="every gunicorn worker to be ready")
@@ -97,22 +116,25 @@ def rss_kb(pid):
 
 
 class Nginx:
-    """deploy/nginx.conf in front of a Gunicorn, on a free port (the production topology).
+    """deploy/nginx.conf in front of one Gunicorn or several, on a free port of
+    ``host`` (the production topology).
 
-    The repository's config is used as it is, but for the two addresses (its
-    listen port and gunicorn's), where nginx keeps its pid file and, if given,
-    ``sockets_per_address`` (for tests whose thousands of browsers all come from
-    127.0.0.1)."""
+    The repository's config is used as it is, but for the addresses (its listen
+    address and the upstream's servers), where nginx keeps its pid file and, if
+    given, ``sockets_per_address`` (for tests whose thousands of browsers all come
+    from one address)."""
 
     CONFIG = os.path.join(ROOT, "deploy", "nginx.conf")
     SOCKETS_PER_ADDRESS = "limit_conn feed_sockets 500;"
 
-    def __init__(self, directory, upstream, sockets_per_address=None):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
+    def __init__(self, directory, upstreams, sockets_per_address=None, host=LOCAL):
+        self.host = host
+        self.port = host.port()
+        self.url = "http://%s:%d" % (host.address, self.port)
+        servers = " ".join("server %s;" % upstream.url.split("//")[1] for upstream in upstreams)
         config = (open(self.CONFIG).read()
-                  .replace("listen 8080 ", "listen 127.0.0.1:%d " % self.port)
-                  .replace("server 127.0.0.1:8000;", "server 127.0.0.1:%d;" % upstream.port)
+                  .replace("listen 8080 ", "listen %s:%d " % (host.address, self.port))
+                  .replace("server 127.0.0.1:8000;", servers)
                   .replace("pid /run/nginx-ingest.pid;", "pid %s;" % os.path.join(directory, "nginx.pid")))
         assert self.SOCKETS_PER_ADDRESS in config
         if sockets_per_address is not None:
@@ -123,15 +145,15 @@ class Nginx:
             file.write(config)
         self.log_path = os.path.join(directory, "nginx.log")
         self.process = subprocess.Popen(
-            ["nginx", "-p", str(directory), "-c", path, "-g", "daemon off;"],
+            host.command(["nginx", "-p", str(directory), "-c", path, "-g", "daemon off;"]),
             stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), start_new_session=True)
-        wait_until(self._up, message="nginx on port %d" % self.port)
+        wait_until(self._up, message="nginx on %s" % self.url)
 
     def _up(self):
         if self.process.poll() is not None:
             raise AssertionError("nginx exited: " + open(self.log_path).read()[-2000:])
         with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+            return sock.connect_ex((self.host.address, self.port)) == 0
 
     def stop(self):
         stop_group(self.process)
@@ -142,7 +164,7 @@ class Production:
 
     def __init__(self, directory, workers=2, env=None, sockets_per_address=None):
         self.web = Gunicorn(os.path.join(directory, "web.log"), workers=workers, env=env)
-        self.proxy = Nginx(directory, self.web, sockets_per_address)
+        self.proxy = Nginx(directory, [self.web], sockets_per_address)
         self.url = self.proxy.url
 
     def __getattr__(self, name):  # log_lines, worker_pids, process, ...
@@ -154,16 +176,16 @@ class Production:
 
 
 class Consumer:
-    """`huey_consumer tasks.huey -w N` (or a module of ours that wraps it); on one
-    CPU (`taskset -c CPU`, as the README runs it) if ``cpu`` is given."""
+    """`huey_consumer tasks.huey -w N` (or a module of ours that wraps it) on
+    ``host``; on one CPU (`taskset -c CPU`, as the README runs it) if ``cpu`` is given."""
 
-    def __init__(self, log_path, env=None, workers=2, module=None, args=(), cpu=None):
+    def __init__(self, log_path, env=None, workers=2, module=None, args=(), cpu=None, host=LOCAL):
         command = ([sys.executable, "-m", module] if module else
                    [os.path.join(BIN, "huey_consumer"), "tasks.huey"])
         if cpu is not None:
             command = ["taskset", "-c", str(cpu)] + command
         self.process = subprocess.Popen(
-            command + ["-w", str(workers), "-k", "thread", *args],
+            host.command(command + ["-w", str(workers), "-k", "thread", *args]),
             cwd=ROOT, env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
         self.log_path = log_path

@@ -1,0 +1,325 @@
+"""Many hosts, one service (DESIGN §18, issue 25): the production topology on hosts
+of their own (tests/hosts.py), each a network namespace with one address:
+
+    db    PostgreSQL and Redis, listening on its address only
+    web1  gunicorn (2 workers)          \\
+    web2  gunicorn (2 workers)           > edge: nginx (deploy/nginx.conf) balancing web1, web2
+    work  huey_consumer
+
+The clients (this process) reach the service through ``edge`` only. Nothing runs
+on a host's loopback but what that host itself serves, so a setting that assumed
+the database, Redis or another process on localhost fails here.
+
+A host is lost under load: clients send singles and batches with messageIds and
+send an unanswered request again as it was, 1,000 sockets follow the change feed
+through edge (tests/swarm.py: Followers) and resume from their cursor when their
+connection is lost. Afterwards every acknowledged interaction is stored exactly
+once, the counters are exact, and every socket received every change of the
+organization exactly once, in order: the same list a fresh read of /api/changes
+gives. Each run prints requests failed during the loss, seconds to recover and
+events lost.
+"""
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+
+import psycopg
+import pytest
+import requests
+
+from ingest.changes import ANALYZED
+from tests import dbs, hosts
+from tests.helpers import BATCH_PATH, INGEST_PATH, bearer, interaction
+from tests.servers import BIN, ROOT, Consumer, Gunicorn, Nginx, stop_group, wait_until
+from tests.swarm import Followers
+
+pytestmark = [pytest.mark.processes, pytest.mark.redis]
+
+SOCKETS = 1000
+CLIENT_THREADS = 3
+CLIENT_PAUSE = 0.1  # seconds between one client thread's requests: load, not a flood
+CUSTOMERS = 5
+ORGANIZATIONS = 20  # the sockets spread over them, as over customers of a real service
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not dbs.is_postgres_url(os.environ["DATABASE_URL"]):
+        pytest.skip("runs in the PostgreSQL suite (DATABASE_URL=postgresql://...): the db host runs a "
+                    "PostgreSQL of its own, whichever database the suite uses, so once is enough")
+    why_not = hosts.available()
+    if why_not:
+        if os.environ.get("CI"):
+            pytest.fail("CI must be able to make hosts: " + why_not)
+        pytest.skip(why_not)
+    network = hosts.Network()
+    cluster = None
+    try:
+        cluster = Cluster(network, tmp_path_factory.mktemp("hosts"))
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        network.close()
+
+
+class Cluster:
+    """The five hosts and what runs on them."""
+
+    def __init__(self, network, directory):
+        self.directory = directory
+        self.db, self.web1, self.web2, self.work, self.edge_host = (
+            network.host(name) for name in ("db", "web1", "web2", "work", "edge"))
+        self.postgres = hosts.Postgres(self.db)
+        self.redis = hosts.Redis(self.db)
+        self.env = {"DATABASE_URL": self.postgres.url, "EVENTS_URL": self.redis.url,
+                    "QUEUE_URL": self.redis.url[:-1] + "1", "TRUSTED_PROXIES": "1",
+                    "ANALYSIS_SWEEP_AFTER": "5", "LOG_LEVEL": "INFO"}
+        hosts.init_db(self.env)
+        self.web = {host.name: self.start_web(host) for host in (self.web1, self.web2)}
+        self.consumer = self.start_consumer()
+        self.edge = Nginx(self.host_directory(self.edge_host), list(self.web.values()), sockets_per_address=2 * SOCKETS,
+                          host=self.edge_host)
+        self.url = self.edge.url
+
+    def host_directory(self, host):
+        """A directory of the host's own, for what it keeps on disk."""
+        path = self.directory / host.name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def host_env(self, host):
+        return {**self.env, "INSTANCE_PATH": str(self.host_directory(host))}
+
+    def start_web(self, host):
+        log = self.directory / ("%s-%d.log" % (host.name, time.monotonic_ns()))
+        return Gunicorn(log, workers=2, env=self.host_env(host), host=host)
+
+    def start_consumer(self):
+        return Consumer(self.directory / "work.log", env=self.host_env(self.work), host=self.work)
+
+    def restart_web(self, host):
+        self.web[host.name] = self.start_web(host)
+
+    def new_organization(self):
+        out = subprocess.run([os.path.join(BIN, "flask"), "--app", "app", "create-org", "Acme", "--json"],
+                             cwd=ROOT, env={**os.environ, **self.env}, check=True,
+                             capture_output=True, text=True).stdout
+        org = json.loads(out)
+        session = requests.Session()
+        org["customers"] = [session.post(self.url + "/api/customers", json={"externalId": "c%d" % n},
+                                         headers=bearer(org["ingestKey"])).json()["id"]
+                            for n in range(CUSTOMERS)]
+        return org
+
+    def sql(self, query, *params):
+        with psycopg.connect(self.postgres.url) as connection:
+            return connection.execute(query, params).fetchall()
+
+    def stop(self):
+        for part in (self.edge, self.consumer, *self.web.values()):
+            stop_group(part.process)
+        self.redis.stop()
+        self.postgres.stop()
+
+
+class Clients:
+    """Client threads sending singles and batches of 1 to 5 items through edge, to
+    each organization in turn, every item with a messageId; a request that is not
+    acknowledged (no answer, a 5xx) is sent again as it was, until it is.
+    ``acknowledged``: organization id -> {messageId: the id answered}."""
+
+    def __init__(self, url, orgs):
+        self.url, self.orgs = url, orgs
+        self.acknowledged = {org["organizationId"]: {} for org in orgs}
+        self.failures = []  # when each failed attempt ended
+        self.lock, self.stopping = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(n,), daemon=True) for n in range(CLIENT_THREADS)]
+        for thread in self.threads:
+            thread.start()
+
+    def run(self, number):
+        session = requests.Session()
+        sent = number
+        while not self.stopping.is_set():
+            sent += CLIENT_THREADS
+            org = self.orgs[sent % len(self.orgs)]
+            items = [interaction(org["customers"][(sent + n) % CUSTOMERS], messageId=str(uuid.uuid4()),
+                                 content="Thank you, it works" if n % 2 else "It broke again")
+                     for n in range(1 + sent % 5)]
+            if len(items) == 1:
+                ids = [self.send(session, org, INGEST_PATH, items[0])["id"]]
+            else:
+                ids = self.send(session, org, BATCH_PATH, {"interactions": items})["ids"]
+            with self.lock:
+                self.acknowledged[org["organizationId"]].update(
+                    zip((item["messageId"] for item in items), ids, strict=True))
+            self.stopping.wait(CLIENT_PAUSE)
+
+    def send(self, session, org, path, document):
+        while True:
+            try:
+                response = session.post(self.url + path, json=document, headers=bearer(org["ingestKey"]),
+                                        timeout=10)
+                if response.status_code in (200, 201):
+                    return response.json()
+                assert response.status_code >= 500, response.text  # anything else is the client's fault
+            except requests.RequestException:
+                session = requests.Session()  # its pooled connection may be the dead one
+            with self.lock:
+                self.failures.append(time.monotonic())
+            time.sleep(0.2)
+
+    def count(self):
+        with self.lock:
+            return sum(len(acknowledged) for acknowledged in self.acknowledged.values())
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+def all_changes(url, org):
+    """Every change of the organization, oldest first, read from the start."""
+    items, after, session = [], None, requests.Session()
+    while True:
+        params = {"limit": 1000, **({"after": after} if after else {})}
+        body = session.get(url + "/api/changes", params=params, headers=bearer(org["readKey"])).json()
+        items += body["items"]
+        if not body["items"]:
+            return items
+        after = body["nextCursor"]
+
+
+def start_cursor(url, org):
+    """The cursor before the organization's first change."""
+    return requests.get(url + "/api/changes", params={"limit": 1},
+                        headers=bearer(org["readKey"])).json()["nextCursor"]
+
+
+def follow(url, orgs):
+    """SOCKETS sockets, spread evenly over the organizations, each from its start."""
+    starts = [(org["readKey"], start_cursor(url, org)) for org in orgs]
+    return Followers(url, [starts[n % len(orgs)] for n in range(SOCKETS)])
+
+
+def check_stored(cluster, org, acknowledged):
+    """Each acknowledged interaction stored once and nothing else; counters exact; all
+    analysed. Returns how many interactions the organization has."""
+    stored = cluster.sql("SELECT message_id, id::text FROM interaction WHERE organization_id = %s",
+                         org["organizationId"])
+    by_message_id = Counter(message_id for message_id, _ in stored)
+    assert not [m for m, n in by_message_id.items() if n > 1], "a messageId stored twice"
+    assert dict(stored) == acknowledged, "stored is not exactly what was acknowledged"
+    counts = cluster.sql("SELECT c.id::text, c.interaction_count, COUNT(i.id) FROM customer c "
+                         "LEFT JOIN interaction i ON i.customer_id = c.id WHERE c.organization_id = %s "
+                         "GROUP BY c.id", org["organizationId"])
+    assert all(counted == actual for _, counted, actual in counts), counts
+    wait_until(lambda: not cluster.sql("SELECT 1 FROM interaction WHERE organization_id = %s "
+                                       "AND analysis_status = 'pending' LIMIT 1", org["organizationId"]),
+               timeout=60, message="every interaction analysed")
+    return len(stored)
+
+
+def check_nothing_lost(cluster, orgs, clients, followers):
+    """Acknowledged once, counters exact, and every socket saw every change of its
+    organization once, in order. Returns the events lost: changes a socket lacks."""
+    expected = {}
+    for org in orgs:
+        stored = check_stored(cluster, org, clients.acknowledged[org["organizationId"]])
+        changes = [(item["cursor"], item["type"], item["data"]["id"]) for item in all_changes(cluster.url, org)]
+        assert len(changes) == 2 * stored  # created and analysed, each once
+        expected[org["readKey"]] = changes
+    print("\n%d changes; sockets: %s" % (sum(map(len, expected.values())), followers.summary()))
+    followers.wait(lambda: all(len(f.changes) >= len(expected[f.key]) for f in followers.members),
+                   timeout=120, message="every socket received every change")
+    wrong = [f.index for f in followers.members if f.changes != expected[f.key]]
+    assert not wrong, "%d sockets saw other than every change once, in order (first: %s)" % (
+        len(wrong), wrong[:5])
+    return sum(len(expected[f.key]) - len(f.changes) for f in followers.members)
+
+
+@pytest.mark.parametrize("how", ["kill", "cut"])
+def test_losing_a_web_host_under_load_loses_no_acknowledged_interaction_and_no_change(cluster, how):
+    orgs = [cluster.new_organization() for _ in range(ORGANIZATIONS)]
+    log_from = {name: len(web.log_lines()) for name, web in cluster.web.items()}
+
+    def connected(name):
+        return sum(1 for line in cluster.web[name].log_lines()[log_from[name]:]
+                   if line["message"] == "feed socket connected")
+
+    followers, clients = follow(cluster.url, orgs), None
+    try:
+        followers.wait(lambda: all(f.readies for f in followers.members), timeout=120,
+                       message="every socket ready")
+        wait_until(lambda: connected("web1") + connected("web2") == SOCKETS, message="each socket logged once")
+        on_web1 = connected("web1")
+        assert 0 < on_web1 < SOCKETS, "edge balances the sockets over web1 and web2"
+        clients = Clients(cluster.url, orgs)
+        wait_until(lambda: clients.count() >= 200, timeout=60, message="200 interactions acknowledged")
+        lost_at = time.monotonic()
+        if how == "kill":
+            cluster.web1.kill_all()
+        else:
+            cluster.web1.cut()
+        at_loss = clients.count()
+        followers.wait(lambda: clients.count() >= at_loss + 200
+                       and sum(1 for f in followers.members if f.lost) >= on_web1
+                       and all(f.state == "following" for f in followers.members),
+                       timeout=120, message=lambda: "200 more acknowledged (%d), and web1's %d sockets resumed "
+                       "through edge" % (clients.count() - at_loss, on_web1))
+        recovered = max([*clients.failures, lost_at]) - lost_at
+        resumed = time.monotonic() - lost_at
+        assert sum(1 for f in followers.members if f.lost) == on_web1, "only web1's sockets lost theirs"
+        if how == "kill":
+            cluster.restart_web(cluster.web1)
+        else:
+            cluster.web1.mend()
+        back = cluster.web["web1"]
+        served_before = len(back.log_lines())
+        wait_until(lambda: any(line.get("path") in (INGEST_PATH, BATCH_PATH)
+                               for line in back.log_lines()[served_before:]),
+                   timeout=60, message="web1 to take load again")
+        clients.stop()
+        lost = check_nothing_lost(cluster, orgs, clients, followers)
+        print("\nweb1 %s: %d requests failed during the loss; requests succeeded again after %.1f s, "
+              "the %d sockets it held resumed within %.1f s; %d interactions acknowledged, events lost: %d"
+              % ("killed -9" if how == "kill" else "cut off", len(clients.failures), recovered,
+                 on_web1, resumed, clients.count(), lost))
+    finally:
+        if clients is not None:
+            clients.stop()
+        followers.close()
+
+
+def test_losing_the_work_host_mid_backlog_leaves_nothing_pending(cluster):
+    """The backlog is ingested while work is down, so that it is lost mid-way through."""
+    org = cluster.new_organization()
+    stop_group(cluster.consumer.process)
+    session = requests.Session()
+    for n in range(20):
+        items = [interaction(org["customers"][n % CUSTOMERS], content="It is great %d" % k) for k in range(500)]
+        response = session.post(cluster.url + BATCH_PATH, json={"interactions": items},
+                                headers=bearer(org["ingestKey"]))
+        assert response.status_code == 200 and response.json()["successful"] == 500
+
+    def pending():
+        return cluster.sql("SELECT COUNT(*) FROM interaction WHERE organization_id = %s "
+                           "AND analysis_status = 'pending'", org["organizationId"])[0][0]
+
+    cluster.consumer = cluster.start_consumer()
+    wait_until(lambda: pending() < 9_000, timeout=60, message="the consumer to be on its way")
+    cluster.work.kill_all()
+    lost_at, left = time.monotonic(), pending()
+    cluster.consumer = cluster.start_consumer()
+    wait_until(lambda: pending() == 0, timeout=120, message="nothing pending once work is back")
+    analysed = cluster.sql("SELECT COUNT(*) FROM change WHERE organization_id = %s AND kind = %s",
+                           org["organizationId"], ANALYZED)[0][0]
+    assert analysed == 10_000, "each interaction analysed once: %d analyses" % analysed
+    print("\nwork killed -9 with %d of 10000 pending: all analysed %.1f s later, each once"
+          % (left, time.monotonic() - lost_at))
