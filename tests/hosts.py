@@ -5,6 +5,7 @@ own, and the others are reached at their addresses only. The tests' process
 stays on the bridge's own address, as a client on the LAN.
 
 Needs root (`ip netns`, veth pairs, a bridge); ``available()`` says why not."""
+import glob
 import os
 import shutil
 import signal
@@ -14,7 +15,9 @@ import tempfile
 from tests.servers import BIN, ROOT, stop_group, wait_until
 
 SUBNET = "10.231.0"  # private, /24; the bridge is .1
-POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
+# Debian's PostgreSQL server binaries (initdb, postgres), the newest installed.
+POSTGRES_BIN = max(glob.glob("/usr/lib/postgresql/*/bin") or ["/usr/lib/postgresql/15/bin"],
+                   key=lambda path: int(path.split("/")[-2]))
 
 
 def available():
