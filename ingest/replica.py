@@ -25,12 +25,12 @@ log line (a warning, an info) and the ``ingest_replica_fallback`` gauge, never a
 line per request. A lagging replica is no failure: its lag is reported by
 /readyz and /metrics, and neither makes the service unready.
 
-Connections: the primary's are taken as the rest of the service takes them (a
-request connects on its first query and gives it back at teardown; elsewhere
-``models.connection``). A replica read takes one of the replica's pool for the
-read and gives it back at once: some run outside requests (the feed's work
-threads, the key watch), and a request holds two pools' connections no longer
-than it reads.
+Connections: a read uses this thread's open connection to the database it runs
+on, or takes one from that database's pool for the read and gives it back at once
+(``models.connection``), as the key checks always did: some reads run outside
+requests (the feed's work threads, the key watch), and a request holds a
+connection of either pool no longer than it reads. ingest/web.py's teardown
+still gives back a primary connection that a request's other queries opened.
 """
 import logging
 import threading
