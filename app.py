@@ -37,7 +37,7 @@ def create_app(test_config=None):
 
     web.init_app(app)
     errors.register(app)
-    metrics.init_app(app, process.backlog, process.bus)
+    metrics.init_app(app, process.backlog, process.bus, process.replica)
     app.register_blueprint(api.api)
     app.register_blueprint(api.segment_api)
     app.register_blueprint(api.health)

@@ -78,11 +78,12 @@ def utcnow():
 POOL_WAIT = 5
 
 
-def make_database(url, pool_size=10):
+def make_database(url, pool_size=10, **connect_params):
     """Build the peewee database for a DATABASE_URL (sqlite:/// or postgresql://).
 
     PostgreSQL connections come from a pool of at most ``pool_size`` per process
     (DB_POOL_SIZE); a thread that finds it empty waits up to POOL_WAIT seconds.
+    ``connect_params`` go to the driver (the URL's own query parameters win).
     """
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
@@ -97,7 +98,7 @@ def make_database(url, pool_size=10):
             returning_clause=True,
         )
     if scheme in ("postgres", "postgresql"):
-        params = parse_db_url(url)
+        params = {**connect_params, **parse_db_url(url)}
         return PooledPostgresqlDatabase(params.pop("database"), max_connections=pool_size,
                                         stale_timeout=300, timeout=POOL_WAIT, **params)
     raise ValueError("DATABASE_URL must be sqlite:/// or postgresql://, not %r" % url)
@@ -226,13 +227,13 @@ def release_connection():
 
 
 @contextlib.contextmanager
-def connection():
-    """A connection for a short piece of work: this thread's open one, or one opened
-    (taken from the pool) for the duration and given back after."""
-    if not db.is_closed():
+def connection(database=db):
+    """A connection of ``database`` for a short piece of work: this thread's open
+    one, or one opened (taken from the pool) for the duration and given back after."""
+    if not database.is_closed():
         yield
         return
-    with db.connection_context():
+    with database.connection_context():
         yield
 
 

@@ -147,11 +147,22 @@ def healthz():
 
 @health.get("/readyz")
 def readyz():
+    """Ready: the database and the queue answer. The replica is reported, never
+    required: reads go to the primary while it is down."""
+    process = runtime.of(current_app)
     checks = {"database": _check(lambda: db.execute_sql("SELECT 1")),
-              "queue": _check(runtime.of(current_app).pending_count)}
+              "queue": _check(process.pending_count)}
     ready = all(value == "ok" for value in checks.values())
-    return schemas.health.dump({"status": "ready" if ready else "unavailable", "checks": checks}), \
-        200 if ready else 503
+    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if process.replica is not None:
+        body["replica"] = _replica(process.replica)
+    return schemas.health.dump(body), 200 if ready else 503
+
+
+def _replica(replica):
+    lag = replica.lag()
+    return {"status": "down: reads go to the primary" if replica.falling_back else "ok",
+            "lag_seconds": lag, "fallback": replica.falling_back}
 
 
 def _check(probe):

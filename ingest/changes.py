@@ -28,6 +28,7 @@ import uuid
 
 from peewee import fn
 
+from ingest import replica
 from models import FAILED, PENDING, POSTGRES, SQLITE, Change, ChangeStream, db, dialect, sentiment, utcnow, uuid_text
 
 # The kinds of change. An analysis that failed for good is a kind of its own: the
@@ -225,9 +226,10 @@ PAGE = {POSTGRES: PAGE_POSTGRES, SQLITE: PAGE_SQLITE}
 STREAM = "SELECT position, oldest FROM change_stream WHERE organization_id = %s"
 
 
-def _sql(query, *params):
-    """Rows of a query written with %s placeholders, on either database."""
-    return db.execute_sql(dialect().sql(query), params).fetchall()
+def _sql(query, *params, database=db):
+    """Rows of a query written with %s placeholders, on either database (the primary,
+    unless ``database`` is the replica)."""
+    return database.execute_sql(dialect().sql(query), params).fetchall()
 
 
 def positions(organization_ids):
@@ -237,9 +239,9 @@ def positions(organization_ids):
             .where(ChangeStream.organization.in_(list(organization_ids))).tuples()}
 
 
-def stream(organization_id):
+def stream(organization_id, database=db):
     """(last position given out, oldest kept) of the organization's stream."""
-    rows = _sql(STREAM, ChangeStream.organization.db_value(organization_id))
+    rows = _sql(STREAM, ChangeStream.organization.db_value(organization_id), database=database)
     return tuple(rows[0]) if rows else (0, 1)
 
 
@@ -248,16 +250,44 @@ def read(organization_id, after=None, limit=MAX_PAGE):
     at most ``limit``: ``(events, last position read)``. ExpiredCursor if changes after
     ``after`` are no longer kept.
 
-    The rows are read before the oldest position kept: retention raises it before it
-    deletes (``prune``), so rows deleted under this read show as an expired cursor,
-    never as changes silently skipped."""
-    start = stream(organization_id)[1] - 1 if after is None else after
-    rows = _sql(PAGE[dialect()], Change.organization_id.db_value(organization_id), start, limit)
-    oldest = stream(organization_id)[1]
+    Read from the replica when there is one (ingest/replica.py), all of a page on
+    one database. The replica shows a prefix of the stream, never a stream with a
+    hole: positions are taken under the stream row's lock and a writer takes
+    them only once the previous one committed (see the module's docstring), so
+    position N's commit record precedes N+1's in the primary's WAL; the replica
+    replays the WAL in that order and each of its snapshots shows exactly the
+    transactions whose commit it replayed. So a replica's page is what the
+    primary's was a moment ago: every position up to its last one, none skipped
+    (a position missing below it is a change whose interaction is gone, on the
+    primary too).
+
+    What a replica cannot say is that nothing follows: a page that shows nothing
+    may only mean it is behind, and a socket catching up goes live on an empty page
+    (ingest/fanout.py), which would skip what the replica had not replayed yet.
+    So a page with nothing to show is read from the primary: "nothing after N"
+    is only ever the primary's answer, and a cursor ahead of the replica (a
+    socket that saw it live) gets what follows from the primary, not an error
+    nor a rewind. A reader at the tail thus costs the primary what it did
+    without a replica; every page with something in it comes from the replica.
+
+    ``stream`` and ``positions`` stay on the primary: they are what a new socket
+    starts from and what tells the feed that a publish was lost, questions about
+    what the primary committed, one row each."""
+    return replica.read(lambda database: _read(database, organization_id, after, limit),
+                        enough=lambda page: bool(page[0]))
+
+
+def _read(database, organization_id, after, limit):
+    """``read`` on ``database``. The rows are read before the oldest position kept:
+    retention raises it before it deletes (``prune``), so rows deleted under this
+    read show as an expired cursor, never as changes silently skipped."""
+    start = stream(organization_id, database)[1] - 1 if after is None else after
+    rows = _sql(PAGE[dialect()], Change.organization_id.db_value(organization_id), start, limit, database=database)
+    oldest = stream(organization_id, database)[1]
     if start < oldest - 1:
         if after is not None:
             raise ExpiredCursor(cursor(organization_id, oldest - 1))
-        return read(organization_id, None, limit)  # pruned while it read: from the new oldest
+        return _read(database, organization_id, None, limit)  # pruned while it read: from the new oldest
     events = [event(row[1], organization_id, row[0], data) for row in rows for data in (_data(row),)
               if data is not None]
     return events, rows[-1][0] if rows else start

@@ -14,6 +14,9 @@ INSTANCE_PATH = os.environ.get("INSTANCE_PATH") or os.path.join(ROOT, "instance"
 
 DEFAULTS = {
     "DATABASE_URL": "sqlite:///" + os.path.join(INSTANCE_PATH, "ingest.db"),
+    # A streaming replica of DATABASE_URL that reads go to (DESIGN §18, ingest/replica.py);
+    # PostgreSQL only. Empty: every read goes to DATABASE_URL.
+    "DATABASE_READ_URL": "",
     "QUEUE_URL": "sqlite:///" + os.path.join(INSTANCE_PATH, "queue.db"),
     "EVENTS_URL": "memory://",
     # Bytes the Redis bus keeps for listeners that lag: per organization, and in all.
@@ -85,9 +88,19 @@ def load(environ=None, overrides=None, fixed=None):
     if settings["PARTITION_INTERVAL"] not in INTERVALS:
         raise ValueError("PARTITION_INTERVAL must be one of %s, not %r" % (", ".join(INTERVALS),
                                                                           settings["PARTITION_INTERVAL"]))
+    _check_read_url(settings["DATABASE_URL"], settings["DATABASE_READ_URL"])
     if not settings["RATE_LIMIT_URL"]:
         events = settings["EVENTS_URL"]
         settings["RATE_LIMIT_URL"] = events if events.startswith("redis") else "memory://"
     if settings["DATABASE_URL"].startswith("sqlite:///") or settings["QUEUE_URL"].startswith("sqlite:///"):
         os.makedirs(INSTANCE_PATH, exist_ok=True)
     return settings
+
+
+def _check_read_url(primary, replica):
+    """A replica is one of a PostgreSQL primary: with SQLite, DATABASE_READ_URL is refused."""
+    postgres = ("postgres://", "postgresql://")
+    if replica and not (primary.startswith(postgres) and replica.startswith(postgres)):
+        raise ValueError("DATABASE_READ_URL is a streaming replica of a PostgreSQL DATABASE_URL: both must be "
+                         "postgresql://, not %s:// and %s:// (leave DATABASE_READ_URL empty otherwise)"
+                         % (primary.split(":")[0], replica.split(":")[0]))

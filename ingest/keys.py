@@ -8,6 +8,11 @@ reconnecting with the same key cost one query. The price: a revoked key keeps
 working for up to KEY_CACHE_SECONDS on HTTP; open feed sockets are checked
 again every KEY_CACHE_SECONDS, so theirs close within twice that.
 
+With a replica (DATABASE_READ_URL), keys are looked up there, and those it does
+not know are looked up on the primary before being refused: a key created a
+moment ago works at once. A key revoked a moment ago may live on for the
+replica's lag, on top of KEY_CACHE_SECONDS.
+
 Failed authentications are limited per client address (AUTH_FAILURE_LIMIT):
 each failure spends one from the address's budget, and once it is spent a key
 not already cached is refused before any database lookup (a cached live key
@@ -21,9 +26,10 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from ingest import replica
 from ingest.fanout import Close
 from ingest.threads import Threads
-from models import ApiKey, connection
+from models import ApiKey
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +113,12 @@ class KeyCache:
                 if key_hash in found or (entry is not None and entry[0] is not None)}
 
     def _load(self, key_hashes):
-        with connection():
-            rows = (ApiKey.select(ApiKey.organization, ApiKey.scopes, ApiKey.key_hash)
-                    .where(ApiKey.key_hash.in_(key_hashes) & ~ApiKey.revoked)
-                    .tuples())
-            found = {key_hash: Principal(str(org), frozenset(scopes.split(",")), key_hash)
-                     for org, scopes, key_hash in rows}
+        rows = replica.rows(ApiKey.select(ApiKey.organization, ApiKey.scopes, ApiKey.key_hash)
+                            .where(ApiKey.key_hash.in_(key_hashes) & ~ApiKey.revoked)
+                            .tuples(),
+                            enough=lambda found: len(found) == len(set(key_hashes)))
+        found = {key_hash: Principal(str(org), frozenset(scopes.split(",")), key_hash)
+                 for org, scopes, key_hash in rows}
         expires = time.monotonic() + self._ttl
         with self._lock:
             for key_hash in key_hashes:

@@ -42,6 +42,8 @@ ANALYSES = Counter("ingest_analyses_total", "Analyses finished, by outcome: done
                    ["outcome"])
 SOCKETS = Gauge("ingest_feed_sockets", "Live-feed sockets open.", multiprocess_mode="livesum")
 DROPPED = Counter("ingest_feed_dropped_events_total", "Events dropped for sockets that fell behind.")
+REPLICA_FALLBACK = Gauge("ingest_replica_fallback", "1 while reads meant for the replica (DATABASE_READ_URL) "
+                         "go to the primary because the replica is unreachable.", multiprocess_mode="livemax")
 REFUSED = Counter("ingest_refused_total", "Requests answered 429, by reason: rate_limited, "
                   "analysis_backlog_full or auth_rate_limited.", ["reason"])
 
@@ -99,9 +101,24 @@ class PartitionCollector:
                                     value=(found["covered_until"] - utcnow()).total_seconds())
 
 
-def exposition(backlog, bus):
-    """The text of `/metrics`: every process's metrics (or this one's), the backlog and
-    the event streams' size."""
+class ReplicaCollector:
+    """``ingest_replica_lag_seconds``: how far the replica's replay is behind (DESIGN §18),
+    measured on the replica at each scrape; nothing while it is down (then
+    ``ingest_replica_fallback`` says reads go to the primary)."""
+
+    def __init__(self, replica):
+        self.replica = replica
+
+    def collect(self):
+        lag = self.replica.lag()
+        if lag is not None:
+            yield GaugeMetricFamily("ingest_replica_lag_seconds", "Seconds the read replica's replay is "
+                                    "behind the primary (0 once it replayed all it received).", value=lag)
+
+
+def exposition(backlog, bus, replica):
+    """The text of `/metrics`: every process's metrics (or this one's), the backlog,
+    the event streams' size and the replica's lag."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
@@ -110,15 +127,17 @@ def exposition(backlog, bus):
     registry.register(BacklogCollector(backlog))
     registry.register(BusCollector(bus))
     registry.register(PartitionCollector())
+    if replica is not None:
+        registry.register(ReplicaCollector(replica))
     return generate_latest(registry)
 
 
-def init_app(app, backlog, bus):
+def init_app(app, backlog, bus, replica):
     """Serve `/metrics` (requests are counted and timed by ingest/web.py)."""
 
     @app.get("/metrics")
     def metrics():
-        return Response(exposition(backlog, bus), content_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(backlog, bus, replica), content_type=CONTENT_TYPE_LATEST)
 
 
 def mark_process_dead(pid):

@@ -143,7 +143,7 @@ PATHS = {
        for kind in ("track", "identify", "page")},
     "/healthz": {"get": _operation("The process is up", None, {
         "200": _response(Health, "Up.")}, ())},
-    "/readyz": {"get": _operation("Database and queue reachable", None, {
+    "/readyz": {"get": _operation("Database and queue reachable (and the read replica reported)", None, {
         "200": _response(Health, "Ready."), "503": _response(Health, "Not ready.")}, ())},
     "/metrics": {"get": _operation("Prometheus metrics of every process (text format)", None, {
         "200": {"description": "Prometheus text exposition format 0.0.4.",

@@ -1,12 +1,15 @@
 """Reads (DESIGN §5): customers and interactions of one organization, as plain
 queries over the models. Arguments come from the request as received; they are
-validated here and a wrong one is a validation_error naming it."""
+validated here and a wrong one is a validation_error naming it.
+
+The read API's queries run on the replica when there is one (ingest/replica.py);
+``find_customer``, which customer creation asks, stays on the primary."""
 import operator
 from functools import reduce
 
 from peewee import Tuple
 
-from ingest import changes, schemas
+from ingest import changes, replica, schemas
 from ingest.domain import Code, ServiceError, not_found, uuid_or_none, validation_error
 from models import Customer, Interaction
 
@@ -19,17 +22,20 @@ def get_customer(organization_id, customer_id):
 
 
 def find_customer(organization_id, external_id):
-    """The organization's customer with this external id, or None."""
-    return (Customer.select()
-            .where((Customer.organization == organization_id)
-                   & (Customer.external_id == external_id))
-            .first())
+    """The organization's customer with this external id, or None, from the primary
+    (customer creation asks it before and after its insert)."""
+    return _with_external_id(organization_id, external_id).first()
 
 
 def find_customers(organization_id, query):
     data = schemas.customer_query.load(query)
-    customer = find_customer(organization_id, data["external_id"])
+    customer = replica.first(_with_external_id(organization_id, data["external_id"]))
     return [customer] if customer else []
+
+
+def _with_external_id(organization_id, external_id):
+    return Customer.select().where((Customer.organization == organization_id)
+                                   & (Customer.external_id == external_id))
 
 
 def list_interactions(organization_id, query):
@@ -54,10 +60,10 @@ def list_interactions(organization_id, query):
         conditions.append(Tuple(Interaction.timestamp, Interaction.id)
                           < Tuple(Interaction.timestamp.to_value(stamp),
                                   Interaction.id.to_value(last_id)))
-    rows = list(Interaction.select()
-                .where(reduce(operator.and_, conditions))
-                .order_by(Interaction.timestamp.desc(), Interaction.id.desc())
-                .limit(data["limit"] + 1))
+    rows = replica.rows(Interaction.select()
+                        .where(reduce(operator.and_, conditions))
+                        .order_by(Interaction.timestamp.desc(), Interaction.id.desc())
+                        .limit(data["limit"] + 1))
     items = rows[:data["limit"]]
     more = len(rows) > data["limit"]
     return items, schemas.encode_cursor(items[-1].timestamp, items[-1].id) if more else None
@@ -91,6 +97,4 @@ def _get_or_none(model, organization_id, object_id):
     object_id = uuid_or_none(object_id)
     if object_id is None:
         return None
-    return (model.select()
-            .where((model.id == object_id) & (model.organization == organization_id))
-            .first())
+    return replica.first(model.select().where((model.id == object_id) & (model.organization == organization_id)))

@@ -1,5 +1,5 @@
 """What one process holds for the service, built from its settings in one place:
-the database, the event bus and its fan-out, the group committer and its cache of
+the database and its read replica, the event bus and its fan-out, the group committer and its cache of
 customers, the key cache and its revocation watch, the rate limits, the backlog
 sampler and the analysis result writer.
 
@@ -22,7 +22,7 @@ import threading
 from wsproto.frame_protocol import CloseReason
 
 import models
-from ingest import events, keys, overload
+from ingest import events, keys, overload, replica
 from ingest.analysis import ResultWriter
 from ingest.service import IngestService
 
@@ -40,6 +40,8 @@ class Runtime:
         self.settings = settings
         self.pending_count = pending_count
         self.database = models.make_database(settings["DATABASE_URL"], settings["DB_POOL_SIZE"])
+        self.replica = (replica.Replica(settings["DATABASE_READ_URL"], settings["DB_POOL_SIZE"])
+                        if settings["DATABASE_READ_URL"] else None)
         self.bus = events.make_bus(settings["EVENTS_URL"], settings["EVENTS_STREAM_BYTES"],
                                    settings["EVENTS_TOTAL_BYTES"])
         self.keys = keys.KeyCache()
@@ -53,8 +55,9 @@ class Runtime:
         self._started = []
 
     def bind(self):
-        """Point the models at this runtime's database."""
+        """Point the models at this runtime's database, and reads at its replica."""
         models.db.initialize(self.database)
+        replica.bind(self.replica)
 
     def start(self, serving=True):
         """Start the threads; ``serving=False`` (a consumer process): only those that
@@ -83,6 +86,8 @@ class Runtime:
             part.stop()
         self._started = []
         models.close_all(self.database)
+        if self.replica is not None:
+            self.replica.close()
 
     def close_sockets(self):
         """Close this process's feed sockets now (1001), so that browsers reconnect

@@ -342,9 +342,18 @@ LIVE_MESSAGES = {"interaction.created": CreatedEvent, "interaction.analyzed": An
                  "gap": GapNotice}
 
 
+class ReplicaHealth(Schema):
+    """The read replica (DATABASE_READ_URL), which never makes the service unready:
+    while it is down (``fallback``), reads go to the primary."""
+    status = fields.String(required=True)
+    lag_seconds = fields.Float(data_key="lagSeconds", allow_none=True, required=True)
+    fallback = fields.Boolean(required=True)
+
+
 class Health(Schema):
     status = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String())
+    replica = fields.Nested(ReplicaHealth)
 
 
 interaction_in = InteractionIn()

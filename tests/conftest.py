@@ -55,6 +55,7 @@ FIXTURE_MARKERS = {
     "gunicorn": ("processes",),  # test_segment, test_erasure_races
     "single_worker_gunicorn": ("processes",),  # test_hardening
     "limited_server": ("processes", "redis"),  # test_overload
+    "replication": ("processes",),  # test_replica: a PostgreSQL primary and its streaming replica
 }
 
 

@@ -130,17 +130,20 @@ def connected_pair():
 
 class LocalSocket:
     """A feed socket attached straight to this process's bus over a socketpair: what a
-    browser of the organization receives, without a server in between."""
+    browser of the organization receives, without a server in between; ``after``:
+    the position it resumes after, as the auth message's cursor gives it."""
 
-    def __init__(self, bus, organization_id):
+    def __init__(self, bus, organization_id, after=None):
         server_end, self.sock = socket.socketpair()
         server, self.ws = connected_pair()
         from ingest.changes import cursor
         from ingest.fanout import FeedSocket, text_frame
         feed_socket = FeedSocket(server_end, server, organization_id, "local")
+        feed_socket.after = after
         feed_socket.start = bus.fanout.start_position(organization_id)  # as the feed's authentication does
+        starts_after = feed_socket.start if after is None else after
         bus.attach(feed_socket, text_frame(json.dumps({"type": "ready", "organizationId": organization_id,
-                                                       "cursor": cursor(organization_id, feed_socket.start)})))
+                                                       "cursor": cursor(organization_id, starts_after)})))
         assert self.next()["type"] == "ready"
 
     def next(self, timeout=5.0):
@@ -149,7 +152,10 @@ class LocalSocket:
             for event in self.ws.events():
                 if isinstance(event, TextMessage):
                     return check_live_message(json.loads(event.data))
-            self.ws.receive_data(self.sock.recv(65536))
+            data = self.sock.recv(65536)
+            if not data:  # (wsproto would take it as a close, and this loop spin on)
+                raise ConnectionError("the server closed the socket")
+            self.ws.receive_data(data)
 
     def close(self):
         self.sock.close()

@@ -48,3 +48,15 @@ def test_a_misspelt_setting_is_refused():
 def test_an_override_equal_to_the_environment_is_accepted():
     app = create_app({"QUEUE_URL": tasks.settings["QUEUE_URL"], "MAX_BATCH_ITEMS": 3})
     assert runtime.of(app).service.max_batch_items == 3
+
+
+@pytest.mark.parametrize("primary, replica", [("sqlite:////tmp/ingest.db", "postgresql://replica/ingest"),
+                                              ("postgresql://primary/ingest", "sqlite:////tmp/replica.db")])
+def test_a_read_replica_is_refused_unless_both_databases_are_postgresql(primary, replica):
+    with pytest.raises(ValueError, match="DATABASE_READ_URL"):
+        create_app({"DATABASE_URL": primary, "DATABASE_READ_URL": replica})
+
+
+def test_without_a_read_replica_there_is_none_to_report(app):
+    assert runtime.of(app).replica is None
+    assert "replica" not in app.test_client().get("/readyz").get_json()
