@@ -108,31 +108,39 @@ class Host:
 
 
 class Postgres:
-    """A PostgreSQL cluster of its own on ``host``, listening on its address only."""
+    """A PostgreSQL cluster of its own on ``host``, listening on its address only:
+    a primary with a database ``ingest``, or with ``primary`` given, a streaming
+    replica of it (``pg_basebackup -R``)."""
 
-    def __init__(self, host):
-        self.host = host
+    def __init__(self, host, port=5432, primary=None):
+        self.host, self.port = host, port
         self.data = tempfile.mkdtemp(prefix="ingest-pg-")  # not under pytest's: postgres must reach it
         shutil.chown(self.data, "postgres", "postgres")
-        self._as_postgres([os.path.join(POSTGRES_BIN, "initdb"), "-D", self.data, "--auth=trust",
-                           "-U", "postgres"])
-        with open(os.path.join(self.data, "pg_hba.conf"), "a") as hba:
-            hba.write("host all all %s.0/24 trust\n" % SUBNET)
+        if primary is None:
+            self._as_postgres([os.path.join(POSTGRES_BIN, "initdb"), "-D", self.data, "--auth=trust",
+                               "-U", "postgres"])
+            with open(os.path.join(self.data, "pg_hba.conf"), "a") as hba:
+                hba.write("host all all %s.0/24 trust\nhost replication all %s.0/24 trust\n" % (SUBNET, SUBNET))
+        else:
+            self._as_postgres([os.path.join(POSTGRES_BIN, "pg_basebackup"), "-R", "-X", "stream",
+                               "--checkpoint=fast", "-D", self.data, "-h", primary.host.address,
+                               "-p", str(primary.port), "-U", "postgres"])
         self.log_path = os.path.join(self.data, "server.log")
         self.process = subprocess.Popen(
             host.command(["runuser", "-u", "postgres", "--", os.path.join(POSTGRES_BIN, "postgres"),
-                          "-D", self.data, "-c", "listen_addresses=" + host.address, "-c", "port=5432",
+                          "-D", self.data, "-c", "listen_addresses=" + host.address, "-c", "port=%d" % port,
                           "-c", "unix_socket_directories=" + self.data, "-c", "max_connections=300"]),
             stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), start_new_session=True)
         wait_until(self._ready, timeout=30, message="PostgreSQL on " + host.name)
-        self._as_postgres([os.path.join(POSTGRES_BIN, "createdb"), "-h", host.address, "ingest"])
-        self.url = "postgresql://postgres@%s:5432/ingest" % host.address
+        if primary is None:
+            self._as_postgres([os.path.join(POSTGRES_BIN, "createdb"), "-h", host.address, "ingest"])
+        self.url = "postgresql://postgres@%s:%d/ingest" % (host.address, port)
 
     def _ready(self):
         if self.process.poll() is not None:
             raise AssertionError("postgres exited: " + open(self.log_path).read()[-2000:])
-        return subprocess.run([os.path.join(POSTGRES_BIN, "pg_isready"), "-q", "-h", self.host.address],
-                              capture_output=True).returncode == 0
+        return subprocess.run([os.path.join(POSTGRES_BIN, "pg_isready"), "-q", "-h", self.host.address,
+                               "-p", str(self.port)], capture_output=True).returncode == 0
 
     @staticmethod
     def _as_postgres(argv):

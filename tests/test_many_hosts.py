@@ -1,7 +1,8 @@
 """Many hosts, one service (DESIGN §18, issue 25): the production topology on hosts
 of their own (tests/hosts.py), each a network namespace with one address:
 
-    db    PostgreSQL and Redis, listening on its address only
+    db    PostgreSQL, a streaming replica of it (reads, DATABASE_READ_URL) and Redis,
+          listening on its address only
     web1  gunicorn (2 workers)          \\
     web2  gunicorn (2 workers)           > edge: nginx (deploy/nginx.conf) balancing web1, web2
     work  huey_consumer
@@ -75,8 +76,10 @@ class Cluster:
         self.db, self.web1, self.web2, self.work, self.edge_host = (
             network.host(name) for name in ("db", "web1", "web2", "work", "edge"))
         self.postgres = hosts.Postgres(self.db)
+        self.replica = hosts.Postgres(self.db, port=5433, primary=self.postgres)
         self.redis = hosts.Redis(self.db)
-        self.env = {"DATABASE_URL": self.postgres.url, "EVENTS_URL": self.redis.url,
+        self.env = {"DATABASE_URL": self.postgres.url, "DATABASE_READ_URL": self.replica.url,
+                    "EVENTS_URL": self.redis.url,
                     "QUEUE_URL": self.redis.url[:-1] + "1", "TRUSTED_PROXIES": "1",
                     "ANALYSIS_SWEEP_AFTER": "5", "LOG_LEVEL": "INFO"}
         hosts.init_db(self.env)
@@ -85,6 +88,8 @@ class Cluster:
         self.edge = Nginx(self.host_directory(self.edge_host), list(self.web.values()), sockets_per_address=2 * SOCKETS,
                           host=self.edge_host)
         self.url = self.edge.url
+        ready = requests.get(self.url + "/readyz").json()
+        assert ready["status"] == "ready" and not ready["replica"]["fallback"], ready
 
     def host_directory(self, host):
         """A directory of the host's own, for what it keeps on disk."""
@@ -124,6 +129,7 @@ class Cluster:
         for part in (self.edge, self.consumer, *self.web.values()):
             stop_group(part.process)
         self.redis.stop()
+        self.replica.stop()
         self.postgres.stop()
 
 
