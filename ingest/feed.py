@@ -36,7 +36,7 @@ from wsproto.frame_protocol import CloseReason
 
 from ingest import changes, runtime
 from ingest.accounts import Scope
-from ingest.fanout import Close, FeedSocket, Refused, text_frame
+from ingest.feedsocket import Close, FeedSocket, Refused, text_frame
 from ingest.keys import AddressRefused, check_key, hash_key
 
 log = logging.getLogger(__name__)
