@@ -74,7 +74,7 @@ class CatchUp:
         if feed_socket.reading or feed_socket in feed.live:
             return
         if feed_socket.position is None:
-            feed_socket.position = feed_socket.start if feed_socket.after is None else feed_socket.after
+            feed_socket.position = feed_socket.starts_after()
         recent = feed.recent_after(feed_socket.position)
         if recent is not None and (not recent or feed_socket.push(None, recent)):
             feed.live.add(feed_socket)

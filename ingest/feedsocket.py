@@ -158,11 +158,20 @@ class FeedSocket:
     def has_room(self):
         return self.queued <= OUTBOX_BYTES // 2 and self.closing_until is None
 
+    def starts_after(self):
+        """The position it is sent the changes after: its cursor's if it resumed, else
+        the store's when it was authenticated."""
+        return self.start if self.after is None else self.after
+
     def _admit(self, data):
+        self._tell_dropped()
+        self.control(data)
+
+    def _tell_dropped(self):
+        """Queue the notice of the events dropped since the last one, if any."""
         if self.dropped:
             self.control(notice_frame("dropped", count=self.dropped))
             self.dropped = 0
-        self.control(data)
 
     def sent(self, size, now):
         """Take ``size`` bytes that the kernel accepted off the front of the outbox."""
@@ -176,9 +185,8 @@ class FeedSocket:
             else:
                 self.outbox[0] = memoryview(head)[size:]
                 size = 0
-        if not self.outbox and self.dropped and self.closing_until is None:
-            self.control(notice_frame("dropped", count=self.dropped))
-            self.dropped = 0
+        if not self.outbox and self.closing_until is None:
+            self._tell_dropped()
 
     def receive(self, data, now):
         """Take bytes from the client; returns (code, reason) if it must be closed."""
