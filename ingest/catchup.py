@@ -21,7 +21,7 @@ import threading
 import time
 
 from ingest import changes
-from ingest.feedsocket import Close, encode, framed
+from ingest.sockets import Close, encode, framed
 from models import connection
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ingest.fanout import FanOut
-from ingest.feedsocket import encode
+from ingest.sockets import encode
 from ingest.threads import Threads
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ The parts, each read on its own:
   loop and its arguments) and wake the loop, which runs the commands in order,
   then sends what they queued to every socket touched, in one pass.
 - ``OrgFeed`` (ingest/feeds.py): one organization's changes in position order.
-- ``FeedSocket`` (ingest/feedsocket.py): one socket's state, outbox and flow control.
-- ``Sockets`` (ingest/sockets.py): the sockets' reads, writes and timers.
+- ``FeedSocket`` and ``Sockets`` (ingest/sockets.py): one socket's state, outbox and
+  flow control; the sockets' reads, writes and timers.
 - ``CatchUp`` (ingest/catchup.py): the store reads, on the work threads, whose
   results come back to the loop as commands.
 """
@@ -49,9 +49,8 @@ from wsproto.frame_protocol import CloseReason
 from ingest import metrics
 from ingest.catchup import CatchUp
 from ingest.feeds import HOLE_SECONDS, OrgFeed
-from ingest.feedsocket import GREETING, NEW, OPEN, Refused
-from ingest.feedsocket import Close as Close  # ingest/keys.py closes revoked keys' sockets with it
-from ingest.sockets import Sockets
+from ingest.sockets import GREETING, NEW, OPEN, Refused, Sockets
+from ingest.sockets import Close as Close  # ingest/keys.py closes revoked keys' sockets with it
 from ingest.threads import Threads
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from wsproto.frame_protocol import CloseReason
 
 from ingest import changes, runtime
 from ingest.accounts import Scope
-from ingest.feedsocket import Close, FeedSocket, Refused, text_frame
 from ingest.keys import AddressRefused, check_key, hash_key
+from ingest.sockets import Close, FeedSocket, Refused, text_frame
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Only the fan-out's loop thread touches an OrgFeed.
 """
 import collections
 
-from ingest.feedsocket import framed
+from ingest.sockets import framed
 
 HOLE_SECONDS = 0.2  # how long a change may wait for its predecessor before the store is read
 RECENT_BYTES = 1024 * 1024  # frames kept per organization for sockets catching up
