@@ -34,7 +34,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ingest.fanout import FanOut, encode
+from ingest.fanout import FanOut
+from ingest.sockets import encode
 from ingest.threads import Threads
 
 log = logging.getLogger(__name__)

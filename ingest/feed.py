@@ -36,8 +36,8 @@ from wsproto.frame_protocol import CloseReason
 
 from ingest import changes, runtime
 from ingest.accounts import Scope
-from ingest.fanout import Close, FeedSocket, Refused, text_frame
 from ingest.keys import AddressRefused, check_key, hash_key
+from ingest.sockets import Close, FeedSocket, Refused, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,8 @@ def authenticate(bus, keys, check, feed_socket, message):
     except UNAVAILABLE:
         raise Refused(CloseReason.TRY_AGAIN_LATER, "database unavailable; try again later") from None
     feed_socket.authenticated(principal.organization_id, key_hash)
-    starts_after = feed_socket.start if feed_socket.after is None else feed_socket.after
-    greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id,
-                                      "cursor": changes.cursor(principal.organization_id, starts_after)}))
+    cursor = changes.cursor(principal.organization_id, feed_socket.starts_after())
+    greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id, "cursor": cursor}))
     if not bus.attach(feed_socket, greeting):
         raise Refused(CloseReason.TRY_AGAIN_LATER, "this server holds all the sockets it can; try again later")
     log.info("feed socket connected", extra={"organization_id": principal.organization_id})

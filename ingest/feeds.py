@@ -9,11 +9,13 @@ older than HOLE_SECONDS the fan-out reads the missing positions from the store,
 where every position below one already committed is visible. A position the
 store no longer has (its interaction was erased since) is skipped. Recent
 frames are kept, so that a socket that resumes or fell behind catches up from
-memory when it can, from the store otherwise.
+memory when it can, from the store otherwise (ingest/catchup.py).
 
 Only the fan-out's loop thread touches an OrgFeed.
 """
 import collections
+
+from ingest.sockets import framed
 
 HOLE_SECONDS = 0.2  # how long a change may wait for its predecessor before the store is read
 RECENT_BYTES = 1024 * 1024  # frames kept per organization for sockets catching up
@@ -61,6 +63,26 @@ class OrgFeed:
             due.append((self.position, self.held.pop(self.position)))
         self.hole_since = (self.hole_since or now) if self.held else None
         return due
+
+    def deliver(self, due):
+        """Frame the changes ``due`` ((position, message), in order) once and queue them
+        for the sockets in step with the feed; one that has no room left falls behind
+        and catches up. Returns the sockets to flush."""
+        if not due:
+            return ()
+        frames = framed(due)
+        for position, frame in frames:
+            self.remember(position, frame)
+        chunk = frames[0][1] if len(frames) == 1 else b"".join(frame for _, frame in frames)
+        for feed_socket in list(self.live):
+            if feed_socket.position >= frames[0][0]:  # it caught up past some of them
+                fresh = [pair for pair in frames if pair[0] > feed_socket.position]
+                complete = feed_socket.push(None, fresh) if fresh else True
+            else:
+                complete = feed_socket.push(chunk, frames)
+            if not complete:
+                self.live.discard(feed_socket)
+        return self.members
 
     def wants_fill(self, now):
         return not self.filling and self.hole_since is not None and now - self.hole_since >= HOLE_SECONDS

@@ -137,7 +137,7 @@ class LocalSocket:
         server_end, self.sock = socket.socketpair()
         server, self.ws = connected_pair()
         from ingest.changes import cursor
-        from ingest.fanout import FeedSocket, text_frame
+        from ingest.sockets import FeedSocket, text_frame
         feed_socket = FeedSocket(server_end, server, organization_id, "local")
         feed_socket.after = after
         feed_socket.start = bus.fanout.start_position(organization_id)  # as the feed's authentication does

@@ -1,4 +1,4 @@
-"""A feed socket's flow control (ingest/fanout.py FeedSocket), without sockets: its
+"""A feed socket's flow control (ingest/sockets.py FeedSocket), without sockets: its
 outbox bound, what is dropped and how the browser is told, what the kernel took,
 the client's inbound budget and its auth message (DESIGN §8, §12)."""
 import json
@@ -7,8 +7,7 @@ import time
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-from ingest import fanout
-from ingest.fanout import GREETING, INBOUND_BURST, OUTBOX_BYTES, Close, FeedSocket, text_frame
+from ingest.sockets import GREETING, INBOUND_BURST, MAX_AUTH_MESSAGE, OUTBOX_BYTES, Close, FeedSocket, text_frame
 from tests.feed_client import connected_pair
 
 
@@ -97,7 +96,7 @@ def test_the_auth_message_is_taken_whole_once_and_bounded():
 
     too_big, browser = open_socket()
     too_big.state = GREETING
-    assert too_big.receive(browser.send(TextMessage(data="x" * (fanout.MAX_AUTH_MESSAGE + 1))), time.monotonic()) == (
+    assert too_big.receive(browser.send(TextMessage(data="x" * (MAX_AUTH_MESSAGE + 1))), time.monotonic()) == (
         CloseReason.MESSAGE_TOO_BIG, "the auth message is too big")
     binary, browser = open_socket()
     binary.state = GREETING
