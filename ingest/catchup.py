@@ -174,8 +174,9 @@ class CatchUp:
 
 def _read(organization_id, after):
     """A page of the organization's changes after position ``after``: ((position, JSON
-    text)), and the last position read; ExpiredCursor if they are no longer kept."""
-    with connection():
-        events, last = changes.read(organization_id, after, STORE_PAGE)
+    text)), and the last position read; ExpiredCursor if they are no longer kept.
+    ``changes.read`` takes a connection of the database it reads (the replica's or
+    the primary's) for the read."""
+    events, last = changes.read(organization_id, after, STORE_PAGE)
     return [(changes.position_of(organization_id, event["cursor"]), text)
             for event, text in zip(events, encode(events), strict=True)], last
