@@ -55,18 +55,18 @@ REDIS_SINGLE = 34_000  # single-ingested events/s per Redis core (enqueue, publi
 REDIS_BATCH = 230_000  # the same, batch-ingested
 REDIS_ANALYSIS = 210_000  # analyses/s per Redis core (dequeue, publish)
 WAL_BYTES = 2_200  # WAL per event, ingested (90 % in batches) and analysed
-DISK_BYTES = 1_200  # bytes on disk per interaction kept: table, indexes, its two changes, its key
-REDIS_EVENT_BYTES = 700  # Redis memory per live event buffered in a stream
+DISK_BYTES = 1_400  # bytes on disk per interaction kept: table, indexes, its two changes, its key
+REDIS_EVENT_BYTES = 940  # Redis memory per event buffered on the bus: its created and its analysed entry
 ORG_CAP = 14_000  # events/s of ONE organization: its change-stream row serialises its commits
 # Cited from docs/BENCHMARKS.md (issue 24), not measured again here:
 FEED_DELIVERIES = 150_000  # socket deliveries/s per web core (events x sockets watching)
-SOCKETS_PER_PROCESS = 10_000  # authenticated sockets one web process takes (ingest/fanout.py)
 
 # --- Planning assumptions (not measurements; docs/CAPACITY.md says why) ---
 UTILISATION = 0.6  # plan every core at this share of its measured rate
 BATCH_SHARE = 0.9  # events arriving in batches (Segment's and PostHog's clients batch)
 WATCHERS = 5  # feed sockets open on the organization of an event, on average
 RETENTION_DAYS = 90
+BUS_SECONDS = 10  # lag the Redis bus should cover before a listener reads from the store
 PRIMARY_CORES = 32  # the cores one primary is counted on for a write-heavy load
 WAL_LIMIT = 150 * 2 ** 20  # WAL bytes/s one primary, its archive and its replica's replay keep up with
 PRIMARY_DISK = 20e12  # bytes one primary holds (restore and rebuild times grow with it)
@@ -93,6 +93,7 @@ def needs(rate, batch_share=BATCH_SHARE, watchers=WATCHERS, retention_days=RETEN
         "disk_per_month_tb": day * 30 / 1e12,
         "disk_kept_tb": day * retention_days / 1e12,
         "wal_mb_per_s": rate * WAL_BYTES / 2 ** 20,
+        "bus_mb": rate * BUS_SECONDS * REDIS_EVENT_BYTES / 2 ** 20,
         "one_primary": rate <= one_primary_limit(batch_share, retention_days),
     }
 
@@ -109,16 +110,16 @@ def one_primary_limit(batch_share=BATCH_SHARE, retention_days=RETENTION_DAYS):
 
 
 def table(rates):
-    print("| events/s | web cores | consumer cores | PostgreSQL cores | Redis instances | WAL | disk a day "
-          "| a month | kept %d days | one primary? |" % RETENTION_DAYS)
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| events/s | web cores | consumer cores | PostgreSQL cores | Redis cores | Redis bus, %d s | WAL "
+          "| disk a day | a month | kept %d days | one primary? |" % (BUS_SECONDS, RETENTION_DAYS))
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in rates:
         n = needs(rate)
-        print("| {rate:,} | {web} | {consumer} | {postgres} | {redis} | "
-              "{wal_mb_per_s:,.1f} MB/s | {disk_per_day_gb:,.0f} GB | {disk_per_month_tb:,.1f} TB | "
+        print("| {rate:,} | {web} | {consumer} | {postgres} | {redis} | {bus_mb:,.0f} MiB | "
+              "{wal_mb_per_s:,.1f} MiB/s | {disk_per_day_gb:,.0f} GB | {disk_per_month_tb:,.1f} TB | "
               "{disk_kept_tb:,.1f} TB | {0} |".format("yes" if n["one_primary"] else "**no**", **n))
     limits = primary_limits()
-    print("One primary takes up to {0:,.0f} events/s (by CPU {cpu:,.0f}, by WAL {wal:,.0f}, by disk {disk:,.0f}); "
+    print("\nOne primary takes up to {0:,.0f} events/s (by CPU {cpu:,.0f}, by WAL {wal:,.0f}, by disk {disk:,.0f}); "
           "one organization up to {1:,}.".format(min(limits.values()), ORG_CAP, **limits))
 
 
@@ -312,6 +313,11 @@ JOIN pg_class AS c ON c.relname = t.name AND t.name <> 'interaction'
 GROUP BY t.name ORDER BY t.name"""
 
 
+def table_sizes(conn):
+    """{table: (bytes of its rows, of its indexes)}, interaction's partitions together."""
+    return {name: (int(rows), int(indexes)) for name, rows, indexes in conn.execute(SIZES).fetchall()}
+
+
 def measure_disk(server_url, count):
     import redis
     import requests
@@ -344,22 +350,23 @@ def measure_disk(server_url, count):
         bus, queue = redis.Redis.from_url(EVENTS_DB), redis.Redis.from_url(QUEUE_DB)
         streams = list(bus.scan_iter("ingest:events:*"))
         bus_bytes = sum(bus.memory_usage(k, samples=0) for k in streams)
+        bus_counted = int(bus.hget("ingest:events-bytes", "*") or 0)  # what EVENTS_*_BYTES bound
         bus_events = sum(len(fields[b"p"].split(b",")) for k in streams for _, fields in bus.xrange(k)
                          if b"e" in fields)
         queue_bytes = sum(queue.memory_usage(k, samples=0) or 0 for k in queue.scan_iter())
         with psycopg.connect(url, autocommit=True) as conn:
             pending = conn.execute("SELECT count(*) FROM interaction WHERE analysis_status = 'pending'").fetchone()[0]
-            sizes = {"ingested": dict((n, (h, i)) for n, h, i in conn.execute(SIZES).fetchall())}
+            sizes = {"ingested": table_sizes(conn)}
             probe = Probe(conn, name, {})
             sizes["analysis"] = drain(stack, probe, conn, PIN[-1])
-            sizes["analysed"] = dict((n, (h, i)) for n, h, i in conn.execute(SIZES).fetchall())
+            sizes["analysed"] = table_sizes(conn)
             backend = conn.info.backend_pid
             before, started = cpu([backend])[backend], time.perf_counter()
             conn.execute("VACUUM (ANALYZE)")
             sizes["vacuum"] = {"seconds": time.perf_counter() - started, "cpu": cpu([backend])[backend] - before}
-            sizes["vacuumed"] = dict((n, (h, i)) for n, h, i in conn.execute(SIZES).fetchall())
-            payload = conn.execute("SELECT avg(octet_length(content) + octet_length(metadata)) FROM interaction"
-                                   ).fetchone()[0]
+            sizes["vacuumed"] = table_sizes(conn)
+            payload = float(conn.execute("SELECT avg(octet_length(content) + octet_length(metadata)) "
+                                         "FROM interaction").fetchone()[0])
     finally:
         stack.stop()
     print("load %.2f; %d interactions of 1,000 customers, payload (content + metadata) %.0f bytes on average"
@@ -371,11 +378,12 @@ def measure_disk(server_url, count):
               % (sum(h + i for h, i in sizes[stage].values()) / count))
     print("VACUUM after the analyses: %.1f s, %.1f CPU-s (%.1f µs per interaction)" % (
         sizes["vacuum"]["seconds"], sizes["vacuum"]["cpu"], sizes["vacuum"]["cpu"] / count * 1e6))
-    print("Redis: bus %d bytes for %d buffered events (%.0f each); queue %d bytes for %d pending analyses "
-          "(%.0f each)" % (bus_bytes, bus_events, bus_bytes / max(bus_events, 1), queue_bytes, pending,
-                           queue_bytes / max(pending, 1)))
-    print(json.dumps({"count": count, "load": load, "sizes": sizes, "payload": float(payload),
-                      "bus": [bus_bytes, bus_events], "queue": [queue_bytes, pending]}))
+    print("Redis: bus %d bytes for %d buffered events (%.0f each; %d bytes counted against EVENTS_*_BYTES); "
+          "queue %d bytes for %d pending analyses (%.0f each)" % (
+              bus_bytes, bus_events, bus_bytes / max(bus_events, 1), bus_counted, queue_bytes, pending,
+              queue_bytes / max(pending, 1)))
+    print(json.dumps({"count": count, "load": load, "sizes": sizes, "payload": payload,
+                      "bus": [bus_bytes, bus_events, bus_counted], "queue": [queue_bytes, pending]}))
 
 
 def measure_lock(server_url, seconds):
