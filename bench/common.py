@@ -61,15 +61,17 @@ class Stack:
     server (Redis queue), Redis as the bus, gunicorn (gunicorn.conf.py) with
     ``workers``, and a huey_consumer if asked. Nothing is imported from the app:
     it is set up with its own CLI and driven over HTTP. ``root``: another checkout
-    of the project to run instead of this one; ``app``: the gunicorn app to serve."""
+    of the project to run instead of this one; ``app``: the gunicorn app to serve;
+    ``database_url``: an empty database made beforehand instead of a scratch one
+    (dropped by ``stop`` all the same)."""
 
     def __init__(self, server_url=None, workers=2, consumer=False, env=None, root=ROOT,
-                 app="app:create_app()"):
+                 app="app:create_app()", database_url=None):
         from tests.dbs import create_scratch_database
         from tests.servers import Consumer, Gunicorn
 
         self.dir = tempfile.mkdtemp(prefix="ingest-bench-")
-        self.database_url = create_scratch_database(server_url, self.dir)
+        self.database_url = database_url or create_scratch_database(server_url, self.dir)
         self.kind = "PostgreSQL + Redis" if server_url else "SQLite"
         queue = REDIS + "/14" if server_url else "sqlite:///" + os.path.join(self.dir, "queue.db")
         # Most benches measure ingest with no consumer draining the analyses: the
