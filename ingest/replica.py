@@ -37,6 +37,7 @@ import threading
 import time
 
 from peewee import InterfaceError, OperationalError
+from playhouse.pool import MaxConnectionsExceeded
 
 import models
 from ingest import metrics
@@ -44,11 +45,18 @@ from ingest import metrics
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5  # reads stay on the primary this long after the replica failed
-CONNECT_TIMEOUT = 3  # seconds to connect to the replica before it counts as down
-FAILURES = (OperationalError, InterfaceError)
-# Seconds the replica's replay is behind: none while it has replayed all it received,
-# else since the last transaction it replayed committed on the primary.
-LAG = ("SELECT CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
+# A replica whose host is lost answers nothing and resets nothing: connecting gives
+# up after connect_timeout, a request unacknowledged (tcp_user_timeout) or a silent
+# connection (keepalives) after a few seconds, so that the read fails over to the
+# primary instead of hanging; so does a read with no pooled connection left.
+CONNECTION = {"connect_timeout": 3, "tcp_user_timeout": 5000, "keepalives": 1, "keepalives_idle": 5,
+              "keepalives_interval": 2, "keepalives_count": 2}
+FAILURES = (OperationalError, InterfaceError, MaxConnectionsExceeded)
+# Seconds the replica's replay is behind: none while it streams and has replayed all
+# it received, else since the last transaction it replayed committed on the primary
+# (a replica that stopped receiving has "replayed all it received" and is not current).
+LAG = ("SELECT CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() "
+       "AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') THEN 0 "
        "ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) END")
 
 _bound = None  # the started (or last bound) runtime's Replica, or None: no replica
@@ -58,10 +66,11 @@ class Replica:
     """The replica's database and whether reads may go to it."""
 
     def __init__(self, url, pool_size):
-        self.database = models.make_database(url, pool_size, connect_timeout=CONNECT_TIMEOUT)
+        self.database = models.make_database(url, pool_size, **CONNECTION)
         self._lock = threading.Lock()
         self._down = False
         self._retry_at = 0.0
+        self._down_since = 0.0  # a read that began before this cannot bring the replica back
         metrics.REPLICA_FALLBACK.set(0)
 
     @property
@@ -74,13 +83,14 @@ class Replica:
         down, when it fails now, or when ``enough(result)`` is false."""
         if not self._usable():
             return _on_primary(work)
+        began = time.monotonic()
         try:
             with models.connection(self.database):
                 result = work(self.database)
         except FAILURES as error:
             self._failed(error)
             return _on_primary(work)
-        self._succeeded()
+        self._succeeded(began)
         return result if enough is None or enough(result) else _on_primary(work)
 
     def lag(self):
@@ -88,13 +98,14 @@ class Replica:
         it received), or None while it is down or cannot tell yet."""
         if not self._usable():
             return None
+        began = time.monotonic()
         try:
             with models.connection(self.database):
                 seconds = self.database.execute_sql(LAG).fetchone()[0]
         except FAILURES as error:
             self._failed(error)
             return None
-        self._succeeded()
+        self._succeeded(began)
         return None if seconds is None else max(float(seconds), 0.0)
 
     def close(self):
@@ -114,17 +125,21 @@ class Replica:
         with self._lock:
             went_down = not self._down
             self._down, self._retry_at = True, time.monotonic() + RETRY_SECONDS
+            self._down_since = time.monotonic()
         self.database.close_idle()  # dead connections must not be handed to the next try
         if went_down:
             metrics.REPLICA_FALLBACK.set(1)
             log.warning("replica unreachable; reads go to the primary", extra={
                 "error": "%s: %s" % (type(error).__name__, str(error).strip()), "retry_seconds": RETRY_SECONDS})
 
-    def _succeeded(self):
+    def _succeeded(self, began):
+        """A read that began at ``began`` succeeded: the replica is back, unless the
+        read began before it was found down (an answer from before the failure)."""
         if not self._down:
             return
         with self._lock:
-            came_back, self._down = self._down, False
+            came_back = self._down and began > self._down_since
+            self._down = self._down and not came_back
         if came_back:
             metrics.REPLICA_FALLBACK.set(0)
             log.info("replica reachable again; reads go to it")
@@ -156,5 +171,7 @@ def rows(query, enough=None):
 
 
 def first(query):
-    """The first row of a peewee SELECT, or None, read as ``read`` says."""
-    return read(lambda database: query.clone().first(database))
+    """The first row of a peewee SELECT, or None, read as ``read`` says. None is
+    the primary's answer: a row the replica lacks may have been written a moment
+    ago (a customer just created is found at once, not a 404 for the lag)."""
+    return read(lambda database: query.clone().first(database), enough=lambda row: row is not None)

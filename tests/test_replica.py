@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 
 import psycopg
+import psycopg.sql
 import pytest
 
 import models
@@ -190,7 +191,9 @@ def test_reads_come_from_the_replica_and_ingest_answers_from_the_primary(app, cl
         again = post_interaction(client, org["ingestKey"], customer_id, messageId="m-late")
         assert again.status_code == 200 and again.get_json() == {"id": late, "duplicate": True}
         assert listed(client, org) == {first}  # the replica has not replayed it
-        assert client.get("/api/interactions/" + late, headers=bearer(org["readKey"])).status_code == 404
+        # ...but the id ingest answered is found at once: a miss on the replica is asked of the primary
+        by_id = client.get("/api/interactions/" + late, headers=bearer(org["readKey"]))
+        assert by_id.status_code == 200 and by_id.get_json()["id"] == late
         customer = client.get("/api/customers/" + customer_id, headers=bearer(org["readKey"])).get_json()
         assert customer["interactionCount"] == 1
         found = client.get("/api/customers", query_string={"externalId": "c-1"}, headers=bearer(org["readKey"]))
@@ -289,6 +292,27 @@ def test_readyz_and_metrics_report_the_lag_and_a_lagging_replica_keeps_the_servi
     wait_until(lambda: client.get("/readyz").get_json()["replica"]["lagSeconds"] == 0,
                message="the replica to catch up")
     assert metric(client.get("/metrics").get_data(as_text=True), "ingest_replica_lag_seconds") is not None
+
+
+def test_a_replica_that_stopped_receiving_reports_its_lag_not_zero(app, client, org, replication):
+    """Cut off from the primary, a replica has replayed all it received: its lag is the
+    age of the last transaction it replayed, not 0."""
+    primary, standby = replication
+    stored(client, org, make_customer(app, org))
+    caught_up(primary, standby)
+    conninfo = standby.value("SHOW primary_conninfo")  # pg_basebackup -R's, in postgresql.auto.conf
+    standby.sql("ALTER SYSTEM SET primary_conninfo = ''")
+    standby.sql("SELECT pg_reload_conf()")
+    try:
+        wait_until(lambda: not standby.value("SELECT count(*) FROM pg_stat_wal_receiver"),
+                   message="the replica to stop receiving")
+        wait_until(lambda: (client.get("/readyz").get_json()["replica"]["lagSeconds"] or 0) > 0,
+                   message="the lag of a replica that receives nothing")
+    finally:
+        standby.sql(psycopg.sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(psycopg.sql.Literal(conninfo)))
+        standby.sql("SELECT pg_reload_conf()")
+    wait_until(lambda: client.get("/readyz").get_json()["replica"]["lagSeconds"] == 0,
+               message="the replica streaming again")
 
 
 def test_reads_go_to_the_primary_while_the_replica_is_down_and_back_once_it_returns(
