@@ -50,7 +50,6 @@ from ingest import metrics
 from ingest.catchup import CatchUp
 from ingest.feeds import HOLE_SECONDS, OrgFeed
 from ingest.sockets import GREETING, NEW, OPEN, Refused, Sockets
-from ingest.sockets import Close as Close  # ingest/keys.py closes revoked keys' sockets with it
 from ingest.threads import Threads
 
 log = logging.getLogger(__name__)

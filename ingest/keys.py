@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ingest import replica
-from ingest.fanout import Close
+from ingest.sockets import Close
 from ingest.threads import Threads
 from models import ApiKey
 

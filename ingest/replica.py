@@ -49,8 +49,8 @@ RETRY_SECONDS = 5  # reads stay on the primary this long after the replica faile
 # up after connect_timeout, a request unacknowledged (tcp_user_timeout) or a silent
 # connection (keepalives) after a few seconds, so that the read fails over to the
 # primary instead of hanging; so does a read with no pooled connection left.
-CONNECTION = {"connect_timeout": 3, "tcp_user_timeout": 5000, "keepalives": 1, "keepalives_idle": 5,
-              "keepalives_interval": 2, "keepalives_count": 2}
+CONNECTION = {"connect_timeout": 3, "tcp_user_timeout": 3000, "keepalives": 1, "keepalives_idle": 2,
+              "keepalives_interval": 1, "keepalives_count": 2}
 FAILURES = (OperationalError, InterfaceError, MaxConnectionsExceeded)
 # Seconds the replica's replay is behind: none while it streams and has replayed all
 # it received, else since the last transaction it replayed committed on the primary

@@ -141,9 +141,9 @@ class LocalSocket:
         feed_socket = FeedSocket(server_end, server, organization_id, "local")
         feed_socket.after = after
         feed_socket.start = bus.fanout.start_position(organization_id)  # as the feed's authentication does
-        starts_after = feed_socket.start if after is None else after
         bus.attach(feed_socket, text_frame(json.dumps({"type": "ready", "organizationId": organization_id,
-                                                       "cursor": cursor(organization_id, starts_after)})))
+                                                       "cursor": cursor(organization_id,
+                                                                        feed_socket.starts_after())})))
         assert self.next()["type"] == "ready"
 
     def next(self, timeout=5.0):

@@ -5,19 +5,14 @@ own, and the others are reached at their addresses only. The tests' process
 stays on the bridge's own address, as a client on the LAN.
 
 Needs root (`ip netns`, veth pairs, a bridge); ``available()`` says why not."""
-import glob
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 
 from tests.servers import BIN, ROOT, stop_group, wait_until
 
 SUBNET = "10.231.0"  # private, /24; the bridge is .1
-# Debian's PostgreSQL server binaries (initdb, postgres), the newest installed.
-POSTGRES_BIN = max(glob.glob("/usr/lib/postgresql/*/bin") or ["/usr/lib/postgresql/15/bin"],
-                   key=lambda path: int(path.split("/")[-2]))
 
 
 def available():
@@ -52,13 +47,17 @@ class Network:
     def host(self, name):
         """A new host on the bridge, with the next address."""
         host = Host(self, name, "%s.%d" % (SUBNET, len(self.hosts) + 2))
-        self.hosts.append(host)
+        self.hosts.append(host)  # before it is made: close() removes what was made of it
+        host.make(self.bridge)
         return host
 
     def close(self):
         for host in self.hosts:
-            host.kill_all()
-            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
+            try:
+                host.kill_all()
+            finally:
+                subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
+                subprocess.run(["ip", "link", "del", host.link], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
@@ -70,11 +69,13 @@ class Host:
         self.name, self.address = name, address
         self.namespace = "ingest-%s-%s" % (name, network.tag)
         self.link = "v%s%s" % (network.tag, name[:6])  # the bridge's end (15 characters at most)
+
+    def make(self, bridge):
         ip("netns", "add", self.namespace)
         ip("link", "add", self.link, "type", "veth", "peer", "name", "eth0", "netns", self.namespace)
-        ip("link", "set", self.link, "master", network.bridge)
+        ip("link", "set", self.link, "master", bridge)
         ip("link", "set", self.link, "up")
-        ip("addr", "add", address + "/24", "dev", "eth0", namespace=self.namespace)
+        ip("addr", "add", self.address + "/24", "dev", "eth0", namespace=self.namespace)
         ip("link", "set", "eth0", "up", namespace=self.namespace)
         ip("link", "set", "lo", "up", namespace=self.namespace)
 
@@ -87,6 +88,7 @@ class Host:
         return 8000  # every host has its ports to itself
 
     def pids(self):
+        """The host's processes (none if its namespace was never made)."""
         listed = subprocess.run(["ip", "netns", "pids", self.namespace], capture_output=True, text=True)
         return [int(pid) for pid in listed.stdout.split()]
 
@@ -105,51 +107,6 @@ class Host:
 
     def mend(self):
         ip("link", "set", self.link, "up")
-
-
-class Postgres:
-    """A PostgreSQL cluster of its own on ``host``, listening on its address only:
-    a primary with a database ``ingest``, or with ``primary`` given, a streaming
-    replica of it (``pg_basebackup -R``)."""
-
-    def __init__(self, host, port=5432, primary=None):
-        self.host, self.port = host, port
-        self.data = tempfile.mkdtemp(prefix="ingest-pg-")  # not under pytest's: postgres must reach it
-        shutil.chown(self.data, "postgres", "postgres")
-        if primary is None:
-            self._as_postgres([os.path.join(POSTGRES_BIN, "initdb"), "-D", self.data, "--auth=trust",
-                               "-U", "postgres"])
-            with open(os.path.join(self.data, "pg_hba.conf"), "a") as hba:
-                hba.write("host all all %s.0/24 trust\nhost replication all %s.0/24 trust\n" % (SUBNET, SUBNET))
-        else:
-            self._as_postgres([os.path.join(POSTGRES_BIN, "pg_basebackup"), "-R", "-X", "stream",
-                               "--checkpoint=fast", "-D", self.data, "-h", primary.host.address,
-                               "-p", str(primary.port), "-U", "postgres"])
-        self.log_path = os.path.join(self.data, "server.log")
-        self.process = subprocess.Popen(
-            host.command(["runuser", "-u", "postgres", "--", os.path.join(POSTGRES_BIN, "postgres"),
-                          "-D", self.data, "-c", "listen_addresses=" + host.address, "-c", "port=%d" % port,
-                          "-c", "unix_socket_directories=" + self.data, "-c", "max_connections=300"]),
-            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), start_new_session=True)
-        wait_until(self._ready, timeout=30, message="PostgreSQL on " + host.name)
-        if primary is None:
-            self._as_postgres([os.path.join(POSTGRES_BIN, "createdb"), "-h", host.address, "ingest"])
-        self.url = "postgresql://postgres@%s:%d/ingest" % (host.address, port)
-
-    def _ready(self):
-        if self.process.poll() is not None:
-            raise AssertionError("postgres exited: " + open(self.log_path).read()[-2000:])
-        return subprocess.run([os.path.join(POSTGRES_BIN, "pg_isready"), "-q", "-h", self.host.address,
-                               "-p", str(self.port)], capture_output=True).returncode == 0
-
-    @staticmethod
-    def _as_postgres(argv):
-        done = subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True)
-        assert done.returncode == 0, "%s failed: %s" % (" ".join(argv), done.stderr.strip())
-
-    def stop(self):
-        stop_group(self.process)
-        shutil.rmtree(self.data, ignore_errors=True)
 
 
 class Redis:

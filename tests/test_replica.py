@@ -1,19 +1,14 @@
 """Reads from a streaming replica (DESIGN §18), PostgreSQL only.
 
-The module makes a primary and a streaming replica of its own (initdb and
-pg_basebackup, as the postgres OS user) and points the app at them:
+The module makes a primary and a streaming replica of its own (tests/postgres.py)
+and points the app at them:
 DATABASE_URL the primary, DATABASE_READ_URL the replica. Pausing the replica's
 replay (``pg_wal_replay_pause``) shows which database answered: what was written
 meanwhile is on the primary only. Each test has its own organization.
 """
 import contextlib
-import glob
 import json
 import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 
 import psycopg
 import psycopg.sql
@@ -24,6 +19,7 @@ from ingest import changes, replica, runtime
 from tests import dbs
 from tests.feed_client import LocalSocket
 from tests.helpers import bearer, make_customer, make_organization, post_interaction
+from tests.postgres import Postgres
 from tests.servers import free_port, wait_until
 
 pytestmark = pytest.mark.skipif(not dbs.is_postgres_url(os.environ["DATABASE_URL"]),
@@ -31,74 +27,18 @@ pytestmark = pytest.mark.skipif(not dbs.is_postgres_url(os.environ["DATABASE_URL
                                        "(the PostgreSQL suite, DATABASE_URL=postgresql://..., runs it)")
 
 
-def postgres_bin(program):
-    """A program of the newest PostgreSQL server installed; the test fails without one."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/" + program),
-                   key=lambda path: int(path.split("/")[4]))
-    if not found:
-        pytest.fail("PostgreSQL's server programs (/usr/lib/postgresql/*/bin) are needed to make a replica")
-    return found[-1]
-
-
-def as_postgres(program, *args):
-    """Run a PostgreSQL server program as the postgres OS user (it refuses root)."""
-    subprocess.run(["runuser", "-u", "postgres", "--", postgres_bin(program), *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
-
-
-class Server:
-    """A PostgreSQL server in ``directory`` on 127.0.0.1:``port``, TCP only."""
-
-    def __init__(self, directory, port):
-        self.directory, self.port = directory, port
-
-    def url(self, database="ingest"):
-        return "postgresql://postgres@127.0.0.1:%d/%s" % (self.port, database)
-
-    def start(self):
-        as_postgres("pg_ctl", "start", "-w", "-D", self.directory, "-l", self.directory + ".log", "-o",
-                    "-p %d -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c wal_level=replica "
-                    "-c fsync=off -c max_wal_senders=4" % self.port)
-
-    def stop(self):
-        """Stop at once (a crash, as far as the service can tell); nothing if not running."""
-        if os.path.exists(os.path.join(self.directory, "postmaster.pid")):
-            as_postgres("pg_ctl", "stop", "-m", "immediate", "-D", self.directory)
-
-    def sql(self, query, *params, database="ingest"):
-        """The rows of ``query`` (None for a statement that returns none)."""
-        with psycopg.connect(self.url(database), autocommit=True) as connection:
-            cursor = connection.execute(query, params)
-            return cursor.fetchall() if cursor.description else None
-
-    def value(self, query, *params):
-        return self.sql(query, *params)[0][0]
-
-
 @pytest.fixture(scope="module")
 def replication():
     """(primary, replica): a primary with a database ``ingest`` and a replica streaming
     from it; both stopped and removed after the module, whatever happened."""
-    root = tempfile.mkdtemp(prefix="ingest-replica-")
-    postgres = pwd.getpwnam("postgres")
-    os.chown(root, postgres.pw_uid, postgres.pw_gid)
-    primary = Server(os.path.join(root, "primary"), free_port())
-    standby = Server(os.path.join(root, "replica"), free_port())
     try:
-        as_postgres("initdb", "-D", primary.directory, "--auth=trust", "-U", "postgres")
-        primary.start()
-        primary.sql("CREATE DATABASE ingest", database="postgres")
-        as_postgres("pg_basebackup", "-R", "-X", "stream", "--checkpoint=fast", "-D", standby.directory,
-                    "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres")
-        standby.start()
-        wait_until(lambda: standby.sql("SELECT pg_is_in_recovery() AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver "
-                                       "WHERE status = 'streaming')")[0][0], timeout=60,
-                   message="the replica to stream from the primary")
-        yield primary, standby
+        with contextlib.ExitStack() as made:
+            primary = Postgres(free_port())
+            made.callback(primary.remove)
+            standby = Postgres(free_port(), primary=primary)
+            made.callback(standby.remove)
+            yield primary, standby
     finally:
-        standby.stop()
-        primary.stop()
-        shutil.rmtree(root, ignore_errors=True)
         # Leave the process as the other modules expect it: the run's database, no replica.
         models.db.initialize(models.make_database(os.environ["DATABASE_URL"]))
         replica.bind(None)
