@@ -29,7 +29,9 @@ def test_stopping_a_runtime_joins_every_thread_it_started(org, customer_id):
         assert response.status_code == 201
         assert {thread.name for thread in set(threading.enumerate()) - before} >= {
             "group-commit", "after-commit", "feed-fanout", "feed-keys", "analysis-results"}
-    assert set(threading.enumerate()) - before == set()
+    # limits' in-memory storage expires its counters on one-shot 10 ms timers of its own
+    left = {thread for thread in set(threading.enumerate()) - before if not isinstance(thread, threading.Timer)}
+    assert left == set()
 
 
 @pytest.mark.parametrize("key, value", [("EVENTS_URL", "redis://127.0.0.1:6379/9"),
