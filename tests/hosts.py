@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 
+import redis
+
 from tests.servers import BIN, ROOT, stop_group, wait_until
 
 SUBNET = "10.231.0"  # private, /24; the bridge is .1
@@ -21,10 +23,11 @@ def available():
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "iproute2's ip is not installed"
-    probe = subprocess.run(["ip", "netns", "add", "ingest-probe"], capture_output=True, text=True)
+    name = "ingest-probe-%d" % os.getpid()
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if probe.returncode != 0:
         return "ip netns add failed: " + probe.stderr.strip()
-    subprocess.run(["ip", "netns", "del", "ingest-probe"], check=True)
+    subprocess.run(["ip", "netns", "del", name], check=True)
     return None
 
 
@@ -122,7 +125,6 @@ class Redis:
         wait_until(self._up, message="redis-server on " + host.name)
 
     def _up(self):
-        import redis
         try:
             return redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
         except redis.RedisError:
