@@ -5,6 +5,8 @@ isolated; erasures reach every socket; the close codes; a socket that stops read
 
 One stack serves the module (each test has its own organization), but for the
 test that takes Redis away."""
+import os
+import signal
 import statistics
 import threading
 import time
@@ -30,18 +32,25 @@ from tests.servers import Gunicorn, RedisServer, free_port, wait_until
 
 
 def sockets_on_both_workers(web, key, org_id):
-    """Connect sockets until the server log shows them on two worker processes."""
-    clients = []
-    for _ in range(100):
-        client = FeedClient(web.url, key)
-        assert client.next()["type"] == "ready"
-        clients.append(client)
-        pids = {line["pid"] for line in web.log_lines()
-                if line.get("message") == "feed socket connected"
-                and line.get("organization_id") == org_id}
-        if len(pids) >= 2 and len(clients) >= 4:
-            return clients
-    raise AssertionError("sockets never landed on two workers")
+    """A socket of the organization on each of the stack's two workers. The kernel may
+    hand every connection to one worker (it did, 100 in a row), so the second socket
+    connects straight to gunicorn while the first one's worker is stopped (SIGSTOP):
+    only the other one can accept it."""
+    def workers():
+        return [line["pid"] for line in web.log_lines()
+                if line.get("message") == "feed socket connected" and line.get("organization_id") == org_id]
+
+    first = FeedClient(web.url, key)
+    assert first.next()["type"] == "ready"
+    stopped = wait_until(lambda: workers() and workers()[0], message="the first socket's worker")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        second = FeedClient(web.web.url, key)
+        assert second.next()["type"] == "ready"
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    wait_until(lambda: len(set(workers())) == 2, message="the two sockets on two workers")
+    return [first, second]
 
 
 def test_events_reach_every_socket_on_every_worker(module_stack, org, customer_id):
