@@ -419,7 +419,7 @@ def measure_lock(server_url, seconds):
                             [{"id": r["id"], "received_at": now, "status": "done", "label": "positive",
                               "score": 0.7} for r in rows]), now, now]).fetchall()
                         first = conn.execute(changes.TAKE, [org, group]).fetchone()[0] - group + 1
-                        conn.execute(changes._record_sql(group, "%s"), [
+                        conn.execute(changes.record_sql(group, "%s"), [
                             value for n, row in enumerate(rows)
                             for value in (org, first + n, changes.ANALYZED, row["id"], now, now)])
                     ingest += middle - started

@@ -128,13 +128,13 @@ def record(rows):
     if rows:
         now = utcnow()
         to_db = Change.subject.db_value
-        db.execute_sql(_record_sql(len(rows), dialect().param), [
+        db.execute_sql(record_sql(len(rows), dialect().param), [
             value for organization_id, position, kind, subject, subject_at in rows
             for value in (to_db(organization_id), position, kind, to_db(subject), now, subject_at)])
 
 
 @functools.lru_cache(maxsize=256)
-def _record_sql(rows, placeholder):
+def record_sql(rows, placeholder):
     """The INSERT of ``rows`` changes, written out: building it with peewee's
     insert_many for every group cost more than running it (docs/BENCHMARKS.md)."""
     return ('INSERT INTO "change" (organization_id, position, kind, subject, recorded_at, subject_at) VALUES '

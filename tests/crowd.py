@@ -2,6 +2,7 @@
 loop on a background thread runs a coroutine per socket (no thread each) until
 ``close()``."""
 import asyncio
+import json
 import threading
 import time
 
@@ -40,6 +41,14 @@ class Crowd:
             task.cancel()
             return False, None
         return True, task.result()
+
+    async def messages(self, ws):
+        """The JSON messages socket ``ws`` receives, until ``close()`` is called."""
+        while True:
+            received, text = await self.unless_stopped(ws.recv())
+            if not received:
+                return
+            yield json.loads(text)
 
     async def pause(self, seconds):
         """Sleep ``seconds``, or less if ``close()`` is called meanwhile."""

@@ -2,9 +2,13 @@
 import contextlib
 import datetime
 import gzip
+import io
 import json
+import logging
 
 import requests
+
+from ingest.logs import JsonFormatter
 
 UTC = datetime.timezone.utc
 
@@ -99,3 +103,20 @@ def started_app(config):
         yield app
     finally:
         process.stop()
+
+
+@contextlib.contextmanager
+def json_log(name=None):
+    """What logger ``name`` (the root by default) logs at INFO and above meanwhile, as
+    the service's JSON log lines: yields a function that returns them, parsed."""
+    stream, logger = io.StringIO(), logging.getLogger(name)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

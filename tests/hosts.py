@@ -10,9 +10,7 @@ import shutil
 import signal
 import subprocess
 
-import redis
-
-from tests.servers import BIN, ROOT, stop_group, wait_until
+from tests.servers import BIN, ROOT, wait_until
 
 SUBNET = "10.231.0"  # private, /24; the bridge is .1
 
@@ -110,28 +108,6 @@ class Host:
 
     def mend(self):
         ip("link", "set", self.link, "up")
-
-
-class Redis:
-    """redis-server on ``host``, listening on its address only."""
-
-    def __init__(self, host):
-        self.host = host
-        self.url = "redis://%s:6379/0" % host.address
-        self.process = subprocess.Popen(
-            host.command(["redis-server", "--bind", host.address, "--port", "6379", "--save", "",
-                          "--appendonly", "no", "--protected-mode", "no"]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_until(self._up, message="redis-server on " + host.name)
-
-    def _up(self):
-        try:
-            return redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
-        except redis.RedisError:
-            return False
-
-    def stop(self):
-        stop_group(self.process)
 
 
 def init_db(env):

@@ -215,23 +215,25 @@ def stop_group(process, grace=10):
 
 
 class RedisServer:
-    """A private redis-server on ``port``, to take away and bring back in a test."""
+    """A private redis-server on ``host`` (its address only) and ``port``, to take away
+    and bring back in a test."""
 
-    def __init__(self, port):
-        self.port = port
-        self.url = "redis://127.0.0.1:%d/0" % port
+    def __init__(self, port, host=LOCAL):
+        self.port, self.host = port, host
+        self.url = "redis://%s:%d/0" % (host.address, port)
         self.process = None
 
     def start(self):
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._up, message="redis-server on port %d" % self.port)
+            self.host.command(["redis-server", "--port", str(self.port), "--bind", self.host.address,
+                               "--save", "", "--appendonly", "no", "--protected-mode", "no"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._up, message="redis-server on %s:%d" % (self.host.address, self.port))
         return self
 
     def _up(self):
         with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+            return sock.connect_ex((self.host.address, self.port)) == 0
 
     def stop(self):
         if self.process is not None:

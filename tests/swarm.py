@@ -52,11 +52,7 @@ class Swarm(Crowd):
                 return
 
     async def _read(self, member, ws):
-        while True:
-            received, text = await self.unless_stopped(ws.recv())
-            if not received:
-                return
-            message = json.loads(text)
+        async for message in self.messages(ws):
             if message["type"] == "ready":
                 member.readies += 1
             elif message["type"] == "interaction.created":
@@ -132,11 +128,7 @@ class Followers(Crowd):
                 await asyncio.sleep(0.1 + 0.4 * (index % 10) / 10)  # spread the reconnections
 
     async def _read(self, follower, ws):
-        while True:
-            received, text = await self.unless_stopped(ws.recv())
-            if not received:
-                return
-            message = json.loads(text)
+        async for message in self.messages(ws):
             if message["type"] == "ready":
                 follower.readies += 1
                 follower.state = "following"

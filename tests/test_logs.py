@@ -1,6 +1,5 @@
 """Logs are JSON lines carrying the ids of what happened, and never a key."""
 import ast
-import io
 import json
 import logging
 import sys
@@ -8,21 +7,13 @@ import sys
 import pytest
 
 from ingest.logs import JsonFormatter
-from tests.helpers import bearer, interaction
+from tests.helpers import bearer, interaction, json_log
 
 
 @pytest.fixture
 def log_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    root.removeHandler(handler)
-    root.setLevel(level)
+    with json_log() as lines:
+        yield lines
 
 
 def test_ingest_logs_ids_and_never_the_key(client, org, customer_id, log_lines):

@@ -35,7 +35,7 @@ from ingest.changes import ANALYZED
 from tests import dbs, hosts
 from tests.helpers import BATCH_PATH, INGEST_PATH, bearer, interaction
 from tests.postgres import Postgres
-from tests.servers import BIN, ROOT, Consumer, Gunicorn, Nginx, stop_group, wait_until
+from tests.servers import BIN, ROOT, Consumer, Gunicorn, Nginx, RedisServer, stop_group, wait_until
 from tests.swarm import Followers
 
 pytestmark = [pytest.mark.processes, pytest.mark.redis]
@@ -85,7 +85,7 @@ class Cluster:
     def start(self):
         self.postgres = self.started(Postgres(5432, host=self.db), stop="remove")
         self.replica = self.started(Postgres(5432, host=self.replica_host, primary=self.postgres), stop="remove")
-        self.redis = self.started(hosts.Redis(self.db))
+        self.redis = self.started(RedisServer(6379, host=self.db).start())
         self.env = {"DATABASE_URL": self.postgres.url(), "DATABASE_READ_URL": self.replica.url(),
                     "EVENTS_URL": self.redis.url,
                     "QUEUE_URL": self.redis.url[:-1] + "1", "TRUSTED_PROXIES": "1",

@@ -7,7 +7,6 @@ replay (``pg_wal_replay_pause``) shows which database answered: what was written
 meanwhile is on the primary only. Each test has its own organization.
 """
 import contextlib
-import json
 import os
 
 import psycopg
@@ -18,7 +17,7 @@ import models
 from ingest import changes, replica, runtime
 from tests import dbs
 from tests.feed_client import LocalSocket
-from tests.helpers import bearer, make_customer, make_organization, post_interaction
+from tests.helpers import bearer, json_log, make_customer, make_organization, post_interaction
 from tests.postgres import Postgres
 from tests.servers import free_port, wait_until
 
@@ -65,19 +64,8 @@ def org(app, replication):
 @pytest.fixture
 def replica_log():
     """The ingest.replica logger's lines, as the JSON logs carry them."""
-    import io
-    import logging
-
-    from ingest.logs import JsonFormatter
-    stream, logger = io.StringIO(), logging.getLogger("ingest.replica")
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with json_log("ingest.replica") as lines:
+        yield lines
 
 
 def caught_up(primary, standby):
