@@ -87,7 +87,7 @@ def make_database(url, pool_size=10, **connect_params):
     """
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
-        return QueuedWritersSqliteDatabase(
+        database = QueuedWritersSqliteDatabase(
             parse_db_url(url)["database"],
             # WAL lets readers run beside the writer; IMMEDIATE takes the write
             # lock at BEGIN so a transaction never fails half-way on upgrade;
@@ -97,10 +97,14 @@ def make_database(url, pool_size=10, **connect_params):
             timeout=30,
             returning_clause=True,
         )
+        database.dialect = SQLITE
+        return database
     if scheme in ("postgres", "postgresql"):
         params = {**connect_params, **parse_db_url(url)}
-        return PooledPostgresqlDatabase(params.pop("database"), max_connections=pool_size,
-                                        stale_timeout=300, timeout=POOL_WAIT, **params)
+        database = PooledPostgresqlDatabase(params.pop("database"), max_connections=pool_size,
+                                            stale_timeout=300, timeout=POOL_WAIT, **params)
+        database.dialect = POSTGRES
+        return database
     raise ValueError("DATABASE_URL must be sqlite:/// or postgresql://, not %r" % url)
 
 
@@ -167,10 +171,11 @@ def close_all(database):
 
 @dataclasses.dataclass(frozen=True)
 class Dialect:
-    """What differs between the two databases, asked in one place (``dialect()``).
+    """What differs between the two databases, asked in one place: the bound
+    database's ``db.dialect`` (make_database sets it).
 
     Statements that differ are kept in pairs keyed by dialect (``{POSTGRES: ...,
-    SQLITE: ...}[dialect()]``); the rest asks what the database can do."""
+    SQLITE: ...}[db.dialect]``); the rest asks what the database can do."""
     name: str
     param: str  # the driver's placeholder
     # Rows, and named locks, are locked one by one (FOR UPDATE, advisory locks);
@@ -192,11 +197,6 @@ POSTGRES = Dialect("postgres", "%s", row_locks=True, partitions=True)
 SQLITE = Dialect("sqlite", "?", row_locks=False, partitions=False)
 
 
-def dialect():
-    """The bound database's Dialect."""
-    return POSTGRES if isinstance(db.obj, PooledPostgresqlDatabase) else SQLITE
-
-
 def uuid_text(stored):
     """A UUID column's value, read with raw SQL, as canonical text: SQLite keeps 32
     hex digits; PostgreSQL gives a UUID, or its text where the query casts it."""
@@ -210,7 +210,7 @@ def one_at_a_time(lock_name):
     """Hold the session advisory lock ``lock_name`` for the block, across its
     transactions (one retention run, one conversion at a time); SQLite: nothing is
     needed, its writers take turns."""
-    if not dialect().row_locks:
+    if not db.dialect.row_locks:
         yield
         return
     db.execute_sql("SELECT pg_advisory_lock(hashtext(%s))", [lock_name])

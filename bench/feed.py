@@ -7,7 +7,13 @@ The sockets are opened by a Node.js client (bench/feed_client.mjs) on the same
 2 cores as the service, so the figures include its share of the CPU. Ingests
 are single POSTs from 8 threads of this process at the row's rate.
 
-    .venv/bin/python -m bench.feed [--seconds 10] [--databases sqlite,postgres] [--quick]
+Each row also says where the machine's CPU went while it ran (DESIGN §12 asks for
+its idle share): the web workers, the Node client, this process's senders, and
+the rest (the database, Redis, anything else). ``--profile`` records the web
+workers with py-spy (``--gil``: the thread holding the GIL) during each row and
+prints where their time went.
+
+    .venv/bin/python -m bench.feed [--seconds 10] [--databases sqlite,postgres] [--quick] [--profile]
 """
 import argparse
 import json
@@ -17,7 +23,9 @@ import sys
 import threading
 import time
 
-from bench.common import Stack, database_arguments, percentile, servers
+from bench.capacity import cpu
+from bench.common import BIN, Stack, database_arguments, percentile, servers
+from bench.profile import summarize
 from tests.servers import rss_kb
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feed_client.mjs")
@@ -68,21 +76,68 @@ def send(url, key, customer, rate, seconds):
     return sent
 
 
-def delivery(stack, sockets, rate, seconds):
+def delivery(stack, sockets, rate, seconds, profile=False):
     print("%s: %d sockets x %d events/s..." % (stack.kind, sockets, rate), file=sys.stderr)
     org = stack.organization("delivery %dx%d" % (sockets, rate))
     clients = start_clients(stack.url, org["readKey"], sockets)
+    parts = {"web": stack.web.worker_pids(), "client": [clients.pid], "senders": [os.getpid()]}
+    profiles = start_profiles(stack, parts["web"], seconds) if profile else []
+    usage = CpuUsage(parts)
     sent = send(stack.url, org["ingestKey"], org["customers"][0], rate, seconds)
+    cores = usage.cores()
     time.sleep(2)  # the last events in flight
     report = stop_clients(clients)
     answered = dict(sent)
     latencies = [(at - answered[i]) * 1000 for i, at in report["received"] if i in answered]
+    for process, path in profiles:
+        process.wait()
+        print("\n%s %dx%d, web worker profile (%s):" % (stack.kind, sockets, rate, path))
+        summarize(path, top=15)
     return {"sockets": sockets, "rate": rate, "achieved": round(len(sent) / seconds),
             "expected": len(sent) * sockets, "arrived": len(latencies),
             "dropped": report["dropped"], "gaps": report["gaps"],
             "p50_ms": round(percentile(latencies, 0.5), 1),
             "p99_ms": round(percentile(latencies, 0.99), 1),
-            "max_ms": round(max(latencies, default=float("nan")), 1)}
+            "max_ms": round(max(latencies, default=float("nan")), 1), "cores": cores}
+
+
+class CpuUsage:
+    """The cores each part (``{name: pids}``) used from now on, the rest of the machine's
+    busy time as "other", and the machine's idle share."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.started = time.monotonic()
+        self.machine = _machine_jiffies()
+        self.seconds = {name: sum(cpu(pids).values()) for name, pids in parts.items()}
+
+    def cores(self):
+        elapsed = time.monotonic() - self.started
+        idle, total = (now - before for now, before in zip(_machine_jiffies(), self.machine, strict=True))
+        used = {name: round((sum(cpu(pids).values()) - self.seconds[name]) / elapsed, 2)
+                for name, pids in self.parts.items()}
+        busy_cores = (1 - idle / total) * os.cpu_count()
+        return {**used, "other": round(max(0.0, busy_cores - sum(used.values())), 2),
+                "idle_share": round(idle / total, 2)}
+
+
+def _machine_jiffies():
+    """(idle, total) CPU time of the machine so far, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:9]]
+    return fields[3] + fields[4], sum(fields)
+
+
+def start_profiles(stack, workers, seconds):
+    """py-spy on each web worker for ``seconds``: [(process, raw profile path)]."""
+    profiles = []
+    for pid in workers:
+        path = os.path.join(stack.dir, "feed-profile-%d.txt" % pid)
+        profiles.append((subprocess.Popen(
+            [os.path.join(BIN, "py-spy"), "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw",
+             "-o", path, "--nonblocking", "--gil", "--threads", "--rate", "100"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path))
+    return profiles
 
 
 def ingest_ms(url, key, customer, count=200):
@@ -113,11 +168,11 @@ def hold(stack, count):
             "ratio": round(held / alone, 2)}
 
 
-def bench(server_url, rows, seconds, hold_count):
+def bench(server_url, rows, seconds, hold_count, profile=False):
     stack = Stack(server_url)
     try:
         results = {"database": stack.kind,
-                   "delivery": [delivery(stack, s, r, seconds) for s, r in rows],
+                   "delivery": [delivery(stack, s, r, seconds, profile) for s, r in rows],
                    "hold": hold(stack, hold_count)}
     finally:
         stack.stop()
@@ -126,11 +181,13 @@ def bench(server_url, rows, seconds, hold_count):
 
 def print_table(results):
     print("\n%s: live delivery, ingest response -> socket" % results["database"])
-    print("| sockets x events/s | achieved/s | arrived | dropped | p50 ms | p99 ms | max ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| sockets x events/s | achieved/s | arrived | dropped | p50 ms | p99 ms | max ms "
+          "| idle share | cores: web / client / senders / other |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in results["delivery"]:
         print("| %(sockets)d x %(rate)d | %(achieved)d | %(arrived)d of %(expected)d | "
-              "%(dropped)d | %(p50_ms).1f | %(p99_ms).1f | %(max_ms).1f |" % row)
+              "%(dropped)d | %(p50_ms).1f | %(p99_ms).1f | %(max_ms).1f | " % row
+              + "%(idle_share).2f | %(web).2f / %(client).2f / %(senders).2f / %(other).2f |" % row["cores"])
     print("held %(held)d sockets: %(kib_per_socket).1f KiB each; sequential ingest "
           "%(ingest_ms_alone).2f ms alone, %(ingest_ms_with_sockets).2f ms with them "
           "(ratio %(ratio).2f)" % results["hold"])
@@ -142,11 +199,12 @@ def main():
     database_arguments(parser)
     parser.add_argument("--rows", help="sockets x events/s to run, e.g. 100x500,1000x50")
     parser.add_argument("--quick", action="store_true", help="one small row, a smoke run")
+    parser.add_argument("--profile", action="store_true", help="py-spy the web workers during each row")
     args = parser.parse_args()
     rows, seconds, hold_count = (QUICK_ROWS, 2, 200) if args.quick else (ROWS, args.seconds, HOLD)
     if args.rows:
         rows = [tuple(map(int, row.split("x"))) for row in args.rows.split(",")]
-    results = [bench(server, rows, seconds, hold_count) for server in servers(args)]
+    results = [bench(server, rows, seconds, hold_count, args.profile) for server in servers(args)]
     for result in results:
         print_table(result)
     print(json.dumps(results))

@@ -139,7 +139,9 @@ def main():
     for name, walk in found.items():
         print("%s: %d files, %d returns" % (name, len(walk["files"]), walk["returns"]))
         for thread, steps in walk["entered" if args.functions else "threads"].items():
-            print("  %s: %s" % (thread, " > ".join(steps)))
+            files = walk["threads"][thread]
+            print("  %s (%d files, %d returns): %s" % (thread, len(set(files)), len(files) - len(set(files)),
+                                                       " > ".join(steps)))
 
 
 if __name__ == "__main__":

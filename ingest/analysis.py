@@ -29,13 +29,15 @@ from models import (
     Interaction,
     connection,
     db,
-    dialect,
     release_connection,
     utcnow,
     uuid_text,
 )
 
 log = logging.getLogger(__name__)
+
+# An id column's value as raw SQL reads it (hex text on SQLite, text on PostgreSQL), as a UUID.
+to_uuid = Interaction.id.python_value
 
 _analyzer = None
 
@@ -134,12 +136,10 @@ def store(scored, error=None):
         changes.lock(organizations)
         written = {row_id: (customer_id, received_at)
                    for row_id, customer_id, received_at in db.execute_sql(sql, params).fetchall()}
-        kept = [(row_id, org_id) for row_id, org_id, _, _ in scored if row_id in written]
-        kind = changes.ANALYZED if error is None else changes.ANALYSIS_FAILED
-        positions = changes.number(kept, lambda row: row[1], kind, lambda row: Interaction.id.python_value(row[0]),
-                                   lambda row: written[row[0]][1])
+        positions = changes.append(changes.ANALYZED if error is None else changes.ANALYSIS_FAILED, [
+            (org_id, to_uuid(row_id), written[row_id][1]) for row_id, org_id, _, _ in scored if row_id in written])
     results = [{"id": uuid_text(row_id), "organization_id": org_id, "customer_id": uuid_text(written[row_id][0]),
-                "analysis_status": status, "position": positions[Interaction.id.python_value(row_id)],
+                "analysis_status": status, "position": positions[to_uuid(row_id)],
                 "label": label, "score": value}
                for row_id, org_id, (status, label, value), _ in scored if row_id in written]
     for status, count in collections.Counter(r["analysis_status"] for r in results).items():
@@ -149,7 +149,7 @@ def store(scored, error=None):
 
 def store_statement(scored, error):
     """(sql, params) of ``store``'s UPDATE."""
-    return STORE[dialect()](scored, error)
+    return STORE[db.dialect](scored, error)
 
 
 def _store_postgres(scored, error):
@@ -172,7 +172,7 @@ def _pending_rows(ids):
     database gives them (they go back to it); organizations become their canonical
     text."""
     ids = [Interaction.id.db_value(i) for i in ids]
-    sql, params = PENDING_ROWS[dialect()](ids)
+    sql, params = PENDING_ROWS[db.dialect](ids)
     organizations = {}
     return [(row_id, organizations.get(org_id) or organizations.setdefault(
                  org_id, uuid_text(org_id)), content, status, received_at)
@@ -311,9 +311,7 @@ def publish_analyzed(publish, written):
     log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
     by_organization = defaultdict(list)
     for result in written:
-        by_organization[result["organization_id"]].append((result["position"], changes.event(
-            changes.ANALYZED, result["organization_id"], result["position"], changes.analyzed_data(
-                result["id"], result["customer_id"], result["analysis_status"], result["label"], result["score"]))))
+        by_organization[result["organization_id"]].append((result["position"], changes.analyzed_event(result)))
     try:
         publish(by_organization)
     except Exception:

@@ -15,7 +15,7 @@ from flask import current_app, g, request
 from ingest import metrics, runtime
 from ingest.domain import Code, validation_error
 from ingest.errors import ApiError
-from ingest.keys import AddressRefused, check_key, hash_key
+from ingest.keys import AddressRefused, check_key
 from ingest.logs import bind_context
 from ingest.overload import EVENTS, REQUESTS
 
@@ -38,7 +38,7 @@ def admit(scope, key=None, backlog=False):
     (429). Sets g.organization_id; returns the key's Principal."""
     process = runtime.of(current_app)
     try:
-        principal = check_key(hash_key(key or key_from_request()), request.remote_addr or "unknown",
+        principal = check_key(key or key_from_request(), request.remote_addr or "unknown",
                               process.keys, process.auth_failures)
     except AddressRefused as refused:
         _refuse(refused.refusal, Code.AUTH_RATE_LIMITED, "Too many failed authentications from this address")

@@ -156,7 +156,7 @@ class CatchUp:
         feed = self._feeds.get(organization_id)
         if feed is not None:
             feed.filling = False
-            touched.update(feed.deliver(feed.fill(items, last, time.monotonic())))
+            touched.update(feed.filled(items, last, time.monotonic()))
 
     def _on_checked(self, touched, positions):
         for organization_id, position in positions.items():

@@ -29,7 +29,7 @@ import uuid
 from peewee import fn
 
 from ingest import replica
-from models import FAILED, PENDING, POSTGRES, SQLITE, Change, ChangeStream, db, dialect, sentiment, utcnow, uuid_text
+from models import FAILED, PENDING, POSTGRES, SQLITE, Change, ChangeStream, db, sentiment, utcnow, uuid_text
 
 # The kinds of change. An analysis that failed for good is a kind of its own: the
 # interaction's row shows only its latest analysis, and a failure can be followed by
@@ -108,7 +108,7 @@ TAKE = ("INSERT INTO change_stream (organization_id, position, oldest) VALUES (%
 def take(organization_id, count):
     """Take ``count`` positions of the organization's stream; returns the first."""
     params = [ChangeStream.organization.db_value(organization_id), count]
-    last = db.execute_sql(dialect().sql(TAKE), params).fetchone()[0]
+    last = db.execute_sql(db.dialect.sql(TAKE), params).fetchone()[0]
     return last - count + 1
 
 
@@ -116,7 +116,7 @@ def lock(organization_ids):
     """Lock the organizations' streams now, in a stable order (PostgreSQL): a
     writer that will take positions after locking rows of its own takes this lock
     first, as the erasure does, so that the two never wait for each other in turn."""
-    if dialect().row_locks and organization_ids:
+    if db.dialect.row_locks and organization_ids:
         db.execute_sql("SELECT 1 FROM change_stream WHERE organization_id = ANY(%s::uuid[]) "
                        "ORDER BY organization_id FOR UPDATE",
                        [sorted(str(organization_id) for organization_id in organization_ids)])
@@ -128,7 +128,7 @@ def record(rows):
     if rows:
         now = utcnow()
         to_db = Change.subject.db_value
-        db.execute_sql(record_sql(len(rows), dialect().param), [
+        db.execute_sql(record_sql(len(rows), db.dialect.param), [
             value for organization_id, position, kind, subject, subject_at in rows
             for value in (to_db(organization_id), position, kind, to_db(subject), now, subject_at)])
 
@@ -141,19 +141,20 @@ def record_sql(rows, placeholder):
             + ", ".join(["(%s)" % ", ".join([placeholder] * 6)] * rows))
 
 
-def number(items, organization_of, kind, subject_of, subject_at_of):
-    """Take positions for ``items`` (in their order, per organization) and record
-    their changes; returns {subject: position}."""
+def append(kind, subjects):
+    """Give ``subjects`` ((organization_id, subject, subject_at), in their order within
+    each organization) the next positions of their organizations' streams, and record
+    them as changes of ``kind``, in the caller's transaction; returns {subject: position}."""
     by_organization = {}
-    for item in items:
-        by_organization.setdefault(organization_of(item), []).append(item)
+    for organization_id, subject, subject_at in subjects:
+        by_organization.setdefault(organization_id, []).append((subject, subject_at))
     positions, rows = {}, []
     for organization_id in sorted(by_organization, key=str):
         ours = by_organization[organization_id]
         first = take(organization_id, len(ours))
-        for offset, item in enumerate(ours):
-            positions[subject_of(item)] = first + offset
-            rows.append((organization_id, first + offset, kind, subject_of(item), subject_at_of(item)))
+        for position, (subject, subject_at) in enumerate(ours, first):
+            positions[subject] = position
+            rows.append((organization_id, position, kind, subject, subject_at))
     record(rows)
     return positions
 
@@ -229,7 +230,7 @@ STREAM = "SELECT position, oldest FROM change_stream WHERE organization_id = %s"
 def _sql(query, *params, database=db):
     """Rows of a query written with %s placeholders, on either database (the primary,
     unless ``database`` is the replica)."""
-    return database.execute_sql(dialect().sql(query), params).fetchall()
+    return database.execute_sql(db.dialect.sql(query), params).fetchall()
 
 
 def positions(organization_ids):
@@ -282,7 +283,7 @@ def _read(database, organization_id, after, limit):
     retention raises it before it deletes (``prune``), so rows deleted under this
     read show as an expired cursor, never as changes silently skipped."""
     start = stream(organization_id, database)[1] - 1 if after is None else after
-    rows = _sql(PAGE[dialect()], Change.organization_id.db_value(organization_id), start, limit, database=database)
+    rows = _sql(PAGE[db.dialect], Change.organization_id.db_value(organization_id), start, limit, database=database)
     oldest = stream(organization_id, database)[1]
     if start < oldest - 1:
         if after is not None:
@@ -328,6 +329,21 @@ def _instant(value):
     if isinstance(value, str):
         value = datetime.datetime.fromisoformat(value)
     return value.isoformat() + "+00:00"
+
+
+def created_event(item):
+    """The ``interaction.created`` event of a stored interaction (a NewInteraction with
+    its position), as its writer publishes it."""
+    return event(CREATED, item.organization_id, item.position, created_data(
+        str(item.id), str(item.customer_id), item.message_id, item.timestamp, item.received_at,
+        item.channel, item.event_type, item.content, item.metadata))
+
+
+def analyzed_event(result):
+    """The ``interaction.analyzed`` event of an analysis result written
+    (analysis.store's)."""
+    return event(ANALYZED, result["organization_id"], result["position"], analyzed_data(
+        result["id"], result["customer_id"], result["analysis_status"], result["label"], result["score"]))
 
 
 def analyzed_data(interaction_id, customer_id, status, label, score):

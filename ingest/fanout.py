@@ -320,7 +320,7 @@ class FanOut:
     def _on_events(self, touched, organization_id, items):
         feed = self._feeds.get(organization_id)
         if feed is not None:
-            touched.update(feed.deliver(feed.take(items, time.monotonic())))
+            touched.update(feed.arrived(items, time.monotonic()))
             if feed.hole_since is not None:  # wake up to fill it if it lasts
                 self._next_tick = min(self._next_tick, feed.hole_since + HOLE_SECONDS)
 

@@ -36,7 +36,7 @@ from wsproto.frame_protocol import CloseReason
 
 from ingest import changes, runtime
 from ingest.accounts import Scope
-from ingest.keys import AddressRefused, check_key, hash_key
+from ingest.keys import AddressRefused, check_key
 from ingest.sockets import Close, FeedSocket, Refused, text_frame
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,8 @@ def authenticate(bus, keys, check, feed_socket, message):
         token = parsed.get("token") if parsed.get("type") == "auth" else None
     except (ValueError, AttributeError, RecursionError):
         parsed, token = {}, None
-    key_hash = hash_key(token)
     try:
-        principal = check(key_hash)
+        principal = check(token)
     except UNAVAILABLE:
         raise Refused(CloseReason.TRY_AGAIN_LATER, "database unavailable; try again later") from None
     except AddressRefused:
@@ -150,7 +149,7 @@ def authenticate(bus, keys, check, feed_socket, message):
         feed_socket.start = bus.fanout.start_position(principal.organization_id)
     except UNAVAILABLE:
         raise Refused(CloseReason.TRY_AGAIN_LATER, "database unavailable; try again later") from None
-    feed_socket.authenticated(principal.organization_id, key_hash)
+    feed_socket.authenticated(principal.organization_id, principal.key_hash)
     cursor = changes.cursor(principal.organization_id, feed_socket.starts_after())
     greeting = text_frame(json.dumps({"type": "ready", "organizationId": principal.organization_id, "cursor": cursor}))
     if not bus.attach(feed_socket, greeting):

@@ -35,6 +35,16 @@ class OrgFeed:
         self._recent = collections.deque()  # (position, frame)
         self._recent_bytes = 0
 
+    def arrived(self, items, now):
+        """Take ``items`` ((position, message)) from the bus and deliver what is due;
+        returns the sockets to flush."""
+        return self._deliver(self.take(items, now))
+
+    def filled(self, items, last, now):
+        """Take what the store had (``fill``) and deliver what is due; returns the
+        sockets to flush."""
+        return self._deliver(self.fill(items, last, now))
+
     def take(self, items, now):
         """Hold ``items`` ((position, message)); returns those now due, in order."""
         for position, message in items:
@@ -64,15 +74,13 @@ class OrgFeed:
         self.hole_since = (self.hole_since or now) if self.held else None
         return due
 
-    def deliver(self, due):
+    def _deliver(self, due):
         """Frame the changes ``due`` ((position, message), in order) once and queue them
         for the sockets in step with the feed; one that has no room left falls behind
         and catches up. Returns the sockets to flush."""
         if not due:
             return ()
         frames = framed(due)
-        for position, frame in frames:
-            self.remember(position, frame)
         chunk = frames[0][1] if len(frames) == 1 else b"".join(frame for _, frame in frames)
         for feed_socket in list(self.live):
             if feed_socket.position >= frames[0][0]:  # it caught up past some of them
@@ -82,14 +90,15 @@ class OrgFeed:
                 complete = feed_socket.push(chunk, frames)
             if not complete:
                 self.live.discard(feed_socket)
+        self._remember(frames)
         return self.members
 
     def wants_fill(self, now):
         return not self.filling and self.hole_since is not None and now - self.hole_since >= HOLE_SECONDS
 
-    def remember(self, position, frame):
-        self._recent.append((position, frame))
-        self._recent_bytes += len(frame)
+    def _remember(self, frames):
+        self._recent.extend(frames)
+        self._recent_bytes += sum(len(frame) for _, frame in frames)
         while len(self._recent) > RECENT_FRAMES or self._recent_bytes > RECENT_BYTES:
             self._recent_bytes -= len(self._recent.popleft()[1])
 

@@ -137,11 +137,12 @@ class AddressRefused(Exception):
         self.refusal = refusal
 
 
-def check_key(key_hash, address, keys, failures):
-    """The Principal of ``key_hash`` (None: no live key). A key not in the cache is
+def check_key(key, address, keys, failures):
+    """The Principal of ``key`` (None: no live key). A key not in the cache is
     looked up only while ``address`` has failed less often than ``failures``
     (AUTH_FAILURE_LIMIT, or None) allows, and a failure is counted; raises
     AddressRefused. For requests and feed sockets alike."""
+    key_hash = hash_key(key)
     entry = keys.cached(key_hash) if key_hash else None
     if entry is not None:
         principal = entry[0]

@@ -25,7 +25,7 @@ from peewee import OperationalError
 
 from ingest import changes, partitions, schemas
 from ingest.reads import find_customer
-from models import POSTGRES, SQLITE, Customer, Erasure, Interaction, Organization, db, dialect, one_at_a_time, utcnow
+from models import POSTGRES, SQLITE, Customer, Erasure, Interaction, Organization, db, one_at_a_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def forget_message_ids(which):
     """PostgreSQL: delete the ``message_key`` rows of the interactions ``which``
     selects, which are about to be deleted, so that their messageIds can be
     stored again, as when the unique index held them (ingest/store.py)."""
-    if dialect().partitions:
+    if db.dialect.partitions:
         rows = Interaction.select(Interaction.organization, Interaction.message_id).where(
             which & Interaction.message_id.is_null(False)).tuples()
         pairs = [(str(org), message_id) for org, message_id in rows]
@@ -134,7 +134,7 @@ def _lock_external_ids(organization_id, external_ids):
     They are taken before any row lock by creation, and by erasure after only the
     customer's row, which a creation never waits for (it reads and inserts
     customers, ON CONFLICT DO NOTHING, and locks none)."""
-    if not dialect().row_locks:
+    if not db.dialect.row_locks:
         return
     keys = list({_lock_key(organization_id, external_id) for external_id in external_ids})
     # pg_advisory_xact_lock is volatile, so it is evaluated row by row above the sort.
@@ -162,7 +162,7 @@ def erased_since(organization_id, external_ids):
 def _locked(query):
     """The rows of ``query``, locked FOR UPDATE on PostgreSQL (in id order, so two
     transactions locking the same customers never deadlock)."""
-    return list(dialect().locked(query.order_by(Customer.id)))
+    return list(db.dialect.locked(query.order_by(Customer.id)))
 
 
 # Retention ------------------------------------------------------------------
@@ -281,7 +281,7 @@ def _delete_chunk(cutoff, organization_id, chunk):
 def _uncount(gone):
     """One UPDATE for all customers: count -= n, last_seen_at = the newest left."""
     customers = list(gone)
-    db.execute_sql(*UNCOUNT[dialect()](customers, gone))
+    db.execute_sql(*UNCOUNT[db.dialect](customers, gone))
 
 
 _NEWEST_LEFT = "(SELECT max(i.timestamp) FROM interaction AS i WHERE i.customer_id = customer.id)"

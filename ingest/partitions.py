@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from models import db, dialect, one_at_a_time, utcnow
+from models import db, one_at_a_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def next_start(start, interval):
 
 def is_partitioned():
     """Whether ``interaction`` is a partitioned table (PostgreSQL, once migrated)."""
-    if not dialect().partitions:
+    if not db.dialect.partitions:
         return False
     row = db.execute_sql("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", [TABLE]).fetchone()
     return row is not None and row[0] == "p"
@@ -194,7 +194,7 @@ def _sql(template):
 
 def conversion_state():
     """'sqlite', 'partitioned', 'started' (a conversion is under way) or 'unpartitioned'."""
-    if not dialect().partitions:
+    if not db.dialect.partitions:
         return "sqlite"
     if is_partitioned():
         return "partitioned"
@@ -213,7 +213,7 @@ def convert(interval, ahead, now, chunk=COPY_ROWS, limit=None, progress=None):
     killed run left. ``limit``: do nothing when the old table holds more rows than
     that (they wait for `flask migrate`). ``progress(rows copied)`` is called after
     each chunk. Returns the rows copied by this call, or None if nothing was to do."""
-    if not dialect().partitions:
+    if not db.dialect.partitions:
         return None
     with one_at_a_time("ingest conversion"):  # two processes upgrading at once convert in turn
         state = conversion_state()
@@ -303,7 +303,7 @@ def _swap():
 def upgrade(interval, ahead=AHEAD, limit=INLINE_ROWS):
     """What every start-up of the schema does on PostgreSQL: convert a small
     unpartitioned table (a fresh one is empty) and create the partitions ahead."""
-    if dialect().partitions:
+    if db.dialect.partitions:
         convert(interval, ahead, utcnow(), limit=limit)
         ensure_ahead(interval, ahead)
 

@@ -25,7 +25,7 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields
 from ingest import lifecycle, metrics
 from ingest.domain import BatchOutcome, Code, ServiceError, validation_error
 from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text, interaction_in, not_far_future
-from models import Customer, db, dialect, utcnow
+from models import Customer, db, utcnow
 
 # Segment's wire shapes, as published in the OpenAPI description. The request
 # bodies are read by the functions below, event by event, so that one bad event
@@ -352,7 +352,7 @@ def identify(customer_id, traits):
     values = {key: traits[key][:255] for key in ("name", "email") if isinstance(traits.get(key), str)}
     with db.atomic():
         query = Customer.select(Customer.traits).where(Customer.id == customer_id)
-        current = dialect().locked(query).scalar()
+        current = db.dialect.locked(query).scalar()
         if current is None:
             return False
         merged = JsonObject().deserialize({**current, **traits})

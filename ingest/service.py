@@ -80,8 +80,7 @@ def after_commit(committed, enqueue_analysis, publish):
             outcomes[status] += 1
             if status == CREATED:
                 ids[job.high_priority][item.organization_id].append(item.id)
-                events[item.organization_id].append((item.position, changes.event(
-                    changes.CREATED, item.organization_id, item.position, created_data(item))))
+                events[item.organization_id].append((item.position, changes.created_event(item)))
     metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
     metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
     if events:  # before the analyses are queued, so that "created" precedes "analyzed"
@@ -220,12 +219,6 @@ class IngestService:
     def _prepare(organization_id, data):
         """Enrich validated data with its organization."""
         return NewInteraction(organization_id=uuid.UUID(str(organization_id)), **data)
-
-
-def created_data(item):
-    """A stored NewInteraction as its ``interaction.created`` event carries it."""
-    return changes.created_data(str(item.id), str(item.customer_id), item.message_id, item.timestamp,
-                                item.received_at, item.channel, item.event_type, item.content, item.metadata)
 
 
 def validate_interaction(payload):

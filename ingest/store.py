@@ -31,7 +31,7 @@ from peewee import IntegrityError, OperationalError
 
 from ingest import changes
 from ingest.domain import CREATED, DUPLICATE, UNKNOWN_CUSTOMER
-from models import POSTGRES, SQLITE, Customer, Interaction, db, dialect
+from models import POSTGRES, SQLITE, Customer, Interaction, db
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def write_group(jobs, known):
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return WRITE[dialect()](jobs, known)
+            return WRITE[db.dialect](jobs, known)
         except IntegrityError:
             # Only a foreign key can fail (conflicts are skipped): a customer this
             # process remembered was erased meanwhile. Ask the database again.
@@ -204,8 +204,7 @@ def _insert_then_count(items):
     inserted = {Interaction.id.python_value(row[0]) for row in cursor}
     new = [item for item in items if item.id in inserted]
     _update_customers(new)
-    return changes.number(new, lambda item: item.organization_id, changes.CREATED, lambda item: item.id,
-                          lambda item: item.received_at)
+    return changes.append(changes.CREATED, [(item.organization_id, item.id, item.received_at) for item in new])
 
 
 # PostgreSQL: one statement for any number of rows, the rows passed as one JSON
@@ -269,7 +268,7 @@ def _insert_and_count(items):
 
 def _stored_ids(items):
     """Map (organization, message_id) to the id already stored, for conflicting items."""
-    return STORED[dialect()](items) if items else {}
+    return STORED[db.dialect](items) if items else {}
 
 
 def _stored_postgres(items):

@@ -6,7 +6,7 @@ from urllib.parse import urlparse, urlunparse
 import psycopg
 from peewee import OperationalError
 
-from models import POSTGRES, db, dialect
+from models import POSTGRES, db
 
 FAIL_INSERT = "__fail_insert__"
 FAIL_UPDATE = "__fail_update__"
@@ -51,7 +51,7 @@ def empty_tables(attempts=5):
     stream, then interactions, then changes): a deadlock PostgreSQL breaks by
     cancelling one of them, retried here."""
     with db.connection_context():
-        if dialect() is POSTGRES:
+        if db.dialect is POSTGRES:
             for attempt in range(attempts):
                 try:
                     db.execute_sql("TRUNCATE %s" % ", ".join(TABLES + ("message_key", "storage_horizon")))
@@ -82,13 +82,13 @@ POSTGRES_FAULTS = (
 
 def install_faults():
     with db.connection_context():
-        for statement in (POSTGRES_FAULTS if dialect() is POSTGRES else SQLITE_FAULTS):
+        for statement in (POSTGRES_FAULTS if db.dialect is POSTGRES else SQLITE_FAULTS):
             db.execute_sql(statement)
 
 
 def remove_faults():
     with db.connection_context():
-        if dialect() is POSTGRES:
+        if db.dialect is POSTGRES:
             db.execute_sql("DROP FUNCTION injected_fault() CASCADE")
         else:
             db.execute_sql("DROP TRIGGER fail_insert")

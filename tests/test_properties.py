@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from ingest import schemas, service
+from ingest import changes, schemas
 from ingest.accounts import new_organization
 from ingest.domain import NewInteraction, ServiceError
 from ingest.lifecycle import apply_retention
@@ -188,5 +188,5 @@ def test_a_live_event_carries_the_interaction_as_the_read_api_shows_it(
     schema's dump of the same interaction."""
     item = NewInteraction(organization_id=uuid.uuid4(), customer_id=customer_id, timestamp=timestamp,
                           received_at=received_at, channel=channel, event_type=event_type,
-                          content=content, message_id=message_id, metadata=metadata)
-    assert service.created_data(item) == schemas.interaction_out.dump(item)
+                          content=content, message_id=message_id, metadata=metadata, position=1)
+    assert changes.created_event(item)["data"] == schemas.interaction_out.dump(item)
