@@ -38,7 +38,7 @@ import uuid
 
 import psycopg
 
-from bench.common import POSTGRES, REDIS, Stack, texts
+from bench.common import POSTGRES, REDIS, Stack, cpu_seconds, texts
 from bench.ingest import batch_bodies, single_bodies, wrk
 from tests.servers import Consumer
 
@@ -154,7 +154,6 @@ def plot(path):
 
 # --- Measurements ----------------------------------------------------------------------------
 
-TICK = os.sysconf("SC_CLK_TCK")
 PIN = sorted(os.sched_getaffinity(0))  # the web worker pins itself to the first, the consumer goes on the last
 QUEUE_DB, EVENTS_DB = REDIS + "/12", REDIS + "/11"  # not the other benches' or the tests'
 
@@ -170,19 +169,6 @@ def quiet(limit=1.0, wait=600):
         log("load %.2f, waiting" % load)
         time.sleep(20)
     return load
-
-
-def cpu(pids):
-    """{pid: CPU seconds so far} of ``pids`` (those still alive)."""
-    seconds = {}
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        seconds[pid] = (int(fields[11]) + int(fields[12])) / TICK
-    return seconds
 
 
 def redis_pids():
@@ -211,7 +197,7 @@ class Probe:
         counts = self.conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE analysis_status <> 'pending'), "
             "pg_current_wal_lsn() - '0/0' FROM interaction").fetchone()
-        return {name: cpu(p) for name, p in pids.items()}, counts
+        return {name: cpu_seconds(p) for name, p in pids.items()}, counts
 
     def start(self):
         self.before = self._read()
@@ -361,9 +347,10 @@ def measure_disk(server_url, count):
             sizes["analysis"] = drain(stack, probe, conn, PIN[-1])
             sizes["analysed"] = table_sizes(conn)
             backend = conn.info.backend_pid
-            before, started = cpu([backend])[backend], time.perf_counter()
+            before, started = cpu_seconds([backend])[backend], time.perf_counter()
             conn.execute("VACUUM (ANALYZE)")
-            sizes["vacuum"] = {"seconds": time.perf_counter() - started, "cpu": cpu([backend])[backend] - before}
+            sizes["vacuum"] = {"seconds": time.perf_counter() - started,
+                               "cpu": cpu_seconds([backend])[backend] - before}
             sizes["vacuumed"] = table_sizes(conn)
             payload = float(conn.execute("SELECT avg(octet_length(content) + octet_length(metadata)) "
                                          "FROM interaction").fetchone()[0])

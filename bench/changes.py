@@ -26,7 +26,7 @@ import time
 import psycopg
 import requests
 
-from bench.common import ROOT, Stack, database_arguments, servers
+from bench.common import ROOT, Stack, cpu_seconds, database_arguments, servers
 from bench.ingest import batch_bodies, interaction, log, single_bodies, wrk
 from bench.overhead import worktree
 from tests.dbs import is_postgres_url
@@ -166,7 +166,7 @@ def _timed(stack, run):
 
 def _cpu(stack):
     """{pid: CPU seconds used} of the stack's gunicorn workers and of its PostgreSQL backends."""
-    return {"worker": _cpu_seconds(stack.web.worker_pids()), "database": _cpu_seconds(_backends(stack.database_url))}
+    return {"worker": cpu_seconds(stack.web.worker_pids()), "database": cpu_seconds(_backends(stack.database_url))}
 
 
 def _backends(database_url):
@@ -176,19 +176,6 @@ def _backends(database_url):
     with psycopg.connect(database_url) as conn:
         return [pid for (pid,) in conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
-
-
-def _cpu_seconds(pids):
-    """{pid: user and system CPU seconds used} (Linux /proc; a process gone meanwhile is left out)."""
-    used = {}
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return used
 
 
 VARIANTS = ("before", "change feed")

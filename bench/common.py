@@ -1,5 +1,6 @@
 """Shared set-up for the side-by-side benchmarks: scratch environments, a running
 service stack, sample texts, percentiles."""
+import collections
 import json
 import os
 import random
@@ -119,3 +120,37 @@ class Stack:
         self._empty_queue()
         if is_postgres_url(self.database_url):
             drop_database(self.database_url)
+
+
+def summarize(path, top=25):
+    """Print where a py-spy raw profile's samples went: per thread, inclusive and own
+    time per function."""
+    total, own, inclusive, threads = 0, collections.Counter(), collections.Counter(), collections.Counter()
+    for line in open(path):
+        stack, _, count = line.rstrip().rpartition(" ")
+        count = int(count)
+        frames = stack.split(";")
+        total += count
+        threads[frames[0]] += count
+        own[frames[-1]] += count
+        for frame in set(frames[1:]):
+            inclusive[frame] += count
+    print("%d samples" % total)
+    for title, counter in (("threads", threads), ("inclusive", inclusive), ("own", own)):
+        print("\n%s:" % title)
+        for frame, count in counter.most_common(top):
+            print("%5.1f%%  %s" % (100 * count / total, frame))
+
+
+def cpu_seconds(pids):
+    """{pid: user and system CPU seconds used so far} of ``pids`` (Linux /proc; a
+    process gone meanwhile is left out)."""
+    used = {}
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used

@@ -23,9 +23,7 @@ import sys
 import threading
 import time
 
-from bench.capacity import cpu
-from bench.common import BIN, Stack, database_arguments, percentile, servers
-from bench.profile import summarize
+from bench.common import BIN, Stack, cpu_seconds, database_arguments, percentile, servers, summarize
 from tests.servers import rss_kb
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feed_client.mjs")
@@ -109,12 +107,12 @@ class CpuUsage:
         self.parts = parts
         self.started = time.monotonic()
         self.machine = _machine_jiffies()
-        self.seconds = {name: sum(cpu(pids).values()) for name, pids in parts.items()}
+        self.seconds = {name: sum(cpu_seconds(pids).values()) for name, pids in parts.items()}
 
     def cores(self):
         elapsed = time.monotonic() - self.started
         idle, total = (now - before for now, before in zip(_machine_jiffies(), self.machine, strict=True))
-        used = {name: round((sum(cpu(pids).values()) - self.seconds[name]) / elapsed, 2)
+        used = {name: round((sum(cpu_seconds(pids).values()) - self.seconds[name]) / elapsed, 2)
                 for name, pids in self.parts.items()}
         busy_cores = (1 - idle / total) * os.cpu_count()
         return {**used, "other": round(max(0.0, busy_cores - sum(used.values())), 2),
