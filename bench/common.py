@@ -128,6 +128,8 @@ def summarize(path, top=25):
     total, own, inclusive, threads = 0, collections.Counter(), collections.Counter(), collections.Counter()
     for line in open(path):
         stack, _, count = line.rstrip().rpartition(" ")
+        if not count.isdigit():  # a frame whose name has a line break in it (py-spy prints it as is)
+            continue
         count = int(count)
         frames = stack.split(";")
         total += count
@@ -142,9 +144,9 @@ def summarize(path, top=25):
             print("%5.1f%%  %s" % (100 * count / total, frame))
 
 
-def cpu_seconds(pids):
-    """{pid: user and system CPU seconds used so far} of ``pids`` (Linux /proc; a
-    process gone meanwhile is left out)."""
+def cpu_seconds(pids, system_only=False):
+    """{pid: user and system CPU seconds used so far} of ``pids``, or only the system
+    (kernel) seconds (Linux /proc; a process gone meanwhile is left out)."""
     used = {}
     for pid in pids:
         try:
@@ -152,5 +154,5 @@ def cpu_seconds(pids):
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        used[pid] = ((0 if system_only else int(fields[11])) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return used

@@ -16,12 +16,14 @@ prints where their time went.
     .venv/bin/python -m bench.feed [--seconds 10] [--databases sqlite,postgres] [--quick] [--profile]
 """
 import argparse
+import http.client
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 
 from bench.common import BIN, Stack, cpu_seconds, database_arguments, percentile, servers, summarize
 from tests.servers import rss_kb
@@ -48,23 +50,28 @@ def stop_clients(process):
 
 
 def send(url, key, customer, rate, seconds):
-    """Single ingests at ``rate`` a second from 8 threads; [(id, response time)]."""
-    import requests
-
+    """Single ingests at ``rate`` a second from 8 threads; [(id, response time)].
+    Each thread keeps one connection (http.client, not requests, which cost the
+    machine about a third of a core more at 500 a second: CPU the service under
+    test did not get)."""
     from tests.helpers import interaction
 
+    address = urlsplit(url)
+    headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+    body = json.dumps(interaction(customer))
     sent = []
 
     def sender(share):
-        session, interval = requests.Session(), 8 / rate
-        session.headers["Authorization"] = "Bearer " + key
+        connection, interval = http.client.HTTPConnection(address.hostname, address.port), 8 / rate
         next_at = time.monotonic() + share * interval / 8
         deadline = time.monotonic() + seconds
         while next_at < deadline:
             time.sleep(max(0, next_at - time.monotonic()))
-            response = session.post(url + "/api/data/ingest", json=interaction(customer))
-            sent.append((response.json()["id"], time.time()))
+            connection.request("POST", "/api/data/ingest", body, headers)
+            response = connection.getresponse()
+            sent.append((json.loads(response.read())["id"], time.time()))
             next_at += interval
+        connection.close()
 
     threads = [threading.Thread(target=sender, args=(i,)) for i in range(8)]
     for thread in threads:
@@ -100,14 +107,16 @@ def delivery(stack, sockets, rate, seconds, profile=False):
 
 
 class CpuUsage:
-    """The cores each part (``{name: pids}``) used from now on, the rest of the machine's
-    busy time as "other", and the machine's idle share."""
+    """The cores each part (``{name: pids}``, "web" among them) used from now on, the
+    rest of the machine's busy time as "other", the machine's idle share, and the
+    cores the web workers spent in the kernel (sends, polls, locks)."""
 
     def __init__(self, parts):
         self.parts = parts
         self.started = time.monotonic()
         self.machine = _machine_jiffies()
         self.seconds = {name: sum(cpu_seconds(pids).values()) for name, pids in parts.items()}
+        self.web_kernel = sum(cpu_seconds(parts["web"], system_only=True).values())
 
     def cores(self):
         elapsed = time.monotonic() - self.started
@@ -115,8 +124,9 @@ class CpuUsage:
         used = {name: round((sum(cpu_seconds(pids).values()) - self.seconds[name]) / elapsed, 2)
                 for name, pids in self.parts.items()}
         busy_cores = (1 - idle / total) * os.cpu_count()
+        web_kernel = (sum(cpu_seconds(self.parts["web"], system_only=True).values()) - self.web_kernel) / elapsed
         return {**used, "other": round(max(0.0, busy_cores - sum(used.values())), 2),
-                "idle_share": round(idle / total, 2)}
+                "idle_share": round(idle / total, 2), "web_kernel": round(web_kernel, 2)}
 
 
 def _machine_jiffies():
@@ -180,12 +190,13 @@ def bench(server_url, rows, seconds, hold_count, profile=False):
 def print_table(results):
     print("\n%s: live delivery, ingest response -> socket" % results["database"])
     print("| sockets x events/s | achieved/s | arrived | dropped | p50 ms | p99 ms | max ms "
-          "| idle share | cores: web / client / senders / other |")
+          "| idle share | cores: web (in the kernel) / client / senders / other |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in results["delivery"]:
         print("| %(sockets)d x %(rate)d | %(achieved)d | %(arrived)d of %(expected)d | "
               "%(dropped)d | %(p50_ms).1f | %(p99_ms).1f | %(max_ms).1f | " % row
-              + "%(idle_share).2f | %(web).2f / %(client).2f / %(senders).2f / %(other).2f |" % row["cores"])
+              + "%(idle_share).2f | %(web).2f (%(web_kernel).2f) / %(client).2f / %(senders).2f / %(other).2f |"
+              % row["cores"])
     print("held %(held)d sockets: %(kib_per_socket).1f KiB each; sequential ingest "
           "%(ingest_ms_alone).2f ms alone, %(ingest_ms_with_sockets).2f ms with them "
           "(ratio %(ratio).2f)" % results["hold"])
