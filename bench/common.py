@@ -1,6 +1,5 @@
 """Shared set-up for the side-by-side benchmarks: scratch environments, a running
 service stack, sample texts, percentiles."""
-import collections
 import json
 import os
 import random
@@ -122,37 +121,24 @@ class Stack:
             drop_database(self.database_url)
 
 
-def summarize(path, top=25):
-    """Print where a py-spy raw profile's samples went: per thread, inclusive and own
-    time per function."""
-    total, own, inclusive, threads = 0, collections.Counter(), collections.Counter(), collections.Counter()
-    for line in open(path):
-        stack, _, count = line.rstrip().rpartition(" ")
-        if not count.isdigit():  # a frame whose name has a line break in it (py-spy prints it as is)
-            continue
-        count = int(count)
-        frames = stack.split(";")
-        total += count
-        threads[frames[0]] += count
-        own[frames[-1]] += count
-        for frame in set(frames[1:]):
-            inclusive[frame] += count
-    print("%d samples" % total)
-    for title, counter in (("threads", threads), ("inclusive", inclusive), ("own", own)):
-        print("\n%s:" % title)
-        for frame, count in counter.most_common(top):
-            print("%5.1f%%  %s" % (100 * count / total, frame))
-
-
 def cpu_seconds(pids, system_only=False):
     """{pid: user and system CPU seconds used so far} of ``pids``, or only the system
     (kernel) seconds (Linux /proc; a process gone meanwhile is left out)."""
-    used = {}
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        used[pid] = ((0 if system_only else int(fields[11])) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return used
+    used = {pid: _stat_seconds("/proc/%d/stat" % pid, system_only) for pid in pids}
+    return {pid: seconds for pid, seconds in used.items() if seconds is not None}
+
+
+def thread_cpu_seconds(pid):
+    """{native thread id: CPU seconds used so far} of each thread of ``pid``."""
+    tasks = "/proc/%d/task" % pid
+    used = {int(tid): _stat_seconds(os.path.join(tasks, tid, "stat")) for tid in os.listdir(tasks)}
+    return {tid: seconds for tid, seconds in used.items() if seconds is not None}
+
+
+def _stat_seconds(path, system_only=False):
+    try:
+        with open(path) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return ((0 if system_only else int(fields[11])) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

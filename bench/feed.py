@@ -9,23 +9,27 @@ are single POSTs from 8 threads of this process at the row's rate.
 
 Each row also says where the machine's CPU went while it ran (DESIGN §12 asks for
 its idle share): the web workers, the Node client, this process's senders, and
-the rest (the database, Redis, anything else). ``--profile`` records the web
-workers with py-spy (``--gil``: the thread holding the GIL) during each row and
-prints where their time went.
+the rest (the database, Redis, anything else). ``--threads`` also splits the web
+workers' cores by thread (the request threads, the group commit, its follow-up,
+the fan-out, the bus listener...), from each thread's CPU time in /proc: under
+a saturated machine that is where the time went, which a sampling profiler's
+view of the GIL is not.
 
-    .venv/bin/python -m bench.feed [--seconds 10] [--databases sqlite,postgres] [--quick] [--profile]
+    .venv/bin/python -m bench.feed [--seconds 10] [--databases sqlite,postgres] [--quick] [--threads]
 """
 import argparse
+import collections
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from urllib.parse import urlsplit
 
-from bench.common import BIN, Stack, cpu_seconds, database_arguments, percentile, servers, summarize
+from bench.common import BIN, Stack, cpu_seconds, database_arguments, percentile, servers, thread_cpu_seconds
 from tests.servers import rss_kb
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feed_client.mjs")
@@ -81,23 +85,20 @@ def send(url, key, customer, rate, seconds):
     return sent
 
 
-def delivery(stack, sockets, rate, seconds, profile=False):
+def delivery(stack, sockets, rate, seconds, threads=False):
     print("%s: %d sockets x %d events/s..." % (stack.kind, sockets, rate), file=sys.stderr)
     org = stack.organization("delivery %dx%d" % (sockets, rate))
     clients = start_clients(stack.url, org["readKey"], sockets)
     parts = {"web": stack.web.worker_pids(), "client": [clients.pid], "senders": [os.getpid()]}
-    profiles = start_profiles(stack, parts["web"], seconds) if profile else []
-    usage = CpuUsage(parts)
+    usage, by_thread = CpuUsage(parts), ThreadCpu(parts["web"]) if threads else None
     sent = send(stack.url, org["ingestKey"], org["customers"][0], rate, seconds)
     cores = usage.cores()
+    if by_thread is not None:
+        cores["web_threads"] = by_thread.cores()
     time.sleep(2)  # the last events in flight
     report = stop_clients(clients)
     answered = dict(sent)
     latencies = [(at - answered[i]) * 1000 for i, at in report["received"] if i in answered]
-    for process, path in profiles:
-        process.wait()
-        print("\n%s %dx%d, web worker profile (%s):" % (stack.kind, sockets, rate, path))
-        summarize(path, top=15)
     return {"sockets": sockets, "rate": rate, "achieved": round(len(sent) / seconds),
             "expected": len(sent) * sockets, "arrived": len(latencies),
             "dropped": report["dropped"], "gaps": report["gaps"],
@@ -136,16 +137,33 @@ def _machine_jiffies():
     return fields[3] + fields[4], sum(fields)
 
 
-def start_profiles(stack, workers, seconds):
-    """py-spy on each web worker for ``seconds``: [(process, raw profile path)]."""
-    profiles = []
-    for pid in workers:
-        path = os.path.join(stack.dir, "feed-profile-%d.txt" % pid)
-        profiles.append((subprocess.Popen(
-            [os.path.join(BIN, "py-spy"), "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw",
-             "-o", path, "--nonblocking", "--gil", "--threads", "--rate", "100"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path))
-    return profiles
+class ThreadCpu:
+    """The cores each kind of thread of ``workers`` used from now on. Python does not
+    name its threads for the OS, so the names come from ``py-spy dump``; the pool
+    threads that serve requests count together."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.started = time.monotonic()
+        self.seconds = {pid: thread_cpu_seconds(pid) for pid in workers}
+
+    def cores(self):
+        elapsed = time.monotonic() - self.started
+        kinds = collections.Counter()
+        for pid in self.workers:
+            names = _thread_names(pid)
+            for tid, seconds in thread_cpu_seconds(pid).items():
+                name = names.get(tid, "unnamed")
+                kind = "request threads" if name.startswith("ThreadPoolExecutor") else name
+                kinds[kind] += (seconds - self.seconds[pid].get(tid, 0)) / elapsed
+        return {kind: round(used, 2) for kind, used in kinds.most_common() if used >= 0.005}
+
+
+def _thread_names(pid):
+    """{native thread id: Python thread name} of a process, from py-spy."""
+    dump = subprocess.run([os.path.join(BIN, "py-spy"), "dump", "--nonblocking", "-p", str(pid)],
+                          capture_output=True, text=True, check=True).stdout
+    return {int(tid): name for tid, name in re.findall(r'^Thread (\d+) \([^)]*\): "([^"]*)"', dump, re.MULTILINE)}
 
 
 def ingest_ms(url, key, customer, count=200):
@@ -176,11 +194,11 @@ def hold(stack, count):
             "ratio": round(held / alone, 2)}
 
 
-def bench(server_url, rows, seconds, hold_count, profile=False):
+def bench(server_url, rows, seconds, hold_count, threads=False):
     stack = Stack(server_url)
     try:
         results = {"database": stack.kind,
-                   "delivery": [delivery(stack, s, r, seconds, profile) for s, r in rows],
+                   "delivery": [delivery(stack, s, r, seconds, threads) for s, r in rows],
                    "hold": hold(stack, hold_count)}
     finally:
         stack.stop()
@@ -197,6 +215,10 @@ def print_table(results):
               "%(dropped)d | %(p50_ms).1f | %(p99_ms).1f | %(max_ms).1f | " % row
               + "%(idle_share).2f | %(web).2f (%(web_kernel).2f) / %(client).2f / %(senders).2f / %(other).2f |"
               % row["cores"])
+    for row in results["delivery"]:
+        if "web_threads" in row["cores"]:
+            print("%(sockets)d x %(rate)d, web cores by thread: " % row
+                  + ", ".join("%s %.2f" % pair for pair in row["cores"]["web_threads"].items()))
     print("held %(held)d sockets: %(kib_per_socket).1f KiB each; sequential ingest "
           "%(ingest_ms_alone).2f ms alone, %(ingest_ms_with_sockets).2f ms with them "
           "(ratio %(ratio).2f)" % results["hold"])
@@ -208,12 +230,12 @@ def main():
     database_arguments(parser)
     parser.add_argument("--rows", help="sockets x events/s to run, e.g. 100x500,1000x50")
     parser.add_argument("--quick", action="store_true", help="one small row, a smoke run")
-    parser.add_argument("--profile", action="store_true", help="py-spy the web workers during each row")
+    parser.add_argument("--threads", action="store_true", help="split the web workers' cores by thread (py-spy)")
     args = parser.parse_args()
     rows, seconds, hold_count = (QUICK_ROWS, 2, 200) if args.quick else (ROWS, args.seconds, HOLD)
     if args.rows:
         rows = [tuple(map(int, row.split("x"))) for row in args.rows.split(",")]
-    results = [bench(server, rows, seconds, hold_count, args.profile) for server in servers(args)]
+    results = [bench(server, rows, seconds, hold_count, args.threads) for server in servers(args)]
     for result in results:
         print_table(result)
     print(json.dumps(results))

@@ -173,8 +173,9 @@ def rows(figures):
             "**%.2f** (%d / %d per s)" % (a["ratio"], a["consumer"], a["vader_loop"]), ">= 0.8")
     for row in figures.get("feed", {}).get("delivery", ()):
         table["live, %d sockets x %d events/s" % (row["sockets"], row["rate"])] = (
-            "p50 %.1f, **p99 %.1f** ms, %d of %d delivered, %d dropped" % (
-                row["p50_ms"], row["p99_ms"], row["arrived"], row["expected"], row["dropped"]),
+            "p50 %.1f, **p99 %.1f** ms, %d of %d delivered, %d dropped; machine idle %.2f" % (
+                row["p50_ms"], row["p99_ms"], row["arrived"], row["expected"], row["dropped"],
+                row["cores"]["idle_share"]),
             "p99 <= 50 ms, none lost")
     if "feed" in figures:
         h = figures["feed"]["hold"]

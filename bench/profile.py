@@ -8,13 +8,34 @@ py-spy comes from the package index (pip install py-spy); the raw profile is kep
 for flame graphs (see the path printed).
 """
 import argparse
+import collections
 import os
 import subprocess
 import sys
 import threading
 
-from bench.common import BIN, Stack, summarize
+from bench.common import BIN, Stack
 from bench.ingest import batch_bodies, single_bodies, wrk
+
+
+def summarize(path, top=25):
+    total, own, inclusive, threads = 0, collections.Counter(), collections.Counter(), collections.Counter()
+    for line in open(path):
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not count.isdigit():  # a frame whose name has a line break in it (py-spy prints it as is)
+            continue
+        count = int(count)
+        frames = stack.split(";")
+        total += count
+        threads[frames[0]] += count
+        own[frames[-1]] += count
+        for frame in set(frames[1:]):
+            inclusive[frame] += count
+    print("%d samples" % total)
+    for title, counter in (("threads", threads), ("inclusive", inclusive), ("own", own)):
+        print("\n%s:" % title)
+        for frame, count in counter.most_common(top):
+            print("%5.1f%%  %s" % (100 * count / total, frame))
 
 
 def main():
