@@ -88,15 +88,15 @@ def send(url, key, customer, rate, seconds):
 def delivery(stack, sockets, rate, seconds, threads=False):
     print("%s: %d sockets x %d events/s..." % (stack.kind, sockets, rate), file=sys.stderr)
     org = stack.organization("delivery %dx%d" % (sockets, rate))
-    clients = start_clients(stack.url, org["readKey"], sockets)
-    parts = {"web": stack.web.worker_pids(), "client": [clients.pid], "senders": [os.getpid()]}
+    clients = start_clients(stack.url, org["readKey"], sockets) if sockets else None  # 0: ingest alone
+    parts = {"web": stack.web.worker_pids(), "client": [clients.pid] if clients else [], "senders": [os.getpid()]}
     usage, by_thread = CpuUsage(parts), ThreadCpu(parts["web"]) if threads else None
     sent = send(stack.url, org["ingestKey"], org["customers"][0], rate, seconds)
     cores = usage.cores()
     if by_thread is not None:
         cores["web_threads"] = by_thread.cores()
     time.sleep(2)  # the last events in flight
-    report = stop_clients(clients)
+    report = stop_clients(clients) if clients else {"received": [], "dropped": 0, "gaps": 0}
     answered = dict(sent)
     latencies = [(at - answered[i]) * 1000 for i, at in report["received"] if i in answered]
     return {"sockets": sockets, "rate": rate, "achieved": round(len(sent) / seconds),
@@ -228,7 +228,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10)
     database_arguments(parser)
-    parser.add_argument("--rows", help="sockets x events/s to run, e.g. 100x500,1000x50")
+    parser.add_argument("--rows", help="sockets x events/s to run, e.g. 100x500,1000x50 (0x500: ingest alone)")
     parser.add_argument("--quick", action="store_true", help="one small row, a smoke run")
     parser.add_argument("--threads", action="store_true", help="split the web workers' cores by thread (py-spy)")
     args = parser.parse_args()
