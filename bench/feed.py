@@ -13,7 +13,7 @@ the rest (the database, Redis, anything else). ``--threads`` also splits the web
 workers' cores by thread (the request threads, the group commit, its follow-up,
 the fan-out, the bus listener...), from each thread's CPU time in /proc: under
 a saturated machine that is where the time went, which a sampling profiler's
-view of the GIL is not.
+view of the GIL is not. It needs py-spy (pip install py-spy) for the threads' names.
 
     .venv/bin/python -m bench.feed [--seconds 10] [--databases sqlite,postgres] [--quick] [--threads]
 """
