@@ -174,23 +174,30 @@ def test_a_socket_that_stops_reading_never_slows_ingest(module_stack, org, custo
     What it guards against is ingest waiting on the socket (publishing that writes
     to it, or waits for a loop that does): each batch would then take until the
     socket is cut (STALL_SECONDS). The control is a socket that reads, so both runs
-    pay the worker's framing of every event and only the stall differs; the bound
-    of twice the control is for the noisy machine, and medians, which a few
-    batches slowed by it do not move, are compared."""
-    reading = FeedClient(module_stack.web.url, org["readKey"])
-    assert reading.next()["type"] == "ready"
-    alone = statistics.median(batch_seconds(module_stack.url, org["ingestKey"], customer_id))
-    reading.close()
+    pay the worker's framing of every event and only the stall differs. It is
+    measured before and after the stalled run, which is held to twice the slower
+    of the two: a drift over the test (the machine, the tables growing) counts
+    against neither side, and medians are not moved by a few slow batches."""
+
+    def with_a_reading_socket():
+        reading = FeedClient(module_stack.web.url, org["readKey"])
+        assert reading.next()["type"] == "ready"
+        took = statistics.median(batch_seconds(module_stack.url, org["ingestKey"], customer_id))
+        reading.close()
+        return took
+
+    before = with_a_reading_socket()
     stalled = RawSocket(module_stack.web.url, org["readKey"])
     with_stalled = statistics.median(batch_seconds(module_stack.url, org["ingestKey"], customer_id))
-    print("\nmedian batch of 500: %.3f s with a reading socket, %.3f s with a stalled one"
-          % (alone, with_stalled))
-    assert with_stalled < 2 * alone
     live = FeedClient(module_stack.url, org["readKey"])  # a healthy socket is still served
     assert live.next()["type"] == "ready"
     live.close()
     assert '"count"' in stalled.resume_until_dropped()
     stalled.sock.close()
+    after = with_a_reading_socket()
+    print("\nmedian batch of 500: %.3f s with a stalled socket; %.3f and %.3f s with a reading one, "
+          "before and after" % (with_stalled, before, after))
+    assert with_stalled < 2 * max(before, after)
 
 
 @pytest.mark.processes
