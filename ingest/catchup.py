@@ -156,7 +156,10 @@ class CatchUp:
         feed = self._feeds.get(organization_id)
         if feed is not None:
             feed.filling = False
+            before = feed.position
             touched.update(feed.filled(items, last, time.monotonic()))
+            if feed.hole_since is not None and feed.position > before:
+                self.fill(organization_id, feed)  # still short of what it holds: the next page now
 
     def _on_checked(self, touched, positions):
         for organization_id, position in positions.items():

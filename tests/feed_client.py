@@ -131,16 +131,18 @@ def connected_pair():
 class LocalSocket:
     """A feed socket attached straight to this process's bus over a socketpair: what a
     browser of the organization receives, without a server in between; ``after``:
-    the position it resumes after, as the auth message's cursor gives it."""
+    the position it resumes after, as the auth message's cursor gives it; ``start``:
+    the store's position it was authenticated at, if not the one read now (a stale
+    one, as a start position read up to START_SECONDS before gives)."""
 
-    def __init__(self, bus, organization_id, after=None):
+    def __init__(self, bus, organization_id, after=None, start=None):
         server_end, self.sock = socket.socketpair()
         server, self.ws = connected_pair()
         from ingest.changes import cursor
         from ingest.sockets import FeedSocket, text_frame
         feed_socket = FeedSocket(server_end, server, organization_id, "local")
         feed_socket.after = after
-        feed_socket.start = bus.fanout.start_position(organization_id)  # as the feed's authentication does
+        feed_socket.start = bus.fanout.start_position(organization_id) if start is None else start  # as auth does
         bus.attach(feed_socket, text_frame(json.dumps({"type": "ready", "organizationId": organization_id,
                                                        "cursor": cursor(organization_id,
                                                                         feed_socket.starts_after())})))
@@ -148,10 +150,13 @@ class LocalSocket:
 
     def next(self, timeout=5.0):
         self.sock.settimeout(timeout)
+        parts = []
         while True:
             for event in self.ws.events():
                 if isinstance(event, TextMessage):
-                    return check_live_message(json.loads(event.data))
+                    parts.append(event.data)  # a frame split over two reads comes in parts
+                    if event.message_finished:
+                        return check_live_message(json.loads("".join(parts)))
             data = self.sock.recv(65536)
             if not data:  # (wsproto would take it as a close, and this loop spin on)
                 raise ConnectionError("the server closed the socket")

@@ -1,11 +1,18 @@
 """A process's ordered delivery of one organization's changes (ingest/feeds.py), as a
 property: whatever order the bus brings changes in, with duplicates and losses,
 and whenever the store is read, the changes delivered are in position order, each
-once, and include every change the store still has."""
+once, and include every change the store still has; and, in process, a feed that
+starts far behind the store catches up at the store's pace."""
+import time
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest import changes, runtime
+from ingest.catchup import STORE_PAGE
 from ingest.feeds import HOLE_SECONDS, OrgFeed
+from tests.feed_client import LocalSocket
+from tests.helpers import bearer, interaction
 
 
 @st.composite
@@ -56,3 +63,26 @@ def test_a_hole_waits_briefly_for_a_late_change_before_the_store_is_read():
     assert feed.take([(11, "a")], now=1.1) == [(11, "a"), (12, "b")]
     assert feed.take([(14, "d")], now=2.0) == []
     assert feed.wants_fill(2.0 + HOLE_SECONDS)
+
+
+def test_a_feed_that_starts_far_behind_the_store_catches_up_at_the_stores_pace(app, client, org, customer_id):
+    """A feed starts where its first socket does, which may be a position read up to
+    START_SECONDS before (catchup.start_position): under load, thousands of changes
+    behind. It reads them from the store a page at a time, the next page as soon as
+    one is delivered; it read one page a tick (a second), and a socket of a test
+    waited 25 s for 5,000 changes. Twenty pages behind, they all arrive within 5 s
+    (at a page a tick, 20 s)."""
+    behind = 20 * STORE_PAGE
+    for _ in range(behind // 1000):
+        response = client.post("/api/data/ingest/batch", headers=bearer(org["ingestKey"]),
+                               json={"interactions": [interaction(customer_id) for _ in range(1000)]})
+        assert response.status_code == 200 and response.get_json()["successful"] == 1000
+    browser = LocalSocket(runtime.of(app).bus, org["organizationId"], start=0)
+    response = client.post("/api/data/ingest", headers=bearer(org["ingestKey"]), json=interaction(customer_id))
+    assert response.status_code == 201
+    deadline, positions = time.monotonic() + 5, []
+    while len(positions) <= behind:
+        message = browser.next(timeout=max(0.01, deadline - time.monotonic()))
+        positions.append(changes.position_of(org["organizationId"], message["cursor"]))
+    assert positions == list(range(1, behind + 2))
+
