@@ -99,7 +99,7 @@ def walks():
     try:
         org = make_organization(app, "Walk")
         customer = make_customer(app, org, external_id="walker")
-        browser = LocalSocket(process.bus, org["organizationId"])
+        browser = LocalSocket(process.bus, org["organizationId"], org["readKey"])
         client = app.test_client()
         headers = {"Authorization": "Bearer " + org["ingestKey"]}
 

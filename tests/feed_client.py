@@ -130,17 +130,20 @@ def connected_pair():
 
 class LocalSocket:
     """A feed socket attached straight to this process's bus over a socketpair: what a
-    browser of the organization receives, without a server in between; ``after``:
-    the position it resumes after, as the auth message's cursor gives it; ``start``:
-    the store's position it was authenticated at, if not the one read now (a stale
-    one, as a start position read up to START_SECONDS before gives)."""
+    browser of the organization receives, without a server in between, as if
+    authenticated with ``read_key`` (a live key: the revocation watch closes the
+    sockets of any other within KEY_CACHE_SECONDS); ``after``: the position it
+    resumes after, as the auth message's cursor gives it; ``start``: the store's
+    position it was authenticated at, if not the one read now (a stale one, as a
+    start position read up to START_SECONDS before gives)."""
 
-    def __init__(self, bus, organization_id, after=None, start=None):
+    def __init__(self, bus, organization_id, read_key, after=None, start=None):
         server_end, self.sock = socket.socketpair()
         server, self.ws = connected_pair()
         from ingest.changes import cursor
+        from ingest.keys import hash_key
         from ingest.sockets import FeedSocket, text_frame
-        feed_socket = FeedSocket(server_end, server, organization_id, "local")
+        feed_socket = FeedSocket(server_end, server, organization_id, hash_key(read_key))
         feed_socket.after = after
         feed_socket.start = bus.fanout.start_position(organization_id) if start is None else start  # as auth does
         bus.attach(feed_socket, text_frame(json.dumps({"type": "ready", "organizationId": organization_id,

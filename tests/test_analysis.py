@@ -44,7 +44,7 @@ def test_analyze_is_idempotent_and_skips_empty_content(service, org, customer_id
 
 
 def test_task_publishes_interaction_analyzed(service, org, customer_id):
-    browser = LocalSocket(runtime.current().bus, org["organizationId"])
+    browser = LocalSocket(runtime.current().bus, org["organizationId"], org["readKey"])
     sad = stored(service, org, customer_id, "This is awful, I am so disappointed")
     events = [browser.next()]
     tasks.analyze.call_local([str(sad)])

@@ -77,7 +77,7 @@ def test_a_feed_that_starts_far_behind_the_store_catches_up_at_the_stores_pace(a
         response = client.post("/api/data/ingest/batch", headers=bearer(org["ingestKey"]),
                                json={"interactions": [interaction(customer_id) for _ in range(1000)]})
         assert response.status_code == 200 and response.get_json()["successful"] == 1000
-    browser = LocalSocket(runtime.of(app).bus, org["organizationId"], start=0)
+    browser = LocalSocket(runtime.of(app).bus, org["organizationId"], org["readKey"], start=0)
     response = client.post("/api/data/ingest", headers=bearer(org["ingestKey"]), json=interaction(customer_id))
     assert response.status_code == 201
     deadline, positions = time.monotonic() + 5, []

@@ -178,8 +178,9 @@ def test_the_change_feed_from_a_lagging_replica_is_a_prefix_and_what_follows_com
         # Sockets resuming from a cursor the replica has (or has not) reached yet: what
         # follows it, in order, then live changes; nothing skipped, nothing twice.
         bus = runtime.of(app).bus
-        behind = LocalSocket(bus, org["organizationId"], after=walked[0])
-        ahead = LocalSocket(bus, org["organizationId"], after=walked[4])  # seen live, not on the replica
+        behind = LocalSocket(bus, org["organizationId"], org["readKey"], after=walked[0])
+        # ahead: a cursor seen live, not yet on the replica
+        ahead = LocalSocket(bus, org["organizationId"], org["readKey"], after=walked[4])
         try:
             assert [behind.next()["data"]["id"] for _ in range(6)] == before[1:] + during
             assert [ahead.next()["data"]["id"] for _ in range(2)] == during[2:]
