@@ -4,7 +4,8 @@ loop on a background thread runs a coroutine per socket (no thread each) until
 import asyncio
 import json
 import threading
-import time
+
+from tests.servers import wait_until
 
 
 class Crowd:
@@ -61,9 +62,7 @@ class Crowd:
     def wait(self, condition, timeout, message):
         """Wait for ``condition``; fail after ``timeout`` with ``message`` (or what it
         returns, if it is a function) and the subclass's ``summary()`` of its members."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.05)
-        raise AssertionError("%s; %s" % (message() if callable(message) else message, self.summary()))
+        try:
+            wait_until(condition, timeout)
+        except AssertionError:
+            raise AssertionError("%s; %s" % (message() if callable(message) else message, self.summary())) from None

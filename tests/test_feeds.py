@@ -85,4 +85,3 @@ def test_a_feed_that_starts_far_behind_the_store_catches_up_at_the_stores_pace(a
         message = browser.next(timeout=max(0.01, deadline - time.monotonic()))
         positions.append(changes.position_of(org["organizationId"], message["cursor"]))
     assert positions == list(range(1, behind + 2))
-
