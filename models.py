@@ -324,7 +324,7 @@ class Interaction(BaseModel):
         )
 
 
-# The analysis backlog's fair shares (ingest/overload.py): pending rows only, by organization.
+# The analysis backlog's fair shares (ingest/auth.py, Backlog): pending rows only, by organization.
 Interaction.add_index(Interaction.organization, name="interaction_pending_organization",
                       where=Interaction.analysis_status == PENDING)
 

@@ -9,7 +9,7 @@ request). Its first characters, the prefix, name it in listings and
 import secrets
 from enum import StrEnum
 
-from ingest.keys import hash_key
+from ingest.auth import hash_key
 from models import ApiKey, Organization, db
 
 

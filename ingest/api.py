@@ -6,15 +6,15 @@ result through the schema that the OpenAPI description publishes for it
 (ingest/schemas.py). Errors are raised and shaped by ingest.errors.
 """
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, g, request
 
-from ingest import lifecycle, reads, runtime, schemas, segment
+from ingest import lifecycle, reads, schemas, segment
 from ingest import openapi as openapi_spec
 from ingest.accounts import Scope
 from ingest.auth import admit, charge_events, key_from_request, require
-from ingest.body import read_json
 from ingest.domain import Code, validation_error
 from ingest.errors import ApiError
+from ingest.web import read_json
 from models import db
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -25,10 +25,6 @@ health = Blueprint("health", __name__)
 # The views that take ``?dryRun=true`` (DESIGN §5); every other view of /api and
 # /v1 refuses the parameter rather than ignore it and do the real thing.
 DRY_RUN_VIEWS = ("api.ingest_one", "api.ingest_batch", "segment.segment_events")
-
-
-def service():
-    return runtime.of(current_app).service
 
 
 @api.before_request
@@ -54,7 +50,7 @@ def get_customer(customer_id):
 @api.delete("/customers/<customer_id>")
 @require(Scope.INGEST)
 def erase_customer(customer_id):
-    service().erase_customer(g.organization_id, customer_id)
+    g.runtime.service.erase_customer(g.organization_id, customer_id)
     return "", 204
 
 
@@ -79,7 +75,7 @@ def ingest_one():
     dry = dry_run()
     payload = read_json()
     charge_events(payload)
-    interaction_id, duplicate = service().ingest_one(g.organization_id, payload, dry_run=dry)
+    interaction_id, duplicate = g.runtime.service.ingest_one(g.organization_id, payload, dry_run=dry)
     body = schemas.ingest_result.dump({"id": interaction_id, "duplicate": duplicate, "dry_run": dry})
     return body, 200 if duplicate or dry else 201
 
@@ -90,7 +86,7 @@ def ingest_batch():
     dry = dry_run()
     payload = read_json()
     charge_events(payload, "interactions")
-    return schemas.batch_result.dump(service().ingest_batch(g.organization_id, payload, dry_run=dry))
+    return schemas.batch_result.dump(g.runtime.service.ingest_batch(g.organization_id, payload, dry_run=dry))
 
 
 @api.get("/interactions")
@@ -126,7 +122,7 @@ def segment_events(kind=None):
         admit(Scope.INGEST, payload.get("writeKey") if isinstance(payload, dict) else None, backlog=True)
     dry = dry_run()
     charge_events(payload, "batch" if kind is None else None)
-    problems, retry = segment.accept(service(), g.organization_id, payload, kind, dry_run=dry)
+    problems, retry = segment.accept(g.runtime.service, g.organization_id, payload, kind, dry_run=dry)
     if retry:
         raise ApiError(503, Code.STORAGE_ERROR, "Storing failed; retry the batch.",
                        {"errors": segment.problem_out.dump(problems, many=True)},
@@ -149,7 +145,7 @@ def healthz():
 def readyz():
     """Ready: the database and the queue answer. The replica is reported, never
     required: reads go to the primary while it is down."""
-    process = runtime.of(current_app)
+    process = g.runtime
     checks = {"database": _check(lambda: db.execute_sql("SELECT 1")),
               "queue": _check(process.pending_count)}
     ready = all(value == "ok" for value in checks.values())

@@ -264,7 +264,7 @@ def read(organization_id, after=None, limit=MAX_PAGE):
 
     What a replica cannot say is that nothing follows: a page that shows nothing
     may only mean it is behind, and a socket catching up goes live on an empty page
-    (ingest/catchup.py), which would skip what the replica had not replayed yet.
+    (ingest/fanout.py, CatchUp), which would skip what the replica had not replayed yet.
     So a page with nothing to show is read from the primary: "nothing after N"
     is only ever the primary's answer, and a cursor ahead of the replica (a
     socket that saw it live) gets what follows from the primary, not an error

@@ -34,8 +34,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ingest.fanout import FanOut
-from ingest.sockets import encode
+from ingest.fanout import FanOut, encode
 from ingest.threads import Threads
 
 log = logging.getLogger(__name__)

@@ -27,17 +27,17 @@ import logging
 import os
 import socket
 
-from flask import Blueprint, current_app, render_template, request
+from flask import Blueprint, current_app, g, render_template, request
 from flask_sock import Sock
 from peewee import InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded
 from wsproto.events import CloseConnection
 from wsproto.frame_protocol import CloseReason
 
-from ingest import changes, runtime
+from ingest import changes
 from ingest.accounts import Scope
-from ingest.keys import AddressRefused, check_key
-from ingest.sockets import Close, FeedSocket, Refused, text_frame
+from ingest.auth import AddressRefused, check_key
+from ingest.fanout import Close, FeedSocket, Refused, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def websocket(ws):
         log.exception("could not take over a feed socket")
         ws.close(CloseReason.TRY_AGAIN_LATER, "try again later")
         return
-    process = runtime.of(current_app)
+    process = g.runtime
     bus, keys = process.bus, process.keys
     check = functools.partial(check_key, address=request.remote_addr or "unknown", keys=keys,
                               failures=process.auth_failures)

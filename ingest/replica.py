@@ -2,7 +2,7 @@
 
 What reads the replica: the read API (ingest/reads.py), the change feed's pages
 for /api/changes and for sockets catching up (ingest/changes.py ``read``) and the
-key checks (ingest/keys.py). Everything else stays on the primary: writes and
+key checks (ingest/auth.py). Everything else stays on the primary: writes and
 what they read, the answers of ingest, customer creation and erasure, and any
 read inside a transaction (``read`` sees one open and stays on the primary).
 

@@ -22,7 +22,7 @@ import threading
 from wsproto.frame_protocol import CloseReason
 
 import models
-from ingest import events, keys, overload, replica
+from ingest import auth, events, replica
 from ingest.analysis import ResultWriter
 from ingest.service import IngestService
 
@@ -44,14 +44,14 @@ class Runtime:
                         if settings["DATABASE_READ_URL"] else None)
         self.bus = events.make_bus(settings["EVENTS_URL"], settings["EVENTS_STREAM_BYTES"],
                                    settings["EVENTS_TOTAL_BYTES"])
-        self.keys = keys.KeyCache()
+        self.keys = auth.KeyCache()
         self.rate_limit = _limit(settings["RATE_LIMIT"], settings)
         self.auth_failures = _limit(settings["AUTH_FAILURE_LIMIT"], settings)
-        self.backlog = overload.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
+        self.backlog = auth.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
         self.service = IngestService(enqueue_analysis, self.bus.publish, settings["MAX_BATCH_ITEMS"],
                                     settings["COMMIT_TIMEOUT"])
         self.results = ResultWriter(self.bus.publish)
-        self._watch = keys.RevocationWatch(self.keys, self.bus.fanout)
+        self._watch = auth.RevocationWatch(self.keys, self.bus.fanout)
         self._started = []
 
     def bind(self):
@@ -133,4 +133,4 @@ def leave():
 
 def _limit(spec, settings):
     """The RateLimit of ``spec`` in RATE_LIMIT_URL's store, or None for no limit."""
-    return overload.RateLimit(spec, settings["RATE_LIMIT_URL"]) if spec else None
+    return auth.RateLimit(spec, settings["RATE_LIMIT_URL"]) if spec else None

@@ -1,7 +1,7 @@
 """A partial index of the interactions pending analysis, by organization.
 
 The analysis backlog bound is shared fairly between organizations
-(ingest/overload.py, Backlog): while it is exceeded, each organization's pending
+(ingest/auth.py, Backlog): while it is exceeded, each organization's pending
 count is read once a second, each count stopping early. This index holds only
 the pending rows (about the backlog, however large the table grows), so those
 counts and the search for the organizations that have a backlog read it alone.

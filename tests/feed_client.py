@@ -140,9 +140,9 @@ class LocalSocket:
     def __init__(self, bus, organization_id, read_key, after=None, start=None):
         server_end, self.sock = socket.socketpair()
         server, self.ws = connected_pair()
+        from ingest.auth import hash_key
         from ingest.changes import cursor
-        from ingest.keys import hash_key
-        from ingest.sockets import FeedSocket, text_frame
+        from ingest.fanout import FeedSocket, text_frame
         feed_socket = FeedSocket(server_end, server, organization_id, hash_key(read_key))
         feed_socket.after = after
         feed_socket.start = bus.fanout.start_position(organization_id) if start is None else start  # as auth does

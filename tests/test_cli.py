@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from ingest import analysis, changes
-from ingest.keys import KEY_CACHE_SECONDS
+from ingest.auth import KEY_CACHE_SECONDS
 from models import ApiKey, Change, Customer, Organization, utcnow
 from tests.helpers import bearer, interaction, make_customer, make_organization, post_interaction
 from tests.servers import BIN, ROOT, Gunicorn, wait_until

@@ -17,7 +17,7 @@ import simple_websocket
 from wsproto.events import TextMessage
 
 from ingest import changes
-from ingest.sockets import text_frame
+from ingest.fanout import text_frame
 from tests.feed_client import FeedClient, RawSocket, connected_pair
 from tests.helpers import (
     bearer,

@@ -6,7 +6,7 @@ import time
 import pytest
 import requests
 
-from ingest.sockets import AUTH_TIMEOUT
+from ingest.fanout import AUTH_TIMEOUT
 from tests.feed_client import RawSocket
 from tests.helpers import interaction, make_customer, make_organization
 from tests.idle_sockets import IdleSockets

@@ -1,4 +1,4 @@
-"""A process's ordered delivery of one organization's changes (ingest/feeds.py), as a
+"""A process's ordered delivery of one organization's changes (ingest/fanout.py, OrgFeed), as a
 property: whatever order the bus brings changes in, with duplicates and losses,
 and whenever the store is read, the changes delivered are in position order, each
 once, and include every change the store still has; and, in process, a feed that
@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest import changes, runtime
-from ingest.catchup import STORE_PAGE
-from ingest.feeds import HOLE_SECONDS, OrgFeed
+from ingest.fanout import HOLE_SECONDS, STORE_PAGE, OrgFeed
 from tests.feed_client import LocalSocket
 from tests.helpers import bearer, interaction
 

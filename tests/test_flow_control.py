@@ -1,4 +1,4 @@
-"""A feed socket's flow control (ingest/sockets.py FeedSocket), without sockets: its
+"""A feed socket's flow control (ingest/fanout.py FeedSocket), without sockets: its
 outbox bound, what is dropped and how the browser is told, what the kernel took,
 the client's inbound budget and its auth message (DESIGN §8, §12)."""
 import json
@@ -7,7 +7,7 @@ import time
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-from ingest.sockets import GREETING, INBOUND_BURST, MAX_AUTH_MESSAGE, OUTBOX_BYTES, Close, FeedSocket, text_frame
+from ingest.fanout import GREETING, INBOUND_BURST, MAX_AUTH_MESSAGE, OUTBOX_BYTES, Close, FeedSocket, text_frame
 from tests.feed_client import connected_pair
 
 

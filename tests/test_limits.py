@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from ingest import runtime
 from ingest.accounts import revoke_key
-from ingest.keys import KeyCache, hash_key
-from ingest.overload import EVENTS, REQUESTS, RateLimit, over_share, parse_rate, pending_by_organization
+from ingest.auth import EVENTS, REQUESTS, KeyCache, RateLimit, hash_key, over_share, parse_rate, pending_by_organization
 from models import Customer
 from tests.conftest import production_stack, require_redis
 from tests.helpers import (

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from segment.analytics import Client
 
 from ingest import runtime
-from ingest.overload import RateLimit
+from ingest.auth import RateLimit
 from models import Interaction
 from tests.conftest import production_stack, require_redis
 from tests.feed_client import FeedClient
