@@ -1,4 +1,4 @@
-"""The map a newcomer reads first (docs/design.md, "Two walks"): which of the
+"""The map a newcomer reads first (docs/design.md, "The map"): which of the
 project's files one request passes through, from its arrival to the browser and to
 its stored analysis, and how often it comes back to a file it had left.
 
