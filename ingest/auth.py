@@ -10,7 +10,6 @@ is spent the address is answered 429 ``auth_rate_limited``. The address is
 ``request.remote_addr``: behind nginx that is nginx's own, unless
 TRUSTED_PROXIES says how many proxies' X-Forwarded-For to believe (app.py).
 """
-
 import collections
 import functools
 import hashlib
@@ -303,10 +302,10 @@ class RevocationWatch:
 # ============================================================================
 # Overload protection (DESIGN §13): per-key rate limits and the analysis backlog bound.
 #
-# Both only decide; the HTTP layer answers 429 with Retry-After before anything
-# is stored, so a batch is refused whole. The request budgets and the backlog are
-# checked before the body is read, the events budgets once it is read and its
-# events counted (ingest/api.py). Neither costs the request path a database
+# ``RateLimit`` and ``Backlog`` only decide; ``admit`` and ``charge_events`` (above)
+# answer 429 with Retry-After before anything is stored, so a batch is refused whole.
+# The request budgets and the backlog are checked before the body is read, the events
+# budgets once it is read and its events counted. Neither costs the request path a database
 # query: the backlog is sampled by a background thread at most once a second.
 #
 # RATE_LIMIT is one budget or several, separated by ";" or ",", each counting a

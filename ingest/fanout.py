@@ -7,7 +7,6 @@ at once, so sockets that never authenticate hold no thread either:
 - it waits for the socket's auth message (AUTH_TIMEOUT, MAX_AUTH_MESSAGE) and hands
   it to a small pool of auth threads, the only place that may wait on the database;
   at most MAX_UNAUTHENTICATED sockets of a process wait for theirs at once;
-
 - it is the only thread that writes to the socket (events, pings, pongs, close
   frames), so frames never interleave;
 - it frames each event once and hands the same bytes to every socket of the
@@ -37,7 +36,6 @@ The parts, in this order, each read on its own:
 - ``FeedSocket`` and ``Sockets``: one socket's state, outbox and
   flow control; the sockets' reads, writes and timers.
 """
-
 import collections
 import concurrent.futures
 import itertools

@@ -11,7 +11,6 @@ the web layer maps codes to HTTP statuses. Reads are in ingest/reads.py, custome
 creation and the erasure's SQL in ingest/lifecycle.py, Segment's workflow in
 ingest/segment.py.
 """
-
 import collections
 import functools
 import logging

@@ -16,7 +16,6 @@ before_request): peewee connects on a request's first query, so the requests
 that need none (ingest, authenticated from the key cache and stored by the group
 commit; health checks; the feed) never take one from the pool.
 """
-
 import json
 import logging
 import math
