@@ -6,7 +6,8 @@ The stripped service (``stripped_app``, served by gunicorn like the real one)
 keeps what no ingest may skip: Flask, the key check, reading the body, the
 group-committed write and its answer. It drops, for the measurement only:
 
-- the request hooks: request id, access line, metrics, security headers;
+- the request hooks (but for the runtime a view finds its service by, ``g.runtime``):
+  request id, access line, metrics, security headers;
 - marshmallow's validation (replaced by the bare conversion of the fields);
 - the work after commit: no publish to the live feed, no analysis queued.
 
@@ -27,6 +28,8 @@ from bench.ingest import log, single_bodies, wrk
 
 def stripped_app(store=True):
     """The app with the three parts above taken out (gunicorn "bench.bound:stripped_app()")."""
+    from flask import g
+
     from app import create_app
     from ingest import runtime, service
     from ingest.domain import CREATED
@@ -40,12 +43,18 @@ def stripped_app(store=True):
 
     service.validate_interaction = bare_conversion
     app = create_app()
-    committer = runtime.of(app).service.committer
+    process = runtime.of(app)
+    committer = process.service.committer
     committer.after_commit = lambda committed: None
     if not store:
         committer.write_group = lambda jobs: [[(CREATED, item.id) for item in job] for job in jobs]
     app.before_request_funcs.clear()
     app.after_request_funcs.clear()
+
+    @app.before_request
+    def find_runtime():
+        g.runtime = process
+
     return app
 
 
