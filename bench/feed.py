@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import threading
@@ -36,6 +37,9 @@ CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feed_client.m
 ROWS = ((100, 500), (300, 50), (1000, 10), (1000, 50), (2000, 25))
 QUICK_ROWS = ((100, 100),)
 HOLD = 2000
+# How long the client's sockets may take to open and authenticate; a socket that
+# failed (its error is on stderr) never does, and the run stops rather than wait.
+READY_SECONDS = 120
 
 
 def start_clients(url, key, count):
@@ -43,7 +47,10 @@ def start_clients(url, key, count):
     core, leaving the CPU to the server under test)."""
     process = subprocess.Popen(["node", "--experimental-websocket", CLIENT, url, key, str(count)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "ready"
+    answered, _, _ = select.select([process.stdout], [], [], READY_SECONDS)
+    if not answered or process.stdout.readline().strip() != "ready":
+        process.kill()
+        raise RuntimeError("the client's %d sockets were not all open within %d s" % (count, READY_SECONDS))
     return process
 
 
