@@ -66,7 +66,7 @@ def test_a_hole_waits_briefly_for_a_late_change_before_the_store_is_read():
 
 def test_a_feed_that_starts_far_behind_the_store_catches_up_at_the_stores_pace(app, client, org, customer_id):
     """A feed starts where its first socket does, which may be a position read up to
-    START_SECONDS before (catchup.start_position): under load, thousands of changes
+    START_SECONDS before (CatchUp.start_position): under load, thousands of changes
     behind. It reads them from the store a page at a time, the next page as soon as
     one is delivered; it read one page a tick (a second), and a socket of a test
     waited 25 s for 5,000 changes. Twenty pages behind, they all arrive within 5 s
