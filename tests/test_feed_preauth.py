@@ -14,7 +14,10 @@ from tests.servers import Gunicorn, wait_until
 
 REQUESTS = 150
 TIMEOUT = 15.0  # a request that takes longer counts as this long
-FLOOR = 0.010  # p99s under 10 ms are noise on a shared 2-core machine: compared as 10 ms
+# A p99 of REQUESTS is their second slowest, so one stall of the shared 2-core machine
+# decides it: p99s under 15 ms are compared as 15 ms (a CI run measured 21 ms beside a
+# 7 ms control). A socket holding a request thread would cost seconds (AUTH_TIMEOUT).
+FLOOR = 0.015
 # A crowd's window ends this long before the server would close its oldest socket
 # (AUTH_TIMEOUT after the upgrade): the crowd sees an upgrade after the server started
 # its clock, and the pair of requests under way must end before the closes begin.
@@ -82,9 +85,13 @@ def p99s_while_held(url, key, customer_id, count):
                          "about as long as the server holds them" % (len(took["ingest"]), count, WINDOWS))
 
 
-def assert_within_twice(control, attacked):
-    for name in control:
-        assert attacked[name] <= 2 * max(control[name], FLOOR), (name, control, attacked)
+def assert_within_twice(before, attacked, after):
+    """Each p99 with the sockets held within twice the slower of the controls run
+    before and after them (ingest slows as its tables grow, and a machine's speed
+    drifts within a run)."""
+    for name in before:
+        control = max(before[name], after[name], FLOOR)
+        assert attacked[name] <= 2 * control, (name, before, attacked, after)
 
 
 @pytest.fixture
@@ -100,10 +107,11 @@ def test_five_thousand_idle_unauthenticated_sockets_hold_no_request_thread(app, 
     (p99s_while_held)."""
     web = Gunicorn(tmp_path / "web.log", workers=2)
     try:
-        control = p99s(web.url, *tenant)
+        before = p99s(web.url, *tenant)
         attacked = p99s_while_held(web.url, *tenant, 5000)
-        print("p99 control %s, with 5,000 idle sockets %s" % (control, attacked))
-        assert_within_twice(control, attacked)
+        after = p99s(web.url, *tenant)
+        print("p99 before %s, with 5,000 idle sockets %s, after %s" % (before, attacked, after))
+        assert_within_twice(before, attacked, after)
     finally:
         web.stop()
 
@@ -112,18 +120,18 @@ def test_through_nginx_one_address_holds_a_bounded_number_of_idle_sockets(tenant
     """The production front: 5,000 sockets without a key from one address. nginx lets
     500 of them (its per-address bound) through and answers the rest 429; health and
     another tenant's ingest keep their p99."""
-    control = p99s(stack.url, *tenant)
+    before = p99s(stack.url, *tenant)
     idle = IdleSockets(stack.url, 5000, refused_pause=5.0)
     try:
         wait_until(lambda: idle.open >= 500 and idle.refusals >= 4500, timeout=60,
                    message="500 idle sockets and 4,500 refusals")
         attacked = p99s(stack.url, *tenant)
-        print("p99 control %s, with %d idle sockets (%d refusals) %s"
-              % (control, idle.open, idle.refusals, attacked))
+        print("p99 before %s, with %d idle sockets (%d refusals) %s"
+              % (before, idle.open, idle.refusals, attacked))
         assert idle.open <= 500
     finally:
         idle.close()
-    assert_within_twice(control, attacked)
+    assert_within_twice(before, attacked, p99s(stack.url, *tenant))
 
 
 @pytest.mark.processes
