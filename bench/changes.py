@@ -11,12 +11,17 @@
   by side with ``--baseline``, the commit before the change feed (a git
   worktree): both stacks run at once and are measured in turn, ``--rounds``
   times, in alternating order; each round's ratios are to that round's baseline.
+  Which side runs first may favour one (the machine's load changes within a round),
+  so the last row weighs both orders alike: the geometric mean of the ratios of the rounds where
+  the baseline ran first, and of those where it ran second (take an even number
+  of rounds; with one round the order is not balanced at all).
 
     .venv/bin/python -m bench.changes [--count 20000] [--seconds 10] [--rounds 3] [--skip read,ingest]
 """
 import argparse
 import functools
 import json
+import math
 import os
 import random
 import subprocess
@@ -233,6 +238,19 @@ def print_ingest(kind, results):
                  after["single"]["rps"] / before["single"]["rps"], after["single"]["p99_ms"],
                  before["batch"]["rps"] * 100, before["batch"]["p99_ms"],
                  after["batch"]["rps"] / before["batch"]["rps"], after["batch"]["p99_ms"]))
+    if len(results) > 1:
+        print("| %s | both orders | | **%.2f** | | **%.2f** |" % (
+            kind, balanced_ratio(results, "single"), balanced_ratio(results, "batch")))
+
+
+def balanced_ratio(results, kind):
+    """after / before over the rounds, each order (baseline first, baseline second)
+    weighing alike: the geometric mean of the two orders' geometric means."""
+    def log_ratio(result):
+        return math.log(result["change feed"][kind]["rps"] / result["before"][kind]["rps"])
+
+    orders = [results[0::2], results[1::2]]
+    return math.exp(sum(sum(map(log_ratio, rounds)) / len(rounds) for rounds in orders) / 2)
 
 
 def main():
