@@ -31,7 +31,7 @@ def create_app(test_config=None):
     # The feed's sockets are read, written and pinged by its fan-out thread (ingest/feed.py).
     app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": feed.NoReaderThread}
     logs.configure(settings["LOG_LEVEL"])
-    process = runtime.Runtime(settings, tasks.Enqueuer(), tasks.huey.pending_count)
+    process = tasks.make_runtime(settings)
     process.bind()  # the CLI's commands query without starting anything
     app.extensions["runtime"] = process
 

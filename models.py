@@ -112,10 +112,10 @@ class QueuedWritersSqliteDatabase(SqliteDatabase):
     """SQLite shared by several processes, whose write transactions queue on a lock
     file (flock) before BEGIN IMMEDIATE.
 
-    SQLite's own busy handler polls for the write lock with sleeps of 1, 2, 5,
-    10... ms, and favours no one: with two gunicorn workers each committing
-    hundreds of groups a second, some commits waited half a second. A blocked
-    flock is woken the moment the lock is free. Each thread has its own lock
+    SQLite's own busy handler polls for the write lock with growing sleeps and
+    favours no one: with two gunicorn workers committing many groups a second,
+    some commits waited far longer than the others (docs/BENCHMARKS.md). A
+    blocked flock is woken the moment the lock is free. Each thread has its own lock
     file descriptor: flock excludes open files, not processes.
     """
 

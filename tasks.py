@@ -65,7 +65,7 @@ def join_runtime():
     (ingest/runtime.py): the first worker starts one that serves no requests; in
     the dev server, the app's is used."""
     logs.configure(settings["LOG_LEVEL"])
-    runtime.join(lambda: runtime.Runtime(settings, Enqueuer(), huey.pending_count))
+    runtime.join(lambda: make_runtime(settings))
 
 
 @huey.on_shutdown()
@@ -78,6 +78,9 @@ def leave_runtime():
 
 @huey.task(retries=3, retry_delay=2, retry_backoff=2, context=True)
 def analyze(ids, task=None):
+    """Score the interactions ``ids`` still pending and hand the results to the
+    process's ResultWriter, which stores and publishes them from its own thread.
+    Items that raise are retried; after the last attempt they are marked failed."""
     # A consumer thread keeps its connection from task to task (on SQLite that
     # spares a connect and its pragmas each time); any failure drops it.
     last_attempt = task is None or task.retries == 0
@@ -169,6 +172,11 @@ class Enqueuer:
         lane = SINGLE_LANE if high_priority else BATCH_LANE
         for organization_id, ids in ids_by_organization.items():
             _enqueue(ids, lane - self._shares.penalty(organization_id, len(ids)))
+
+
+def make_runtime(process_settings):
+    """A process's runtime (ingest/runtime.py) whose analyses go to this queue."""
+    return runtime.Runtime(process_settings, Enqueuer(), huey.pending_count)
 
 
 def requeue(ids):

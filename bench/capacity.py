@@ -408,7 +408,7 @@ def measure_lock(server_url, seconds):
                         first = conn.execute(changes.TAKE, [org, group]).fetchone()[0] - group + 1
                         conn.execute(changes.record_sql(group, "%s"), [
                             value for n, row in enumerate(rows)
-                            for value in (org, first + n, changes.ANALYZED, row["id"], now, now)])
+                            for value in (org, first + n, changes.Kind.ANALYZED, row["id"], now, now)])
                     ingest += middle - started
                     analyse += time.perf_counter() - middle
                     events += group

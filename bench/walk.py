@@ -5,7 +5,8 @@ its stored analysis, and how often it comes back to a file it had left.
 One single ingest and one `/v1/batch`, each after a first one that warmed the
 caches (the key, the customer), traced with ``threading.setprofile`` in every
 thread that works for it: the request's, the group committer's, the fan-out's
-(to a socket of the organization), the analysis task's and its result writer's.
+(to a socket of the organization), the analysis task's (on a thread of its own,
+as a consumer's worker thread runs it) and its result writer's.
 Only the project's own files count (not its libraries, tests or benchmarks).
 Each thread's files are listed in the order it entered them; a return is an
 entry into a file the same thread had already left.
@@ -40,18 +41,30 @@ class Walk:
             return
         name = os.path.relpath(path, ROOT)
         steps = self.by_thread[threading.current_thread().name]
-        if not steps or steps[-1][0] != name:
+        if steps and steps[-1][0] == name:
+            steps[-1][2] += 1
+        else:
             with self._lock:
-                steps.append((name, frame.f_code.co_name))
+                steps.append([name, frame.f_code.co_name, 1])  # file, function entered first, calls
 
     def summary(self):
         """Files, returns, and each thread's steps as "file" or, with the function
-        entered first, "file:function" under "entered"."""
-        files = sorted({name for steps in self.by_thread.values() for name, _ in steps})
-        returns = sum(len(steps) - len({name for name, _ in steps}) for steps in self.by_thread.values())
-        return {"files": files, "returns": returns,
-                "threads": {thread: [name for name, _ in steps] for thread, steps in self.by_thread.items()},
-                "entered": {thread: ["%s:%s" % step for step in steps] for thread, steps in self.by_thread.items()}}
+        entered first, "file:function" under "entered". ``glances`` counts the
+        returns that come straight back from one call of one function in another
+        file that called no other project code (a helper such as ``utcnow``)."""
+        threads = {thread: [name for name, _, _ in steps] for thread, steps in self.by_thread.items()}
+        return {"files": sorted({name for names in threads.values() for name in names}),
+                "returns": sum(len(names) - len(set(names)) for names in threads.values()),
+                "glances": sum(_glances(steps) for steps in self.by_thread.values()),
+                "threads": threads,
+                "entered": {thread: ["%s:%s" % (name, function) for name, function, _ in steps]
+                            for thread, steps in self.by_thread.items()}}
+
+
+def _glances(steps):
+    """Returns to a file right after one call into another that went no further."""
+    return sum(1 for before, helper, after in zip(steps, steps[1:], steps[2:], strict=False)
+               if after[0] == before[0] and helper[2] == 1)
 
 
 def traced(action):
@@ -81,6 +94,13 @@ class _Switch:
 _profiler = _Switch()
 
 
+def on_worker_thread(task, *args):
+    """Run ``task`` on a thread of its own, as a consumer's worker thread runs it."""
+    worker = threading.Thread(target=task, args=args, name="analysis-task")
+    worker.start()
+    worker.join()
+
+
 def walks():
     import models
     import tasks
@@ -106,16 +126,14 @@ def walks():
         def single():
             response = client.post("/api/data/ingest", json=interaction(customer), headers=headers)
             created = browser.next()
-            tasks.analyze.call_local([response.get_json()["id"]])
-            process.results.drain()
+            on_worker_thread(tasks.analyze.call_local, [response.get_json()["id"]])
             assert browser.next()["data"]["id"] == created["data"]["id"]
 
         def batch():
             event = {"type": "track", "userId": "walker", "event": "Signed Up", "messageId": os.urandom(8).hex()}
             assert client.post("/v1/batch", json={"batch": [event]}, headers=headers).status_code == 200
             created = browser.next()
-            tasks.analyze.call_local([created["data"]["id"]])
-            process.results.drain()
+            on_worker_thread(tasks.analyze.call_local, [created["data"]["id"]])
             browser.next()
 
         single(), batch()  # warm the caches
@@ -137,7 +155,8 @@ def main():
         print(json.dumps(found, indent=1))
         return
     for name, walk in found.items():
-        print("%s: %d files, %d returns" % (name, len(walk["files"]), walk["returns"]))
+        print("%s: %d files, %d returns (%d of them glances: back from a one-function helper)"
+              % (name, len(walk["files"]), walk["returns"], walk["glances"]))
         for thread, steps in walk["entered" if args.functions else "threads"].items():
             files = walk["threads"][thread]
             print("  %s (%d files, %d returns): %s" % (thread, len(set(files)), len(files) - len(set(files)),

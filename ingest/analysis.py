@@ -1,9 +1,11 @@
 """Sentiment analysis of stored interactions with VADER (DESIGN §7).
 
-``score_and_store(ids)`` touches only interactions still ``pending``, so running it
-twice, or for ids another task already did, changes nothing. It is two steps,
-so that a consumer can overlap them: ``score`` (one SELECT, then VADER) and
-``store`` (one UPDATE for the whole list).
+The task (tasks.analyze) calls ``score`` (one SELECT, then VADER) and hands the
+results to its process's ``ResultWriter``, whose thread ``store``s them (one
+UPDATE for the whole list) and publishes ``interaction.analyzed``: the next
+task's scoring overlaps the last one's write. Both touch only interactions still
+``pending``, so running a task twice, or for ids another task already did,
+changes nothing. ``score_and_store`` does both in the caller's thread.
 """
 import collections
 import datetime
@@ -18,6 +20,7 @@ from collections import defaultdict
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from ingest import changes, metrics
+from ingest.events import publish_safely
 from ingest.threads import Threads
 from models import (
     DONE,
@@ -136,7 +139,7 @@ def store(scored, error=None):
         changes.lock(organizations)
         written = {row_id: (customer_id, received_at)
                    for row_id, customer_id, received_at in db.execute_sql(sql, params).fetchall()}
-        positions = changes.append(changes.ANALYZED if error is None else changes.ANALYSIS_FAILED, [
+        positions = changes.append(changes.Kind.ANALYZED if error is None else changes.Kind.ANALYSIS_FAILED, [
             (org_id, to_uuid(row_id), written[row_id][1]) for row_id, org_id, _, _ in scored if row_id in written])
     results = [{"id": uuid_text(row_id), "organization_id": org_id, "customer_id": uuid_text(written[row_id][0]),
                 "analysis_status": status, "position": positions[to_uuid(row_id)],
@@ -305,15 +308,9 @@ class ResultWriter:
 
 def publish_analyzed(publish, written):
     """Log and publish (with the bus's ``publish``) the ``interaction.analyzed`` events
-    of ``store``'s results.
-    A failed publish is logged, never raised: the results are stored, and sockets
-    read what the bus lost from the store (DESIGN §8)."""
+    of ``store``'s results; a failed publish is logged, never raised."""
     log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
     by_organization = defaultdict(list)
     for result in written:
         by_organization[result["organization_id"]].append((result["position"], changes.analyzed_event(result)))
-    try:
-        publish(by_organization)
-    except Exception:
-        log.warning("publishing analyses failed; sockets read them from the store", exc_info=True,
-                    extra={"analysed": len(written)})
+    publish_safely(publish, by_organization, analysed=len(written))

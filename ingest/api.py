@@ -13,7 +13,7 @@ from ingest import openapi as openapi_spec
 from ingest.accounts import Scope
 from ingest.auth import admit, charge_events, key_from_request, require
 from ingest.domain import Code, validation_error
-from ingest.errors import ApiError
+from ingest.errors import RETRY_SOON, ApiError
 from ingest.web import read_json
 from models import db
 
@@ -126,7 +126,7 @@ def segment_events(kind=None):
     if retry:
         raise ApiError(503, Code.STORAGE_ERROR, "Storing failed; retry the batch.",
                        {"errors": segment.problem_out.dump(problems, many=True)},
-                       headers={"Retry-After": "1"})
+                       headers={"Retry-After": RETRY_SOON})
     result = {"success": True, "dry_run": dry, **({"errors": problems} if problems else {})}
     return segment.result_out.dump(result), 200
 

@@ -25,18 +25,34 @@ import hashlib
 import json
 import struct
 import uuid
+from enum import IntEnum, StrEnum
 
 from peewee import fn
 
 from ingest import replica
 from models import FAILED, PENDING, POSTGRES, SQLITE, Change, ChangeStream, db, sentiment, utcnow, uuid_text
 
-# The kinds of change. An analysis that failed for good is a kind of its own: the
-# interaction's row shows only its latest analysis, and a failure can be followed by
-# a success (`flask analysis retry`), which must not rewrite what the failure said.
-CREATED, ANALYZED, CUSTOMER_DELETED, ANALYSIS_FAILED = 1, 2, 3, 4
-TYPES = {CREATED: "interaction.created", ANALYZED: "interaction.analyzed",
-         CUSTOMER_DELETED: "customer.deleted", ANALYSIS_FAILED: "interaction.analyzed"}
+
+class Kind(IntEnum):
+    """The kinds of change, as the change table stores them. An analysis that failed
+    for good is a kind of its own: the interaction's row shows only its latest
+    analysis, and a failure can be followed by a success (`flask analysis retry`),
+    which must not rewrite what the failure said."""
+    CREATED = 1
+    ANALYZED = 2
+    CUSTOMER_DELETED = 3
+    ANALYSIS_FAILED = 4
+
+
+class EventType(StrEnum):
+    """A change's ``type`` on the wire: in its socket event and in /api/changes."""
+    CREATED = "interaction.created"
+    ANALYZED = "interaction.analyzed"
+    CUSTOMER_DELETED = "customer.deleted"
+
+
+TYPES = {Kind.CREATED: EventType.CREATED, Kind.ANALYZED: EventType.ANALYZED,
+         Kind.CUSTOMER_DELETED: EventType.CUSTOMER_DELETED, Kind.ANALYSIS_FAILED: EventType.ANALYZED}
 MAX_PAGE = 1000
 _CHECK_BYTES = 8
 
@@ -144,7 +160,8 @@ def record_sql(rows, placeholder):
 def append(kind, subjects):
     """Give ``subjects`` ((organization_id, subject, subject_at), in their order within
     each organization) the next positions of their organizations' streams, and record
-    them as changes of ``kind``, in the caller's transaction; returns {subject: position}."""
+    them as changes of ``kind``, in the caller's transaction; returns {subject: position}.
+    (The PostgreSQL ingest does the same inside its one statement: store.INSERT_AND_COUNT.)"""
     by_organization = {}
     for organization_id, subject, subject_at in subjects:
         by_organization.setdefault(organization_id, []).append((subject, subject_at))
@@ -299,13 +316,13 @@ def _data(row):
     when the interaction is gone."""
     _, kind, subject, interaction_id, customer_id, message_id, timestamp, received_at, channel, \
         event_type, content, metadata, status, label, score = row
-    if kind == CUSTOMER_DELETED:
+    if kind == Kind.CUSTOMER_DELETED:
         return {"id": uuid_text(subject)}
     if interaction_id is None:
         return None
-    if kind == ANALYZED:
+    if kind == Kind.ANALYZED:
         return analyzed_data(uuid_text(interaction_id), uuid_text(customer_id), status, label, score)
-    if kind == ANALYSIS_FAILED:
+    if kind == Kind.ANALYSIS_FAILED:
         return analyzed_data(uuid_text(interaction_id), uuid_text(customer_id), FAILED, None, None)
     return created_data(uuid_text(interaction_id), uuid_text(customer_id), message_id, timestamp, received_at,
                         channel, event_type, content, json.loads(metadata))
@@ -334,7 +351,7 @@ def _instant(value):
 def created_event(item):
     """The ``interaction.created`` event of a stored interaction (a NewInteraction with
     its position), as its writer publishes it."""
-    return event(CREATED, item.organization_id, item.position, created_data(
+    return event(Kind.CREATED, item.organization_id, item.position, created_data(
         str(item.id), str(item.customer_id), item.message_id, item.timestamp, item.received_at,
         item.channel, item.event_type, item.content, item.metadata))
 
@@ -342,7 +359,7 @@ def created_event(item):
 def analyzed_event(result):
     """The ``interaction.analyzed`` event of an analysis result written
     (analysis.store's)."""
-    return event(ANALYZED, result["organization_id"], result["position"], analyzed_data(
+    return event(Kind.ANALYZED, result["organization_id"], result["position"], analyzed_data(
         result["id"], result["customer_id"], result["analysis_status"], result["label"], result["score"]))
 
 

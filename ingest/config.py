@@ -1,4 +1,9 @@
-"""Configuration, read from the environment in this one place (DESIGN §3).
+"""The service's configuration, read from the environment in this one place (DESIGN §3).
+
+Two kinds of variable are read elsewhere, by what they configure: gunicorn's own
+(BIND, WEB_CONCURRENCY, WEB_THREADS, WEB_PIN_CPUS) in gunicorn.conf.py, which
+gunicorn reads before any app exists, and prometheus_client's
+PROMETHEUS_MULTIPROC_DIR (ingest/metrics.py).
 
 The web processes and the queue consumers call ``load()`` alike, so both see
 the same database, queue and event bus. `huey_consumer tasks.huey` gets no

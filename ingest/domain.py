@@ -79,6 +79,7 @@ class Code(StrEnum):
     RATE_LIMITED = "rate_limited"
     AUTH_RATE_LIMITED = "auth_rate_limited"
     ANALYSIS_BACKLOG_FULL = "analysis_backlog_full"
+    CUSTOMER_ERASED = "customer_erased"  # a Segment event's problem (DESIGN §15), inside a 200
 
 
 class ServiceError(Exception):

@@ -26,6 +26,10 @@ SERVICE_STATUS = {
 }
 
 
+# The Retry-After of a 503 (storing failed, the database is unavailable): a retry
+# may succeed at once.
+RETRY_SOON = "1"
+
 # Werkzeug's name for a status where ours differs (a body too large, however it
 # was found out, is one code).
 HTTP_CODES = {413: Code.PAYLOAD_TOO_LARGE}
@@ -57,7 +61,7 @@ def register(app):
     @app.errorhandler(ServiceError)
     def _service_error(error):
         status = SERVICE_STATUS.get(error.code, 500)
-        headers = {"Retry-After": "1"} if status == 503 else None
+        headers = {"Retry-After": RETRY_SOON} if status == 503 else None
         return error_response(status, error.code, error.message, error.details, headers)
 
     @app.errorhandler(OperationalError)
@@ -66,7 +70,7 @@ def register(app):
     def _database_unavailable(error):
         log.warning("database unavailable: %s", error)
         return error_response(503, Code.DATABASE_UNAVAILABLE,
-                              "The database is unavailable; retry shortly.", headers={"Retry-After": "1"})
+                              "The database is unavailable; retry shortly.", headers={"Retry-After": RETRY_SOON})
 
     @app.errorhandler(HTTPException)
     def _http_error(error):

@@ -34,6 +34,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from ingest.config import DEFAULTS
 from ingest.fanout import FanOut, encode
 from ingest.threads import Threads
 
@@ -43,8 +44,8 @@ STREAM_PREFIX = "ingest:events:"
 SIZES_KEY = "ingest:events-bytes"  # organization -> bytes its stream holds; "*" -> all of them
 SEQUENCES_KEY = "ingest:events-sequence"  # organization -> its newest entry's sequence number
 RECENT_KEY = "ingest:events-recent"  # organizations by their last publish (ms)
-STREAM_BYTES = 8 * 1024 * 1024  # per organization, for listeners that lag (EVENTS_STREAM_BYTES)
-TOTAL_BYTES = 256 * 1024 * 1024  # every organization's stream together (EVENTS_TOTAL_BYTES)
+STREAM_BYTES = DEFAULTS["EVENTS_STREAM_BYTES"]  # per organization, for listeners that lag
+TOTAL_BYTES = DEFAULTS["EVENTS_TOTAL_BYTES"]  # every organization's stream together
 STREAM_TTL = 24 * 3600  # an organization's stream is dropped after a day with no publish
 READ_COUNT = 100  # entries per stream and read: a busy organization never starves the others
 READ_BLOCK_MS = 250  # also how soon a listener starts reading a newly watched organization
@@ -340,6 +341,16 @@ def _lost(fields, previous):
     between the one read before and this one were trimmed away unread?"""
     sequence = _sequence(fields)
     return GAP_FIELD in fields or (previous is not None and sequence is not None and sequence != previous + 1)
+
+
+def publish_safely(publish, events_by_organization, **extra):
+    """Publish with a bus's ``publish``; a failure is logged (with ``extra``), never
+    raised: what was published is stored, and the fan-out reads from the store what
+    the bus lost (DESIGN §8)."""
+    try:
+        publish(events_by_organization)
+    except Exception:
+        log.warning("publish failed; sockets read these events from the store", exc_info=True, extra=extra)
 
 
 def make_bus(url, stream_bytes=STREAM_BYTES, total_bytes=TOTAL_BYTES):

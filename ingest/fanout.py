@@ -35,6 +35,12 @@ The parts, in this order, each read on its own:
   results come back to the loop as commands.
 - ``FeedSocket`` and ``Sockets``: one socket's state, outbox and
   flow control; the sockets' reads, writes and timers.
+
+One event's way through them: ``FanOut.dispatch`` (any thread) queues it; the
+loop's ``_take_commands`` runs ``_on_events``, which hands it to its
+organization's ``OrgFeed.arrived``; ``_deliver`` puts what is due, in position
+order, into each socket's outbox (``FeedSocket.push``); ``_flush_pending`` then
+has ``Sockets.flush`` write every touched socket.
 """
 import collections
 import concurrent.futures

@@ -3,10 +3,11 @@
 Protocol (JSON text frames): the client sends {"type": "auth", "token": KEY}
 within AUTH_TIMEOUT seconds; the server answers {"type": "ready", ...} or
 closes with 4401 (bad key) or 4403 (no read scope). Then the server sends the
-organization's events as they happen, {"type": "dropped", "count": N} when this
-socket fell behind and events were dropped for it, and {"type": "gap"} when
-events may have been missed upstream (the page then catches up through the read
-API). A revoked key's sockets are closed with 4401.
+organization's events as they happen, and {"type": "dropped", "count": N} when
+this socket fell behind and events were dropped for it (they follow, in order,
+once it has drained). Events the bus lost upstream are read from the store by
+the fan-out (FanOut.resync), so a socket never misses one. A revoked key's
+sockets are closed with 4401.
 
 A server thread runs the view only for the handshake: the view takes the
 connection away from the WSGI server and hands it to this process's fan-out loop
@@ -62,7 +63,7 @@ class NoReaderThread:
     ``thread_class(target=...).start()`` is pinned by tests/test_feed_contract.py.
 
     Why not a thread or greenlet per socket, as flask-sock documents for many
-    sockets: measured side by side (gevent workers), that costs 10-20 times the
+    sockets: measured side by side (gevent workers), that costs many times the
     CPU per delivered event and misses the §12 live rows (docs/BENCHMARKS.md)."""
 
     def __init__(self, target):

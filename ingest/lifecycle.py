@@ -91,7 +91,7 @@ def erase_customer(organization_id, customer_id):
              .on_conflict(conflict_target=[Erasure.organization, Erasure.external_id_hash],
                           update={Erasure.erased_at: now})
              .execute())
-        changes.record([(organization_id, position, changes.CUSTOMER_DELETED, customer.id, None)])
+        changes.record([(organization_id, position, changes.Kind.CUSTOMER_DELETED, customer.id, None)])
     return position
 
 

@@ -155,7 +155,7 @@ LIVE_FEED = (
     "Live feed: a WebSocket at /api/feed/ws. The client sends {\"type\": \"auth\", \"token\": KEY} "
     "(a key with the read scope), and {\"after\": CURSOR} in it to resume. The server answers ReadyNotice, "
     "then sends the organization's changes in order, each once (CreatedEvent, AnalyzedEvent, DeletedEvent: "
-    "the same items as GET /api/changes), and DroppedNotice or GapNotice when it had to. Close codes: 4400 "
+    "the same items as GET /api/changes), and DroppedNotice when it fell behind. Close codes: 4400 "
     "after is not a cursor of the organization, 4401 bad or revoked key, 4403 no read scope, 4410 cursor "
     "expired, 1013 try again later.")
 

@@ -48,8 +48,9 @@ class Runtime:
         self.rate_limit = _limit(settings["RATE_LIMIT"], settings)
         self.auth_failures = _limit(settings["AUTH_FAILURE_LIMIT"], settings)
         self.backlog = auth.Backlog(settings["ANALYSIS_BACKLOG_MAX"])
-        self.service = IngestService(enqueue_analysis, self.bus.publish, settings["MAX_BATCH_ITEMS"],
-                                    settings["COMMIT_TIMEOUT"])
+        self.service = IngestService(enqueue_analysis, self.bus.publish,
+                                     max_batch_items=settings["MAX_BATCH_ITEMS"],
+                                     commit_timeout=settings["COMMIT_TIMEOUT"])
         self.results = ResultWriter(self.bus.publish)
         self._watch = auth.RevocationWatch(self.keys, self.bus.fanout)
         self._started = []

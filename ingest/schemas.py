@@ -14,7 +14,9 @@ import uuid
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, validate
 
+from ingest.changes import EventType
 from ingest.domain import validation_error
+from models import DONE, FAILED, SKIPPED
 
 CHANNELS = ("web", "mobile", "email", "chat", "phone", "social", "in_store", "api", "other")
 MAX_FUTURE = datetime.timedelta(hours=24)
@@ -94,7 +96,7 @@ class JsonObject(fields.Dict):
 def not_far_future(value):
     now = datetime.datetime.now(UTC).replace(tzinfo=None)
     if value > now + MAX_FUTURE:
-        raise ValidationError("Must not be more than 24 hours in the future.")
+        raise ValidationError("Must not be more than %d hours in the future." % (MAX_FUTURE.total_seconds() // 3600))
 
 
 def printable(value):
@@ -110,10 +112,13 @@ class Incoming(Schema):
         try:
             return super().load(data, **kwargs)
         except ValidationError as error:
-            details = error.messages
-            if not isinstance(details, dict):  # the payload itself was not an object
-                details = {"_schema": details}
-            raise validation_error(details) from None
+            raise validation_error(field_errors(error)) from None
+
+
+def field_errors(error):
+    """A ValidationError's messages by field; "_schema" for the payload as a whole
+    (one that is not an object, say)."""
+    return error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
 
 
 class InteractionIn(Incoming):
@@ -290,7 +295,7 @@ class AnalyzedData(Schema):
     id = fields.UUID(required=True)
     customer_id = fields.UUID(data_key="customerId", required=True)
     analysis_status = fields.String(data_key="analysisStatus", required=True,
-                                    validate=validate.OneOf(("done", "skipped", "failed")))
+                                    validate=validate.OneOf((DONE, SKIPPED, FAILED)))
     sentiment = fields.Nested(SentimentOut, required=True, allow_none=True)
 
 
@@ -301,19 +306,19 @@ class DeletedData(Schema):
 
 class CreatedEvent(ChangeOut):
     """An interaction was stored: as the read API shows it, pending."""
-    type = fields.String(required=True, validate=validate.Equal("interaction.created"))
+    type = fields.String(required=True, validate=validate.Equal(EventType.CREATED))
     data = fields.Nested(InteractionOut, required=True)
 
 
 class AnalyzedEvent(ChangeOut):
     """An interaction's analysis was stored."""
-    type = fields.String(required=True, validate=validate.Equal("interaction.analyzed"))
+    type = fields.String(required=True, validate=validate.Equal(EventType.ANALYZED))
     data = fields.Nested(AnalyzedData, required=True)
 
 
 class DeletedEvent(ChangeOut):
     """A customer and every interaction of it were erased."""
-    type = fields.String(required=True, validate=validate.Equal("customer.deleted"))
+    type = fields.String(required=True, validate=validate.Equal(EventType.CUSTOMER_DELETED))
     data = fields.Nested(DeletedData, required=True)
 
 
@@ -331,15 +336,9 @@ class DroppedNotice(Schema):
     count = fields.Integer(required=True)
 
 
-class GapNotice(Schema):
-    """Changes may have been missed upstream; read /api/changes after the last cursor."""
-    type = fields.String(required=True, validate=validate.Equal("gap"))
-
-
 # A live message's ``type`` -> its schema.
-LIVE_MESSAGES = {"interaction.created": CreatedEvent, "interaction.analyzed": AnalyzedEvent,
-                 "customer.deleted": DeletedEvent, "ready": ReadyNotice, "dropped": DroppedNotice,
-                 "gap": GapNotice}
+LIVE_MESSAGES = {EventType.CREATED: CreatedEvent, EventType.ANALYZED: AnalyzedEvent,
+                 EventType.CUSTOMER_DELETED: DeletedEvent, "ready": ReadyNotice, "dropped": DroppedNotice}
 
 
 class ReplicaHealth(Schema):

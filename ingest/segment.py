@@ -24,7 +24,17 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields
 
 from ingest import lifecycle, metrics
 from ingest.domain import BatchOutcome, Code, ServiceError, validation_error
-from ingest.schemas import UTC, ItemError, JsonObject, WriteResult, check_text, interaction_in, not_far_future
+from ingest.schemas import (
+    UTC,
+    ItemError,
+    JsonObject,
+    WriteResult,
+    check_text,
+    customer_in,
+    field_errors,
+    interaction_in,
+    not_far_future,
+)
 from models import Customer, db, utcnow
 
 # Segment's wire shapes, as published in the OpenAPI description. The request
@@ -96,8 +106,7 @@ def accept(service, organization_id, payload, kind=None, dry_run=False):
         try:
             accepted.append(_accept(index, event, payload.get("sentAt"), received_at))
         except ValidationError as error:
-            details = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-            problems.append(_problem(index, event, details))
+            problems.append(_problem(index, event, field_errors(error)))
         except ServiceError as error:
             problems.append(_problem(index, event, error.details))
     if dry_run:
@@ -158,7 +167,7 @@ def _predates_erasure(event, erased):
 
 def _erased(event, events, reason):
     return {**_problem(event.index, events[event.index], {"userId": [reason]}),
-            "error": "customer_erased", "message": "The customer was erased."}
+            "error": Code.CUSTOMER_ERASED, "message": "The customer was erased."}
 
 
 def _users(events):
@@ -235,15 +244,18 @@ def check_message_id(event):
         raise ValidationError({"messageId": error.messages}) from None
 
 
+EXTERNAL_ID = customer_in.fields["external_id"]
+
+
 def user_of(event):
+    """The event's user as its customer's external id, checked as our API checks one."""
     user = event.get("userId") or event.get("anonymousId")
     if user is None or isinstance(user, (dict, list, bool)):
         raise ValidationError({"userId": ["userId or anonymousId is required."]})
-    user = str(user)
-    check_text(user)
-    if not 1 <= len(user) <= 255:
-        raise ValidationError({"userId": ["Length must be between 1 and 255."]})
-    return user
+    try:
+        return EXTERNAL_ID.deserialize(str(user))
+    except ValidationError as error:
+        raise ValidationError({"userId": error.messages}) from None
 
 
 def interaction_of(event, when):

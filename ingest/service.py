@@ -2,7 +2,8 @@
 
 validate -> enrich with the organization -> store (one transaction: inserts and
 one set-based UPDATE of the customers, via the process's group committer) -> after commit:
-enqueue the analysis, publish ``interaction.created``. The group committer, which
+publish ``interaction.created``, then enqueue the analysis (so that a socket sees
+"created" before "analyzed"). The group committer, which
 stores what concurrent requests submit in shared transactions, is the second part
 of this module (``GroupCommitter``).
 
@@ -22,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ingest import changes, lifecycle, metrics, schemas
+from ingest.config import DEFAULTS
 from ingest.domain import (
     CREATED,
     DUPLICATE,
@@ -34,6 +36,7 @@ from ingest.domain import (
     uuid_or_none,
     validation_error,
 )
+from ingest.events import publish_safely
 from ingest.logs import bind_context
 from ingest.store import KnownCustomers, probe, write_group
 from ingest.threads import Threads
@@ -91,7 +94,7 @@ def after_commit(committed, enqueue_analysis, publish):
     metrics.INTERACTIONS.labels("stored").inc(outcomes[CREATED])
     metrics.INTERACTIONS.labels("duplicate").inc(outcomes[DUPLICATE])
     if events:  # before the analyses are queued, so that "created" precedes "analyzed"
-        safely_publish(publish, events)
+        publish_safely(publish, events)
     for high_priority, by_organization in ids.items():
         if by_organization:
             try:
@@ -101,21 +104,14 @@ def after_commit(committed, enqueue_analysis, publish):
                             extra={"count": sum(map(len, by_organization.values()))})
 
 
-def safely_publish(publish, events_by_organization):
-    """Publish; a failure is logged, never raised (the fan-out reads the store)."""
-    try:
-        publish(events_by_organization)
-    except Exception:
-        log.warning("publish failed", exc_info=True)
-
-
 class IngestService:
     """Single and batch ingest, and erasure, through a group committer of its own
     (with its cache of known customers): one per process, held by its runtime.
     ``enqueue_analysis`` and ``publish`` are after_commit's; erasure publishes too.
     ``start()`` before use, ``stop()`` after."""
 
-    def __init__(self, enqueue_analysis, publish, max_batch_items=1000, commit_timeout=20):
+    def __init__(self, enqueue_analysis, publish, max_batch_items=DEFAULTS["MAX_BATCH_ITEMS"],
+                 commit_timeout=DEFAULTS["COMMIT_TIMEOUT"]):
         self.known_customers = KnownCustomers()
         self.committer = GroupCommitter(
             functools.partial(write_group, known=self.known_customers),
@@ -195,8 +191,8 @@ class IngestService:
         if position is None:
             raise not_found(Code.CUSTOMER_NOT_FOUND)
         self.known_customers.forget((uuid.UUID(str(organization_id)), customer_uuid))
-        safely_publish(self.publish, {organization_id: [(position, changes.event(
-            changes.CUSTOMER_DELETED, organization_id, position, {"id": str(customer_uuid)}))]})
+        publish_safely(self.publish, {organization_id: [(position, changes.event(
+            changes.Kind.CUSTOMER_DELETED, organization_id, position, {"id": str(customer_uuid)}))]})
 
     def _store(self, job):
         future = self.committer.submit(job)

@@ -108,12 +108,12 @@ def write_group(jobs, known):
 
 
 def _write_postgres(jobs, known):
-    return _write(jobs, known, _insert_and_count)  # one statement: atomic on its own
+    return _write(jobs, known, _insert_and_count_postgres)  # one statement: atomic on its own
 
 
 def _write_sqlite(jobs, known):
     with db.atomic():
-        return _write(jobs, known, _insert_then_count)
+        return _write(jobs, known, _insert_and_count_sqlite)
 
 
 def _write(jobs, known, store):
@@ -193,7 +193,7 @@ def _in_key_order(items):
     return items
 
 
-def _insert_then_count(items):
+def _insert_and_count_sqlite(items):
     """SQLite: insert ``items`` (those that conflict are skipped), then count the
     inserted ones on their customers and record their changes; returns {id
     inserted: its position}."""
@@ -204,7 +204,7 @@ def _insert_then_count(items):
     inserted = {Interaction.id.python_value(row[0]) for row in cursor}
     new = [item for item in items if item.id in inserted]
     _update_customers(new)
-    return changes.append(changes.CREATED, [(item.organization_id, item.id, item.received_at) for item in new])
+    return changes.append(changes.Kind.CREATED, [(item.organization_id, item.id, item.received_at) for item in new])
 
 
 # PostgreSQL: one statement for any number of rows, the rows passed as one JSON
@@ -251,10 +251,10 @@ INSERT_AND_COUNT = (
     "recorded AS (INSERT INTO change (organization_id, position, kind, subject, recorded_at, subject_at) "
     "SELECT organization_id, position, %(kind)d, id, received_at, received_at FROM numbered) "
     "SELECT id, position FROM numbered"
-    % {"columns": ", ".join(COLUMNS), "kind": changes.CREATED})
+    % {"columns": ", ".join(COLUMNS), "kind": changes.Kind.CREATED})
 
 
-def _insert_and_count(items):
+def _insert_and_count_postgres(items):
     """PostgreSQL: the insert, the counter update and the changes as one statement
     (one round trip, atomic on its own); returns {id inserted: its position}."""
     if not items:

@@ -57,7 +57,7 @@ class Swarm(Crowd):
                 member.readies += 1
             elif message["type"] == "interaction.created":
                 member.created.add(message["data"]["id"])
-            elif message["type"] in ("dropped", "gap"):
+            elif message["type"] == "dropped":
                 member.notices.append(message)
 
     # Synchronous views for the tests ------------------------------------------
@@ -132,7 +132,7 @@ class Followers(Crowd):
             if message["type"] == "ready":
                 follower.readies += 1
                 follower.state = "following"
-            elif message["type"] in ("dropped", "gap"):
+            elif message["type"] == "dropped":
                 follower.notices.append(message["type"])
                 return  # resume from the last cursor
             elif "cursor" in message:

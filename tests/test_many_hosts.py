@@ -31,7 +31,7 @@ from collections import Counter
 import pytest
 import requests
 
-from ingest.changes import ANALYZED
+from ingest.changes import Kind
 from tests import dbs, hosts
 from tests.helpers import BATCH_PATH, INGEST_PATH, bearer, interaction
 from tests.postgres import Postgres
@@ -346,7 +346,7 @@ def test_losing_the_work_host_mid_backlog_leaves_nothing_pending(cluster):
     cluster.consumer = cluster.start_consumer()
     wait_until(lambda: pending() == 0, timeout=120, message="nothing pending once work is back")
     analysed = cluster.sql("SELECT COUNT(*) FROM change WHERE organization_id = %s AND kind = %s",
-                           org["organizationId"], ANALYZED)[0][0]
+                           org["organizationId"], Kind.ANALYZED)[0][0]
     assert analysed == 10_000, "each interaction analysed once: %d analyses" % analysed
     print("\nwork killed -9 with %d of 10000 pending: all analysed %.1f s later, each once"
           % (left, time.monotonic() - lost_at))

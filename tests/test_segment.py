@@ -106,6 +106,19 @@ def test_bad_events_are_reported_and_never_fail_the_rest(app, client, org):
         assert Interaction.select().count() == 2
 
 
+def test_a_user_id_is_checked_as_a_customer_external_id_and_named(app, client, org):
+    """Segment's userId becomes the customer's externalId, by the same field rules
+    (1-255 characters of text a database can hold), and a problem names userId."""
+    batch = {"batch": [track("x" * 256, messageId="long"), track("nul\x00", messageId="nul"),
+                       track("x" * 255, messageId="longest")]}
+    body = post(client, "/v1/batch", batch, basic(org["ingestKey"])).get_json()
+    assert body["success"] is True
+    assert [(p["messageId"], list(p["details"])) for p in body["errors"]] == [("long", ["userId"]),
+                                                                              ("nul", ["userId"])]
+    with app.app_context():
+        assert Interaction.select().count() == 1
+
+
 @pytest.mark.parametrize("body", [{"batch": []}, {"batch": "x"}, {}, [1]])
 def test_invalid_envelope_is_400(client, org, body):
     response = post(client, "/v1/batch", body, basic(org["ingestKey"]))
