@@ -54,7 +54,8 @@ def _forget():
 os.register_at_fork(after_in_child=_forget)
 
 
-def uuid4():
+def random_uuid():
+    """A random UUID (version 4), as uuid.uuid4 makes one, from the buffer above."""
     with _lock:
         offset = _state["offset"]
         if offset + 16 > len(_state["buffer"]):

@@ -30,6 +30,7 @@ BATCH_LANE = 10
 REQUEUE_LANE = 0
 SHARE_WINDOW = 10
 SHARE_STEP = 500
+MAX_PENALTY = BATCH_LANE - REQUEUE_LANE - 1  # a penalised task still runs before the lane below
 TASK_IDS = 500  # ids a task: per-task work (dequeue, one SELECT, one UPDATE, one publish) shared by more texts
 TASK_BUDGET = 1.0  # seconds a task scores before it queues the rest of its ids again
 
@@ -157,7 +158,7 @@ class Shares:
             if len(self._recent) > 10_000:
                 self._recent.clear()
             self._recent[organization_id] = (started, queued + count)
-        return min(9, queued // SHARE_STEP)
+        return min(MAX_PENALTY, queued // SHARE_STEP)
 
 
 class Enqueuer:

@@ -1,7 +1,7 @@
 """Sentiment analysis of stored interactions with VADER (DESIGN §7).
 
 The task (tasks.analyze) calls ``score`` (one SELECT, then VADER) and hands the
-results to its process's ``ResultWriter``, whose thread ``store``s them (one
+results to its process's ``ResultWriter``, whose thread stores them (``store_results``: one
 UPDATE for the whole list) and publishes ``interaction.analyzed``: the next
 task's scoring overlaps the last one's write. Both touch only interactions still
 ``pending``, so running a task twice, or for ids another task already did,
@@ -96,7 +96,7 @@ def score_and_store(ids):
     """Analyse the interactions ``ids`` still pending; returns one result dict
     for each one analysed (those that raised stay pending)."""
     scored, _, _ = score(ids)
-    return store(scored)
+    return store_results(scored)
 
 
 def score(ids, budget=None):
@@ -123,7 +123,7 @@ def score(ids, budget=None):
     return scored, failed, unread
 
 
-def store(scored, error=None):
+def store_results(scored, error=None):
     """Write scores (and ``error``, if any) with one statement, leaving alone rows
     that another task analysed meanwhile, and record an ``interaction.analyzed``
     change for each row written (of its own kind for a failure), in one transaction
@@ -151,7 +151,7 @@ def store(scored, error=None):
 
 
 def store_statement(scored, error):
-    """(sql, params) of ``store``'s UPDATE."""
+    """(sql, params) of ``store_results``'s UPDATE."""
     return STORE[db.dialect](scored, error)
 
 
@@ -222,9 +222,9 @@ STORE = {POSTGRES: _store_postgres, SQLITE: _store_sqlite}
 
 def mark_failed(ids, error):
     """Record that analysing ``ids`` failed for good, keeping the error: written as
-    ``store`` writes scores, with an ``interaction.analyzed`` change (status failed)
-    for each row still pending. Returns ``store``'s results."""
-    return store([(row_id, org_id, (FAILED, None, None), received_at)
+    ``store_results`` writes scores, with an ``interaction.analyzed`` change (status failed)
+    for each row still pending. Returns ``store_results``'s results."""
+    return store_results([(row_id, org_id, (FAILED, None, None), received_at)
                   for row_id, org_id, _, status, received_at in _pending_rows(ids) if status == PENDING],
                  error=str(error)[:2000])
 
@@ -280,7 +280,7 @@ class ResultWriter:
     def write(self, scored):
         """Write ``scored`` now, from this thread."""
         if scored:
-            publish_analyzed(self._publish, store(scored))
+            publish_analyzed(self._publish, store_results(scored))
 
     def failed(self, ids, error):
         """Mark ``ids`` failed for good (``error``) and publish that, from this thread."""
@@ -308,7 +308,7 @@ class ResultWriter:
 
 def publish_analyzed(publish, written):
     """Log and publish (with the bus's ``publish``) the ``interaction.analyzed`` events
-    of ``store``'s results; a failed publish is logged, never raised."""
+    of ``store_results``'s results; a failed publish is logged, never raised."""
     log.info("analysed", extra={"analysed": len(written), "interaction_ids": [r["id"] for r in written]})
     by_organization = defaultdict(list)
     for result in written:

@@ -358,7 +358,7 @@ def created_event(item):
 
 def analyzed_event(result):
     """The ``interaction.analyzed`` event of an analysis result written
-    (analysis.store's)."""
+    (analysis.store_results's)."""
     return event(Kind.ANALYZED, result["organization_id"], result["position"], analyzed_data(
         result["id"], result["customer_id"], result["analysis_status"], result["label"], result["score"]))
 

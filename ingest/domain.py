@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from models import PENDING, utcnow, uuid4
+from models import PENDING, random_uuid, utcnow
 
 # What became of an interaction submitted for storage.
 CREATED = "created"
@@ -28,7 +28,7 @@ class NewInteraction:
     content: str | None = None
     metadata: dict = field(default_factory=dict)
     message_id: str | None = None
-    id: uuid.UUID = field(default_factory=uuid4)
+    id: uuid.UUID = field(default_factory=random_uuid)
     received_at: datetime.datetime = field(default_factory=utcnow)
     position: int | None = None  # in its organization's change stream, once stored
 

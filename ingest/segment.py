@@ -322,7 +322,7 @@ def resolve_customers(organization_id, accepted):
         create = missing & still_missing
         if create:
             lifecycle.add_customers(organization_id, [{"external_id": ext, "traits": {}} for ext in sorted(create)])
-            customers = _existing(organization_id, _users(accepted))
+            customers = _customer_ids(organization_id, _users(accepted))
     return customers, erased
 
 
@@ -330,11 +330,11 @@ def _look_up(organization_id, accepted):
     """The customers of the events' users, the users' erasures, and the users
     missing a customer for an event after their erasure."""
     users = _users(accepted)
-    customers, erased = _existing(organization_id, users), lifecycle.erased_since(organization_id, users)
+    customers, erased = _customer_ids(organization_id, users), lifecycle.erased_since(organization_id, users)
     return customers, erased, _users(e for e in accepted if not _predates_erasure(e, erased)) - set(customers)
 
 
-def _existing(organization_id, external_ids):
+def _customer_ids(organization_id, external_ids):
     """{external id: customer id} for those of ``external_ids`` that are customers."""
     if not external_ids:
         return {}

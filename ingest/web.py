@@ -28,7 +28,7 @@ from flask import current_app, g, request
 from ingest import logs, metrics, runtime
 from ingest.domain import Code
 from ingest.errors import ApiError
-from models import db, uuid4
+from models import db, random_uuid
 
 access = logging.getLogger("ingest.access")
 
@@ -55,7 +55,7 @@ def init_app(app):
 
 def start():
     incoming = request.headers.get("X-Request-ID", "")
-    logs.context.set({"request_id": incoming if REQUEST_ID.match(incoming) else uuid4().hex})
+    logs.context.set({"request_id": incoming if REQUEST_ID.match(incoming) else random_uuid().hex})
     g.started = time.perf_counter()
     g.runtime = runtime.of(current_app)
 
