@@ -81,7 +81,9 @@ def leave_runtime():
 def analyze(ids, task=None):
     """Score the interactions ``ids`` still pending and hand the results to the
     process's ResultWriter, which stores and publishes them from its own thread.
-    Items that raise are retried; after the last attempt they are marked failed."""
+    When some items raise, the others' results are written on this thread, and
+    the task is retried for those items; after the last attempt they are marked
+    failed."""
     # A consumer thread keeps its connection from task to task (on SQLite that
     # spares a connect and its pragmas each time); any failure drops it.
     last_attempt = task is None or task.retries == 0
@@ -188,7 +190,18 @@ def requeue(ids):
 def _enqueue(ids, priority):
     ids = [str(i) for i in ids]
     for start in range(0, len(ids), TASK_IDS):
-        huey.enqueue(analyze.s(ids[start:start + TASK_IDS], priority=priority))
+        _enqueue_task(analyze.s(ids[start:start + TASK_IDS], priority=priority))
+
+
+def _enqueue_task(task):
+    """Enqueue ``task``, once more if that fails: a pooled connection that its server
+    dropped meanwhile (Redis after a network cut: "Broken pipe") fails once, and
+    the retry takes a new one. A queue that is down fails both; the caller logs,
+    and the sweep queues the analyses again (DESIGN §7)."""
+    try:
+        huey.enqueue(task)
+    except Exception:
+        huey.enqueue(task)
 
 
 def start_embedded_consumer(workers=2):

@@ -400,7 +400,7 @@ def measure_lock(server_url, seconds):
                     started = time.perf_counter()
                     conn.execute(store.INSERT_AND_COUNT, [json.dumps(rows)])
                     middle = time.perf_counter()
-                    with conn.transaction():  # analysis.store: lock, update, take, record, commit
+                    with conn.transaction():  # analysis.store_results: lock, update, take, record, commit
                         conn.execute("SELECT 1 FROM change_stream WHERE organization_id = %s FOR UPDATE", [org])
                         conn.execute(analysis.STORE_POSTGRES, [None, now, json.dumps(
                             [{"id": r["id"], "received_at": now, "status": "done", "label": "positive",

@@ -103,12 +103,12 @@ def delivery(stack, sockets, rate, seconds, threads=False):
     if by_thread is not None:
         cores["web_threads"] = by_thread.cores()
     time.sleep(2)  # the last events in flight
-    report = stop_clients(clients) if clients else {"received": [], "dropped": 0, "gaps": 0}
+    report = stop_clients(clients) if clients else {"received": [], "dropped": 0}
     answered = dict(sent)
     latencies = [(at - answered[i]) * 1000 for i, at in report["received"] if i in answered]
     return {"sockets": sockets, "rate": rate, "achieved": round(len(sent) / seconds),
             "expected": len(sent) * sockets, "arrived": len(latencies),
-            "dropped": report["dropped"], "gaps": report["gaps"],
+            "dropped": report["dropped"],
             "p50_ms": round(percentile(latencies, 0.5), 1),
             "p99_ms": round(percentile(latencies, 0.99), 1),
             "max_ms": round(max(latencies, default=float("nan")), 1), "cores": cores}

@@ -3,7 +3,8 @@
 The task (tasks.analyze) calls ``score`` (one SELECT, then VADER) and hands the
 results to its process's ``ResultWriter``, whose thread stores them (``store_results``: one
 UPDATE for the whole list) and publishes ``interaction.analyzed``: the next
-task's scoring overlaps the last one's write. Both touch only interactions still
+task's scoring overlaps the last one's write. (A task some of whose items
+raised writes the others' results on its own thread, before its retry.) Both touch only interactions still
 ``pending``, so running a task twice, or for ids another task already did,
 changes nothing. ``score_and_store`` does both in the caller's thread.
 """

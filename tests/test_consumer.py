@@ -133,6 +133,31 @@ def test_killed_consumer_loses_nothing(make_stack, org, customer, tmp_path):
     assert status_counts() == {"done": 2000}
 
 
+def test_an_enqueue_that_fails_once_is_tried_again(monkeypatch):
+    """A queue connection its server dropped during a network cut fails the next
+    write ("Broken pipe"); the analysis is queued on the retry, not a minute later
+    by the sweep. The fault is injected: a cut needs the many-hosts cluster."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    import tasks
+
+    enqueue, failures = tasks.huey.storage.enqueue, []
+
+    def broken_once(*args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise RedisConnectionError("Error 32 while writing to socket. Broken pipe.")
+        return enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.huey.storage, "enqueue", broken_once)
+    tasks.huey.flush()
+    try:
+        tasks.Enqueuer()({"org": ["00000000-0000-4000-8000-000000000001"]}, True)
+        assert failures and tasks.huey.pending_count() == 1
+    finally:
+        tasks.huey.flush()
+
+
 @pytest.mark.redis
 def test_queue_down_during_ingest_then_back(make_stack, org, customer, tmp_path):
     queue = RedisServer(free_port())
