@@ -165,7 +165,7 @@ def rows(figures):
         "batch of 100 / D, 4 conns": (
             "**%.2f** (%.0f / %.0f events/s), p50 %.1f, p99 %.1f ms%s" % (
                 r["batch"], b["rps"] * 100, figures["raw_rows"], b["p50_ms"], b["p99_ms"], failed(b)),
-            ">= 0.5, p99 <= 250 ms"),
+            ">= 0.5 (PostgreSQL >= 0.9), p99 <= 250 ms"),
     }
     if "growth" in r:
         full = figures["batch_full"]
