@@ -27,6 +27,7 @@ organization's change-stream row until it commits, so their time bounds what one
 organization can write a second, on any hardware.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -375,6 +376,7 @@ def measure_disk(server_url, count):
 
 def measure_lock(server_url, seconds):
     """Statements a second of one organization's writes on one connection (see the module)."""
+    import models
     from ingest import analysis, changes, store
 
     load = quiet()
@@ -406,9 +408,10 @@ def measure_lock(server_url, seconds):
                             [{"id": r["id"], "received_at": now, "status": "done", "label": "positive",
                               "score": 0.7} for r in rows]), now, now]).fetchall()
                         first = conn.execute(changes.TAKE, [org, group]).fetchone()[0] - group + 1
-                        conn.execute(changes.record_sql(group, "%s"), [
-                            value for n, row in enumerate(rows)
-                            for value in (org, first + n, changes.Kind.ANALYZED, row["id"], now, now)])
+                        stamp = datetime.datetime.fromisoformat(now)
+                        conn.execute(*changes.RECORD[models.POSTGRES](
+                            [(org, first + n, changes.Kind.ANALYZED, row["id"], stamp) for n, row in enumerate(rows)],
+                            stamp))
                     ingest += middle - started
                     analyse += time.perf_counter() - middle
                     events += group

@@ -142,19 +142,38 @@ def record(rows):
     """Insert ``rows`` of (organization_id, position, kind, subject, subject_at) as
     changes; ``subject_at`` is the received_at of the interaction it is about, or None."""
     if rows:
-        now = utcnow()
-        to_db = Change.subject.db_value
-        db.execute_sql(record_sql(len(rows), db.dialect.param), [
-            value for organization_id, position, kind, subject, subject_at in rows
-            for value in (to_db(organization_id), position, kind, to_db(subject), now, subject_at)])
+        db.execute_sql(*RECORD[db.dialect](rows, utcnow()))
+
+
+def _record_sqlite(rows, now):
+    to_db = Change.subject.db_value
+    return record_sql(len(rows)), [
+        value for organization_id, position, kind, subject, subject_at in rows
+        for value in (to_db(organization_id), position, kind, to_db(subject), now, subject_at)]
 
 
 @functools.lru_cache(maxsize=256)
-def record_sql(rows, placeholder):
-    """The INSERT of ``rows`` changes, written out: building it with peewee's
+def record_sql(rows):
+    """SQLite: the INSERT of ``rows`` changes, written out: building it with peewee's
     insert_many for every group cost more than running it (docs/BENCHMARKS.md)."""
     return ('INSERT INTO "change" (organization_id, position, kind, subject, recorded_at, subject_at) VALUES '
-            + ", ".join(["(%s)" % ", ".join([placeholder] * 6)] * rows))
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows))
+
+
+def _record_postgres(rows, now):
+    return RECORD_POSTGRES, [now, json.dumps([
+        {"o": str(organization_id), "p": position, "k": kind, "s": str(subject),
+         "a": None if subject_at is None else subject_at.isoformat()}
+        for organization_id, position, kind, subject, subject_at in rows])]
+
+
+# PostgreSQL: the same text for any number of rows, which come as one JSON parameter.
+# A text with a placeholder per value is parsed by psycopg, in Python, on every call
+# once it is longer than psycopg caches (4 KiB: 60-odd rows).
+RECORD_POSTGRES = ('INSERT INTO "change" (organization_id, position, kind, subject, recorded_at, subject_at) '
+                   "SELECT o, p, k, s, %s, a FROM json_to_recordset(%s::json) "
+                   "AS v(o uuid, p bigint, k smallint, s uuid, a timestamp)")
+RECORD = {POSTGRES: _record_postgres, SQLITE: _record_sqlite}
 
 
 def append(kind, subjects):
