@@ -30,7 +30,8 @@ BATCH_LANE = 10
 REQUEUE_LANE = 0
 SHARE_WINDOW = 10
 SHARE_STEP = 500
-MAX_PENALTY = BATCH_LANE - REQUEUE_LANE - 1  # a penalised task still runs before the lane below
+# A penalised task still runs before the lane below its own.
+MAX_PENALTY = min(SINGLE_LANE - BATCH_LANE, BATCH_LANE - REQUEUE_LANE) - 1
 TASK_IDS = 500  # ids a task: per-task work (dequeue, one SELECT, one UPDATE, one publish) shared by more texts
 TASK_BUDGET = 1.0  # seconds a task scores before it queues the rest of its ids again
 
